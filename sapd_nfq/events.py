@@ -1,0 +1,101 @@
+"""Events the protocol machines emit, as frozen values.
+
+The SMTP and POP3 machines turn the two byte streams of a connection into
+these events; the engine turns events into verdicts. Offsets are positions in
+the stream of the side named in the event (0 = first payload byte after the
+SYN), so the engine can map them onto the segment being judged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+# --- SMTP: client commands -------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class MailFrom:
+    """MAIL FROM; `sender` is "" for the null sender <>."""
+
+    sender: str
+    params: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RcptTo:
+    """RCPT TO: one recipient, to be judged before the server sees it."""
+
+    recipient: str
+    params: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionReset:
+    """RSET, EHLO or HELO: the envelope so far is discarded."""
+
+    command: str
+
+
+@dataclass(frozen=True, slots=True)
+class DataStarted:
+    """The server answered DATA with 354: client bytes are now message text."""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEnded:
+    """The client ended the message text (DATA's final dot or BDAT LAST)."""
+
+
+# --- TLS, for both protocols -------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class TLSOffered:
+    """The server advertised STARTTLS (SMTP EHLO) or STLS (POP3 CAPA).
+
+    `offset` is the server-stream offset of the keyword's first byte and
+    `length` its length, so a policy that hides TLS can overwrite it in place.
+    """
+
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLSRequested:
+    """The client sent STARTTLS / STLS. Judge it before the server sees it."""
+
+
+@dataclass(frozen=True, slots=True)
+class TLSStarted:
+    """The server accepted STARTTLS / STLS: from here on the streams are opaque."""
+
+
+# --- Logins: POP3, and SMTP AUTH --------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class LoginSucceeded:
+    """The server confirmed a login (POP3 +OK, SMTP 235).
+
+    `user` is the login name if the client sent one we could read, else None.
+    `method` is "USER", "APOP" or "AUTH <MECHANISM>". Never a password.
+    """
+
+    user: str | None
+    method: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoginFailed:
+    user: str | None
+    method: str
+
+
+@dataclass(frozen=True, slots=True)
+class Quit:
+    """The client sent QUIT."""
+
+
+Event = (
+    MailFrom | RcptTo | SessionReset | DataStarted | MessageEnded | TLSOffered
+    | StartTLSRequested | TLSStarted | LoginSucceeded | LoginFailed | Quit
+)
