@@ -1,0 +1,297 @@
+"""The `sapd-nfq` command line."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import sys
+import time
+from pathlib import Path
+
+from .config import DEFAULT_CONFIG_PATH, Config, load_config
+from .errors import SapdError
+from .logins import MemoryLoginStore
+from .policy import Fail
+from .runtime import load_policy, open_logins
+
+EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = Path(args.config)
+    if args.config == DEFAULT_CONFIG_PATH and not path.exists():
+        return Config.default()
+    return load_config(path)
+
+
+def _address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
+
+
+# -- check ---------------------------------------------------------------------
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _config(args)
+    logins = open_logins(config)
+    try:
+        verdict = load_policy(config, logins).decide(args.client, args.sender, args.recipient, time.time())
+    finally:
+        logins.close()
+    failed = isinstance(verdict, Fail)
+    print(f"{'FAIL' if failed else 'PASS'}  {verdict.row}: {verdict.reason}")
+    return EXIT_FAIL if failed else EXIT_PASS
+
+
+# -- auth ----------------------------------------------------------------------
+
+def cmd_auth(args: argparse.Namespace) -> int:
+    config = _config(args)
+    logins = open_logins(config)
+    now = time.time()
+    try:
+        if args.action == "list":
+            entries = logins.entries(now)
+            for login in entries:
+                expires = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(login.expires))
+                print(f"{login.address:<39} {login.user or '-':<20} {expires}  {login.source}")
+            if not entries:
+                print("no logins held")
+        elif args.action == "add":
+            ttl = args.ttl if args.ttl is not None else config.auth_ttl
+            logins.add(args.address, args.user, now, ttl, source="manual")
+            print(f"added {args.address} for {ttl} s")
+        else:
+            if not logins.remove(args.address):
+                print(f"no login held for {args.address}", file=sys.stderr)
+                return EXIT_FAIL
+            print(f"removed {args.address}")
+    finally:
+        logins.close()
+    return 0
+
+
+# -- replay --------------------------------------------------------------------
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .engine import Engine
+    from .pcap import read_packets
+
+    config = _config(args)
+    logins = MemoryLoginStore()
+    engine = Engine(config, load_policy(config, logins), logins)
+    seeded = False
+    with open(args.capture, "rb") as capture:
+        for stamp, packet, wire_len in read_packets(capture):
+            if not seeded:
+                for address in args.login:
+                    logins.add(address, None, stamp, config.auth_ttl, source="manual")
+                seeded = True
+            for notice in engine.handle(packet, stamp, wire_len).notices:
+                if args.json:
+                    print(json.dumps(notice.as_dict()), flush=True)
+                else:
+                    clock = time.strftime("%H:%M:%S", time.gmtime(notice.time))
+                    print(f"{clock}.{int(notice.time % 1 * 1000):03d} {notice}")
+    if not args.json:
+        print(f"packets={engine.counters['packets']} flows={engine.counters['flows']} "
+              f"pass={engine.counters['pass']} fail={engine.counters['fail']} "
+              f"logins={engine.counters['logins']}", file=sys.stderr)
+    return 0
+
+
+# -- the daemon and its rules ---------------------------------------------------
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from . import rules
+    from .interfaces import validate
+
+    config = _config(args)
+    if config.interfaces:
+        validate(config.interfaces)
+    rules.install(rules.RuleSpec.from_config(config))
+    queues = f"{config.queue}" if config.workers == 1 else f"{config.queue}..{config.queue + config.workers - 1}"
+    print(f"rules installed (mode {config.mode}, queue {queues}); "
+          "SMTP fails closed until `sapd-nfq run` is bound to the queue")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from . import rules
+
+    rules.remove()
+    print("rules removed")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import run_workers
+    from .logsetup import setup_logging
+
+    config = _config(args)
+    path = Path(args.config)
+    setup_logging(config.log_level)
+    return run_workers(config, path if path.exists() else None)
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from .control import request, worker_queues
+
+    config = _config(args)
+    failed = False
+    for queue in worker_queues(config):
+        reply = request(config, queue, "reload")
+        if reply.get("ok"):
+            print(f"queue {queue}: reloaded, {reply.get('entries')} virtusertable entries")
+        else:
+            failed = True
+            print(f"queue {queue}: reload failed, still running the old config: {reply.get('error')}")
+    return EXIT_FAIL if failed else 0
+
+
+def kernel_queues(path: str = "/proc/net/netfilter/nfnetlink_queue") -> dict[int, dict[str, int]]:
+    """The kernel's per-queue counters (only queues a process is bound to)."""
+    names = ("portid", "waiting", "copy_mode", "copy_range", "queue_dropped", "user_dropped", "id_sequence")
+    queues: dict[int, dict[str, int]] = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                fields = [int(x) for x in line.split()]
+                queues[fields[0]] = dict(zip(names, fields[1:8]))
+    except (OSError, ValueError):
+        pass
+    return queues
+
+
+def gather_status(config: Config) -> dict:
+    from . import rules
+    from .control import DaemonNotRunning, request, worker_queues
+
+    try:
+        installed = rules.installed()
+    except SapdError as exc:
+        installed = {"error": str(exc)}
+    kernel = kernel_queues()
+    workers = []
+    for queue in worker_queues(config):
+        try:
+            reply = request(config, queue, "status")
+        except DaemonNotRunning as exc:
+            reply = {"running": False, "queue": queue, "error": str(exc)}
+        else:
+            reply["running"] = True
+        reply["kernel"] = kernel.get(queue)
+        workers.append(reply)
+    status = {
+        "rules": installed,
+        "rules_installed": all(f.get("installed") for f in installed.values() if isinstance(f, dict)),
+        "daemon_running": all(w["running"] for w in workers),
+        "workers": workers,
+    }
+    if not any(w["running"] for w in workers):
+        logins = open_logins(config)
+        try:
+            status["logins_held"] = len(logins.entries(time.time()))
+        finally:
+            logins.close()
+    else:
+        status["logins_held"] = max(w.get("logins_held", 0) for w in workers if w["running"])
+    return status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _config(args)
+    status = gather_status(config)
+    if args.json:
+        print(json.dumps(status, indent=2, default=str))
+    else:
+        families = {name: fam.get("installed") for name, fam in status["rules"].items()
+                    if isinstance(fam, dict)}
+        rules_text = ", ".join(f"{name} {'installed' if ok else 'absent'}" for name, ok in families.items())
+        print(f"rules:    {rules_text or status['rules']}")
+        for worker in status["workers"]:
+            queue = worker["queue"]
+            if worker["running"]:
+                up = int(time.time() - worker["started"])
+                decisions = worker["decisions"]
+                print(f"daemon:   queue {queue} running, pid {worker['pid']}, up {up} s, "
+                      f"{worker['virtusertable_entries']} virtusertable entries")
+                print(f"          flows tracked {worker['flows_tracked']}, "
+                      f"decisions pass {decisions['pass']} fail {decisions['fail']}, "
+                      f"packets {worker['counters'].get('packets', 0)}")
+                if worker.get("last_reload_error"):
+                    print(f"          last reload FAILED: {worker['last_reload_error']}")
+            else:
+                print(f"daemon:   queue {queue} NOT running"
+                      + (" (SMTP is blocked: the rules fail closed)" if all(families.values()) and families else ""))
+            kernel = worker["kernel"]
+            if kernel:
+                print(f"kernel:   queue {queue} waiting {kernel['waiting']}, "
+                      f"dropped {kernel['queue_dropped']} (queue full), {kernel['user_dropped']} (netlink)")
+        print(f"logins:   {status['logins_held']} held")
+    return 0 if status["rules_installed"] and status["daemon_running"] else 3
+
+
+# -- parser --------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sapd-nfq", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=DEFAULT_CONFIG_PATH, metavar="FILE",
+                        help=f"TOML config file (default {DEFAULT_CONFIG_PATH}; built-in defaults if absent)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check", parents=[common], help="judge one envelope against the relay table")
+    check.add_argument("--client", required=True, type=_address, help="client IP address")
+    check.add_argument("--from", dest="sender", required=True, metavar="ADDR", help="envelope sender ('' for <>)")
+    check.add_argument("--to", dest="recipient", required=True, metavar="ADDR", help="recipient")
+    check.set_defaults(func=cmd_check)
+
+    auth = sub.add_parser("auth", help="the login store")
+    actions = auth.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", parents=[common], help="logins held: address, user, expiry")
+    add = actions.add_parser("add", parents=[common], help="grant an address a login window")
+    add.add_argument("address", type=_address)
+    add.add_argument("--user", default=None)
+    add.add_argument("--ttl", type=int, default=None, help="seconds (default: auth_ttl)")
+    delete = actions.add_parser("del", parents=[common], help="end an address's login window")
+    delete.add_argument("address", type=_address)
+    auth.set_defaults(func=cmd_auth)
+
+    replay = sub.add_parser("replay", parents=[common], help="run the engine over a pcap capture")
+    replay.add_argument("capture", metavar="CAPTURE.pcap")
+    replay.add_argument("--json", action="store_true", help="one JSON object a line")
+    replay.add_argument("--login", action="append", default=[], type=_address, metavar="IP",
+                        help="treat IP as logged in from the capture's start (repeatable)")
+    replay.set_defaults(func=cmd_replay)
+
+    for name, func, text in (
+        ("up", cmd_up, "install the NFQUEUE rules (IPv4 and IPv6)"),
+        ("down", cmd_down, "remove exactly the rules `up` installed"),
+        ("run", cmd_run, "the daemon, in the foreground"),
+        ("reload", cmd_reload, "make the running daemon re-read config and virtusertable"),
+    ):
+        sub.add_parser(name, parents=[common], help=text).set_defaults(func=func)
+    status = sub.add_parser("status", parents=[common], help="rules, daemon, queue counters, flows, logins")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (SapdError, OSError) as exc:
+        print(f"sapd-nfq: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

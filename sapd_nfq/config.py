@@ -1,0 +1,254 @@
+"""The configuration file: TOML, top-level keys only, checked strictly.
+
+An unknown key or a value of the wrong kind is an error that names the file,
+the key and what was expected; nothing is guessed. Relative paths resolve
+against the directory of the config file.
+
+| key | value | default | meaning |
+|---|---|---|---|
+| `mode` | `"input"` or `"forward"` | `"input"` | the MTA runs on this host (INPUT chain) or behind it (FORWARD chain) |
+| `smtp_ports` | list of ports 1..65535, at least one | `[25]` | server ports whose flows are SMTP |
+| `pop3_ports` | list of ports 1..65535 | `[110]` | server ports whose flows are POP3; none may be in `smtp_ports` |
+| `virtusertable` | path | `"/etc/mail/virtusertable"` | sendmail virtusertable (text form) that says which addresses are local |
+| `auth_ttl` | seconds, integer > 0 | `1800` | how long a POP3 login lets its address relay |
+| `state` | path, or `"memory"` | `"/var/lib/sapd-nfq/logins.sqlite"` | the login store; an SQLite file survives restarts and is shared with the CLI |
+| `trusted_networks` | list of CIDRs | `[]` | clients that always relay |
+| `never_relay_networks` | list of CIDRs | `[]` | shared addresses (NAT, cloud mail fetchers): never trusted, their logins never count; SMTP AUTH on the connection still does |
+| `smtp_starttls` | `"strip"` or `"relay-clients"` | `"strip"` | hide STARTTLS from clients, or offer it only to clients that may relay anyway (trusted, or logged in by address); envelopes inside TLS go unchecked |
+| `pop3_stls` | `"allow"` or `"strip"` | `"allow"` | let POP3 clients use STLS (their logins become invisible) or hide it |
+| `smtp_auth_relays` | `true` or `false` | `true` | a 235 reply to SMTP AUTH counts as logged in |
+| `max_flows` | integer >= 16 | `65536` | flows tracked at once |
+| `queue` | integer 0..65535 | `0` | NFQUEUE number |
+| `interfaces` | list of interface names | `[]` | where clients reach the mail servers: mode "input" hooks only these (`[]`: every interface but lo); mode "forward" needs them, since on a gateway only the interface tells a client's session from the servers' own outgoing mail |
+| `workers` | integer 1..16 | `1` | daemon processes; the rules balance flows over queues `queue`.. `queue+workers-1` |
+| `queue_maxlen` | integer >= 16 | `4096` | packets the kernel holds for a worker; past that it drops them (fail closed: TCP retransmits) |
+| `pop3_fail_open` | `true` or `false` | `true` | with no daemon bound, POP3 packets pass (learning stops, mail still flows); SMTP always fails closed |
+| `run_dir` | path | `"/run/sapd-nfq"` | where the daemon's control sockets live |
+| `log_level` | `"debug"`, `"info"`, `"warning"`, `"error"` | `"info"` | log verbosity |
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .addresses import IPNetwork, parse_network
+from .errors import ConfigError
+from .interfaces import check_name
+from .logins import store_kind
+
+DEFAULT_CONFIG_PATH = "/etc/sapd-nfq/sapd-nfq.toml"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A checked configuration. Field names are the config keys."""
+
+    mode: str = "input"
+    smtp_ports: tuple[int, ...] = (25,)
+    pop3_ports: tuple[int, ...] = (110,)
+    virtusertable: Path = Path("/etc/mail/virtusertable")
+    auth_ttl: int = 1800
+    state: str = "/var/lib/sapd-nfq/logins.sqlite"
+    trusted_networks: tuple[IPNetwork, ...] = ()
+    never_relay_networks: tuple[IPNetwork, ...] = ()
+    smtp_starttls: str = "strip"
+    pop3_stls: str = "allow"
+    smtp_auth_relays: bool = True
+    max_flows: int = 65536
+    queue: int = 0
+    interfaces: tuple[str, ...] = ()
+    workers: int = 1
+    queue_maxlen: int = 4096
+    pop3_fail_open: bool = True
+    run_dir: Path = Path("/run/sapd-nfq")
+    log_level: str = "info"
+
+    @classmethod
+    def default(cls) -> Config:
+        return cls()
+
+
+class _Bad(Exception):
+    """A value that does not fit: `expected` says what would, `why` (if given)
+    says what is wrong with `got` better than its repr would."""
+
+    def __init__(self, expected: str, got: object, why: str | None = None) -> None:
+        super().__init__(expected)
+        self.expected = expected
+        self.got = got
+        self.why = why
+
+
+Check = Callable[[Any, Path], Any]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(low: int, high: int | None = None) -> Check:
+    expected = f"an integer {low}..{high}" if high is not None else f"an integer >= {low}"
+
+    def check(value: Any, base: Path) -> int:
+        if not _is_int(value) or value < low or (high is not None and value > high):
+            raise _Bad(expected, value)
+        return value
+    return check
+
+
+def _choice(*options: str) -> Check:
+    expected = " or ".join(f'"{o}"' for o in options)
+
+    def check(value: Any, base: Path) -> str:
+        if not isinstance(value, str) or value not in options:
+            raise _Bad(expected, value)
+        return value
+    return check
+
+
+def _bool(value: Any, base: Path) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad("true or false", value)
+    return value
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise _Bad(f"a list of {what}", value)
+    return value
+
+
+def _unique(items: list[Any], what: str) -> tuple[Any, ...]:
+    seen = set()
+    for item in items:
+        if item in seen:
+            raise _Bad(f"a list of {what} without repeats", item)
+        seen.add(item)
+    return tuple(items)
+
+
+def _ports(at_least: int) -> Check:
+    what = "ports 1..65535"
+
+    def check(value: Any, base: Path) -> tuple[int, ...]:
+        items = _list(value, what)
+        if len(items) < at_least:
+            raise _Bad(f"a list of at least {at_least} of {what}", value)
+        for port in items:
+            if not _is_int(port) or not 1 <= port <= 65535:
+                raise _Bad(f"a list of {what}", port)
+        return _unique(items, what)
+    return check
+
+
+def _networks(value: Any, base: Path) -> tuple[IPNetwork, ...]:
+    what = 'CIDR networks ("198.18.0.0/15", "2001:db8::/32")'
+    nets = []
+    for item in _list(value, what):
+        try:
+            nets.append(parse_network(item))
+        except (TypeError, ValueError) as e:
+            raise _Bad(f"a list of {what}", item, why=str(e)) from None
+    return _unique(nets, what)
+
+
+def _interfaces(value: Any, base: Path) -> tuple[str, ...]:
+    what = "interface names"
+    items = _list(value, f"a list of {what}")
+    for name in items:
+        try:
+            check_name(name)
+        except ConfigError as e:
+            raise _Bad(f"a list of {what}", name, why=str(e).removeprefix("interfaces: ")) from None
+    return _unique(items, what)
+
+
+def _path(value: Any, base: Path) -> Path:
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise _Bad("a file path", value)
+    return base / value
+
+
+def _state(value: Any, base: Path) -> str:
+    if not isinstance(value, str):
+        raise _Bad('"memory" or a file path', value)
+    try:
+        kind = store_kind(value)
+    except ValueError as e:
+        raise _Bad('"memory" or a file path', value, why=f"{e}: {value!r}") from None
+    return str(base / value) if kind == "sqlite" else value
+
+
+_CHECKS: dict[str, Check] = {
+    "mode": _choice("input", "forward"),
+    "smtp_ports": _ports(at_least=1),
+    "pop3_ports": _ports(at_least=0),
+    "virtusertable": _path,
+    "auth_ttl": _int(1),
+    "state": _state,
+    "trusted_networks": _networks,
+    "never_relay_networks": _networks,
+    "smtp_starttls": _choice("strip", "relay-clients"),
+    "pop3_stls": _choice("allow", "strip"),
+    "smtp_auth_relays": _bool,
+    "max_flows": _int(16),
+    "queue": _int(0, 65535),
+    "interfaces": _interfaces,
+    "workers": _int(1, 16),
+    "queue_maxlen": _int(16),
+    "pop3_fail_open": _bool,
+    "run_dir": _path,
+    "log_level": _choice("debug", "info", "warning", "error"),
+}
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and check a config file; raises ConfigError."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{name}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{name}: not valid TOML: {e}") from None
+
+    base = Path(os.path.abspath(name)).parent
+    values = {}
+    for key, value in data.items():
+        check = _CHECKS.get(key)
+        if check is None:
+            close = difflib.get_close_matches(key, _CHECKS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{name}: unknown key {key!r}{hint}")
+        try:
+            values[key] = check(value, base)
+        except _Bad as bad:
+            problem = bad.why or f"got {_shown(bad.got)}"
+            raise ConfigError(f"{name}: {key}: expected {bad.expected}; {problem}") from None
+
+    config = Config(**values)
+    if config.queue + config.workers - 1 > 65535:
+        raise ConfigError(f"{name}: workers: expected queues {config.queue}.. to end by 65535; "
+                          f"got {config.workers} workers")
+    overlap = sorted(set(config.smtp_ports) & set(config.pop3_ports))
+    if overlap:
+        raise ConfigError(f"{name}: pop3_ports: expected ports not in smtp_ports; "
+                          f"got {overlap[0]} in both")
+    return config

@@ -1,0 +1,103 @@
+"""The daemon's control socket: one JSON request a connection, one reply.
+
+`sapd-nfq status` and `sapd-nfq reload` talk to the running daemon through
+it. The socket lives in a root-only directory; only root can ask.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import Config
+from .errors import SapdError
+
+MAX_REQUEST = 4096
+
+
+class DaemonNotRunning(SapdError):
+    pass
+
+
+def socket_path(config: Config, queue: int) -> Path:
+    return Path(config.run_dir) / f"queue-{queue}.sock"
+
+
+def worker_queues(config: Config) -> range:
+    return range(config.queue, config.queue + config.workers)
+
+
+def request(config: Config, queue: int, command: str, timeout: float = 5.0) -> dict:
+    path = socket_path(config, queue)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(json.dumps({"command": command}).encode() + b"\n")
+            sock.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise DaemonNotRunning(f"no daemon answers on {path}") from None
+    except OSError as exc:
+        raise DaemonNotRunning(f"control socket {path}: {exc}") from None
+    return json.loads(data)
+
+
+class ControlServer:
+    """Listens on the control socket; `handler(command) -> dict` answers."""
+
+    def __init__(self, config: Config, queue: int, handler: Callable[[str], dict]) -> None:
+        self.path = socket_path(config, queue)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            self.sock.bind(str(self.path))
+        finally:
+            os.umask(old_umask)
+        self.sock.listen(8)
+        self.sock.setblocking(False)
+        self._handler = handler
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def serve_one(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            # A short timeout: a stuck client must not stall the packet loop.
+            conn.settimeout(0.5)
+            try:
+                data = b""
+                while b"\n" not in data and len(data) < MAX_REQUEST:
+                    chunk = conn.recv(MAX_REQUEST)
+                    if not chunk:
+                        break
+                    data += chunk
+                command = json.loads(data or b"{}").get("command", "")
+                reply = self._handler(str(command))
+            except (OSError, ValueError, AttributeError) as exc:
+                reply = {"ok": False, "error": f"bad control request: {exc}"}
+            try:
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass

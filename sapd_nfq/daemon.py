@@ -1,0 +1,258 @@
+"""`sapd-nfq run`: bind the queue, feed the engine, carry out its decisions.
+
+The loop is the only place that touches netfilterqueue. It also watches the
+config file and the virtusertable for changes, answers the control socket,
+and reloads on SIGHUP. A reload that fails keeps what is running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from pathlib import Path
+
+from netfilterqueue import NetfilterQueue
+
+from .config import Config, load_config
+from .control import ControlServer
+from .engine import Engine
+from .errors import SapdError
+from .inject import Injector
+from .logsetup import LOGGER
+from .rules import BYPASS_MARK
+from .runtime import load_policy, open_logins
+from .verdicts import ACCEPT, BYPASS
+
+WATCH_INTERVAL = 2.0
+#: keys that change the installed rules: a reload cannot apply them
+RULE_KEYS = ("mode", "smtp_ports", "pop3_ports", "interfaces", "queue", "workers")
+
+log = logging.getLogger(LOGGER)
+
+
+def _mtime(path: str | Path) -> float | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+class Daemon:
+    """One worker: binds queue `config.queue + worker`."""
+
+    def __init__(self, config: Config, config_path: Path | None, worker: int = 0) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.queue = config.queue + worker
+        self.logins = open_logins(config)
+        self.engine = Engine(config, load_policy(config, self.logins), self.logins)
+        self.injector = Injector()
+        self.started = time.time()
+        self.reloads = 0
+        self.last_reload_error: str | None = None
+        self._watched = self._watch_state()
+        self._stop = False
+        self._reload_requested = False
+
+    # -- packets -----------------------------------------------------------
+
+    def on_packet(self, pkt) -> None:
+        try:
+            decision = self.engine.handle(pkt.get_payload(), time.time())
+        except Exception:  # a bug must not hold the packet or open a relay
+            log.exception("engine failure; packet dropped")
+            self.engine.counters["engine_errors"] += 1
+            pkt.drop()
+            return
+        for raw in decision.inject:
+            try:
+                self.injector.send(raw)
+            except OSError as exc:
+                log.error("cannot inject a packet: %s", exc)
+        for notice in decision.notices:
+            (log.error if notice.event == "error" else log.info)("%s", notice)
+        if decision.packet is not None:
+            pkt.set_payload(decision.packet)
+        verdict = decision.verdict
+        if verdict is ACCEPT:
+            pkt.accept()
+        elif verdict is BYPASS:
+            # NF_REPEAT with the bypass bit: the rules save it to the
+            # connmark, and the rest of the flow no longer enters the queue.
+            pkt.set_mark(pkt.get_mark() | BYPASS_MARK)
+            pkt.repeat()
+        else:
+            pkt.drop()
+
+    # -- reload ------------------------------------------------------------
+
+    def _watch_state(self) -> tuple:
+        paths = [self.config.virtusertable]
+        if self.config_path is not None:
+            paths.append(self.config_path)
+        return tuple(_mtime(p) for p in paths)
+
+    def reload(self, why: str) -> dict:
+        """Re-read config and virtusertable; on any error keep the old ones."""
+        try:
+            config = load_config(self.config_path) if self.config_path else self.config
+            changed = [k for k in RULE_KEYS if getattr(config, k) != getattr(self.config, k)]
+            policy = load_policy(config, self.logins)
+        except SapdError as exc:
+            self.last_reload_error = str(exc)
+            log.error("reload (%s) failed, keeping the running config and table: %s", why, exc)
+            return {"ok": False, "error": str(exc)}
+        finally:
+            self._watched = self._watch_state()
+        if config.state != self.config.state:
+            log.warning("reload: 'state' changed; restart the daemon to switch login stores")
+        if changed:
+            log.warning("reload: %s changed; run `sapd-nfq up` to apply to the rules",
+                        ", ".join(changed))
+        self.config = config
+        self.engine.reconfigure(config, policy)
+        self.reloads += 1
+        self.last_reload_error = None
+        log.info("reloaded (%s): virtusertable %s, %d entries", why, config.virtusertable,
+                 len(policy.table))
+        return {"ok": True, "entries": len(policy.table)}
+
+    # -- control -----------------------------------------------------------
+
+    def status(self) -> dict:
+        now = time.time()
+        counters = dict(self.engine.counters)
+        return {
+            "ok": True,
+            "pid": os.getpid(),
+            "started": self.started,
+            "queue": self.queue,
+            "mode": self.config.mode,
+            "config": str(self.config_path) if self.config_path else None,
+            "virtusertable": self.config.virtusertable,
+            "virtusertable_entries": len(self.engine.policy.table),
+            "flows_tracked": len(self.engine.flows),
+            "flows_evicted": self.engine.flows.evicted,
+            "logins_held": len(self.logins.entries(now)),
+            "decisions": {"pass": counters.get("pass", 0), "fail": counters.get("fail", 0)},
+            "counters": counters,
+            "reloads": self.reloads,
+            "last_reload_error": self.last_reload_error,
+        }
+
+    def control(self, command: str) -> dict:
+        if command == "status":
+            return self.status()
+        if command == "reload":
+            return self.reload("control request")
+        return {"ok": False, "error": f"unknown command {command!r}"}
+
+    # -- the loop ----------------------------------------------------------
+
+    def run(self) -> int:
+        nfq = NetfilterQueue()
+        nfq.bind(self.queue, self.on_packet, max_len=self.config.queue_maxlen)
+        control = ControlServer(self.config, self.queue, self.control)
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        signal.set_wakeup_fd(wake_w.fileno())
+        signal.signal(signal.SIGHUP, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        sel = selectors.DefaultSelector()
+        sel.register(nfq.get_fd(), selectors.EVENT_READ, "queue")
+        sel.register(control, selectors.EVENT_READ, "control")
+        sel.register(wake_r, selectors.EVENT_READ, "signal")
+        log.info("running: queue %d, mode %s, %d virtusertable entries, %d logins held",
+                 self.queue, self.config.mode, len(self.engine.policy.table),
+                 len(self.logins.entries(time.time())))
+        next_watch = time.monotonic() + WATCH_INTERVAL
+        try:
+            while not self._stop:
+                for key, _ in sel.select(timeout=WATCH_INTERVAL):
+                    if key.data == "queue":
+                        nfq.run(block=False)
+                    elif key.data == "control":
+                        control.serve_one()
+                    else:
+                        try:
+                            while wake_r.recv(64):
+                                pass
+                        except BlockingIOError:
+                            pass
+                if self._reload_requested:
+                    self._reload_requested = False
+                    self.reload("SIGHUP")
+                if time.monotonic() >= next_watch:
+                    next_watch = time.monotonic() + WATCH_INTERVAL
+                    if self._watch_state() != self._watched:
+                        self.reload("file changed")
+        finally:
+            signal.set_wakeup_fd(-1)
+            sel.close()
+            control.close()
+            nfq.unbind()
+            self.injector.close()
+            self.logins.close()
+            wake_r.close()
+            wake_w.close()
+            log.info("stopped")
+        return 0
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        if signum == signal.SIGHUP:
+            self._reload_requested = True
+        else:
+            self._stop = True
+
+
+def run_workers(config: Config, config_path: Path | None) -> int:
+    """Run `config.workers` daemons, one process each, until told to stop.
+
+    The rules spread flows over the queues by address pair, so each worker
+    sees both directions of its flows; the login store (SQLite) is shared.
+    Signals reach every worker; if one dies, the others are stopped and the
+    exit status says so (systemd then restarts the service).
+    """
+    if config.workers == 1:
+        return Daemon(config, config_path).run()
+    children: dict[int, int] = {}
+    for worker in range(config.workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = Daemon(config, config_path, worker).run()
+            except Exception:
+                log.exception("worker %d failed", worker)
+            finally:
+                os._exit(code)
+        children[pid] = worker
+
+    def forward(signum: int, _frame) -> None:
+        for pid in children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    status = 0
+    while children:
+        try:
+            pid, code = os.wait()
+        except ChildProcessError:
+            break
+        worker = children.pop(pid, None)
+        if worker is not None and os.waitstatus_to_exitcode(code) != 0:
+            log.error("worker %d exited with status %d; stopping the others",
+                      worker, os.waitstatus_to_exitcode(code))
+            status = 1
+            forward(signal.SIGTERM, None)
+    return status

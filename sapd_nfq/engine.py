@@ -1,0 +1,286 @@
+"""The engine: packet bytes in, a Decision out. No sockets, no netlink.
+
+Per packet: parse the headers, find the flow, normalise the TCP stream, feed
+the new bytes to the flow's protocol machine, and turn its events into a
+verdict. Everything that can grant relay is decided here, from the relay
+table in policy.py; the NFQUEUE loop only carries out the Decision.
+
+Safe verdicts, in one place:
+- a packet we cannot parse, or that the queue binding truncated: DROP;
+- an SMTP packet of a connection we did not see open (sapd-nfq restarted, or
+  the flow was evicted): DROP and reset both ends, since we cannot know
+  whether it carries an uninspected RCPT; the client reconnects and is
+  inspected from the start;
+- an SMTP stream that breaks the protocol or rewrites inspected bytes: the
+  session is refused like a relay attempt;
+- POP3 trouble never opens a relay (it can only lose a login), so POP3 flows
+  we cannot follow leave the queue instead.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+from . import craft
+from .config import Config
+from .errors import MalformedPacket, ProtocolError
+from .events import (
+    LoginFailed, LoginSucceeded, MailFrom, RcptTo, SessionReset,
+    StartTLSRequested, TLSOffered, TLSStarted,
+)
+from .flows import FlowTable, State
+from .logins import LoginStore
+from .packet import ACK, RST, SYN, Segment, Truncated, parse, with_payload_bytes
+from .policy import Fail, RelayPolicy
+from .pop3 import POP3Machine
+from .smtp import SMTPMachine
+from .stream import Outcome
+from .verdicts import ACCEPT, BYPASS, DROP, Decision, Notice
+
+SMTP_RELAY_DENIED = b"550 5.7.1 Relaying denied: log in by POP3 first\r\n"
+SMTP_REFUSED = b"554 5.7.1 Session refused by the relay gate\r\n"
+SMTP_NO_TLS = b"454 4.7.0 TLS not available\r\n"
+POP3_NO_TLS = b"-ERR TLS not available\r\n"
+POP3_REFUSED = b"-ERR Session refused by the relay gate\r\n"
+
+_MASK = 0xFFFFFFFF
+FAILED = "failed"
+BYPASSED = "bypassed"
+
+
+class Session:
+    """What the engine knows of one connection beyond TCP."""
+
+    __slots__ = ("smtp", "machine", "sender", "authenticated", "hidden")
+
+    def __init__(self, smtp: bool) -> None:
+        self.smtp = smtp
+        self.machine: SMTPMachine | POP3Machine = SMTPMachine() if smtp else POP3Machine()
+        self.sender: str | None = None
+        self.authenticated = False
+        #: server-stream (offset, length) ranges overwritten to hide TLS
+        self.hidden: list[tuple[int, int]] = []
+
+
+class Engine:
+    def __init__(self, config: Config, policy: RelayPolicy, logins: LoginStore) -> None:
+        self.config = config
+        self.policy = policy
+        self.logins = logins
+        self.flows = FlowTable(max_flows=config.max_flows)
+        self.counters: Counter[str] = Counter()
+        self._smtp_ports = frozenset(config.smtp_ports)
+        self._pop3_ports = frozenset(config.pop3_ports)
+        self._next_expiry = 0.0
+
+    def reconfigure(self, config: Config, policy: RelayPolicy) -> None:
+        """Take a new config and table; tracked flows and logins stay."""
+        self.config = config
+        self.policy = policy
+        self._smtp_ports = frozenset(config.smtp_ports)
+        self._pop3_ports = frozenset(config.pop3_ports)
+        self.flows.max_flows = config.max_flows
+
+    # -- the per-packet path ------------------------------------------------
+
+    def handle(self, packet: bytes, now: float, wire_len: int | None = None) -> Decision:
+        counters = self.counters
+        counters["packets"] += 1
+        if now >= self._next_expiry:
+            self.flows.expire(now)
+            self._next_expiry = now + 1.0
+        try:
+            seg = parse(packet, wire_len)
+        except Truncated:
+            counters["truncated"] += 1
+            return Decision(DROP)
+        except MalformedPacket:
+            counters["malformed"] += 1
+            return Decision(DROP)
+
+        if seg.dport in self._smtp_ports:
+            smtp, from_client = True, True
+        elif seg.sport in self._smtp_ports:
+            smtp, from_client = True, False
+        elif seg.dport in self._pop3_ports:
+            smtp, from_client = False, True
+        elif seg.sport in self._pop3_ports:
+            smtp, from_client = False, False
+        else:
+            counters["foreign"] += 1
+            return Decision(ACCEPT)
+
+        if from_client:
+            key = (seg.src, seg.sport, seg.dst, seg.dport)
+        else:
+            key = (seg.dst, seg.dport, seg.src, seg.sport)
+        flow = self.flows.get(key)
+        opening = from_client and seg.flags & (SYN | ACK | RST) == SYN
+        if flow is None or (opening and flow.state is State.CLOSED):
+            # A client may reuse its port once the old connection is closed.
+            if not opening:
+                return self._untracked(seg, smtp, now)
+            flow = self.flows.open(key, seg, now)
+            flow.app = Session(smtp)
+            counters["flows"] += 1
+
+        if flow.fate is FAILED:
+            self.flows.touch(flow, now)
+            return self._refused_flow(seg, from_client)
+        if flow.fate is BYPASSED:
+            return Decision(BYPASS)
+
+        outcome, data = flow.handle(seg, from_client)
+        self.flows.touch(flow, now)  # after handle(): the state picks the timeout
+        if outcome is Outcome.CONFLICT:
+            counters["conflicts"] += 1
+            return self._refuse(flow, seg, from_client, now,
+                                "retransmission differs from the inspected bytes")
+        if outcome is Outcome.GAP or outcome is Outcome.OVERFLOW:
+            counters["held_back"] += 1
+            return Decision(DROP)
+        session: Session = flow.app
+        decision = Decision(ACCEPT)
+        if data:
+            self._feed(flow, session, seg, data, from_client, now, decision)
+            if decision.verdict is DROP:
+                return decision
+        if session.hidden and not from_client and seg.payload:
+            decision.packet = self._hide(session, flow.server, seg, packet)
+        if decision.verdict is BYPASS:
+            flow.fate = BYPASSED
+        return decision
+
+    # -- protocol events ----------------------------------------------------
+
+    def _feed(self, flow, session: Session, seg: Segment, data: bytes,
+              from_client: bool, now: float, decision: Decision) -> None:
+        machine = session.machine
+        client, server = flow.key[0], flow.key[2]
+        try:
+            events = machine.receive_client(data) if from_client else machine.receive_server(data)
+        except ProtocolError as exc:
+            self.counters["protocol_errors"] += 1
+            if session.smtp:
+                self._refuse(flow, seg, from_client, now, exc.hint, into=decision)
+            else:
+                decision.verdict = BYPASS
+                decision.notices.append(Notice("error", client, server, reason=f"POP3: {exc.hint}; not followed further", time=now))
+            return
+
+        for event in events:
+            if isinstance(event, RcptTo):
+                verdict = self.policy.decide(
+                    client, session.sender or "", event.recipient, now,
+                    authenticated=session.authenticated and self.config.smtp_auth_relays,
+                )
+                failed = isinstance(verdict, Fail)
+                self.counters["fail" if failed else "pass"] += 1
+                decision.notices.append(Notice(
+                    "fail" if failed else "pass", client, server,
+                    sender=session.sender or "", recipient=event.recipient,
+                    row=verdict.row, reason=verdict.reason, time=now))
+                if failed:
+                    self._refuse(flow, seg, from_client, now, None, into=decision,
+                                 reply=SMTP_RELAY_DENIED)
+                    return
+            elif isinstance(event, MailFrom):
+                session.sender = event.sender
+            elif isinstance(event, SessionReset):
+                session.sender = None
+            elif isinstance(event, LoginSucceeded):
+                self._login(session, client, server, event, now, decision)
+            elif isinstance(event, LoginFailed):
+                decision.notices.append(Notice("login-failed", client, server, user=event.user,
+                                               reason=event.method, time=now))
+            elif isinstance(event, TLSOffered):
+                if not self._tls_allowed(session, client, now):
+                    session.hidden.append((event.offset, event.length))
+            elif isinstance(event, StartTLSRequested):
+                if not self._tls_allowed(session, client, now):
+                    self.counters["tls_refused"] += 1
+                    self._refuse(flow, seg, from_client, now, "STARTTLS not allowed by policy",
+                                 into=decision, reply=SMTP_NO_TLS if session.smtp else POP3_NO_TLS,
+                                 event="tls")
+                    return
+            elif isinstance(event, TLSStarted):
+                decision.verdict = BYPASS
+                decision.notices.append(Notice("tls", client, server,
+                                               reason="TLS started; session no longer inspected", time=now))
+        if not session.smtp and session.machine.settled:
+            decision.verdict = BYPASS
+
+    def _login(self, session: Session, client: str, server: str,
+               event: LoginSucceeded, now: float, decision: Decision) -> None:
+        if session.smtp:
+            session.authenticated = True
+            source = "smtp-auth"
+        else:
+            self.logins.add(client, event.user, now, self.config.auth_ttl, source="pop3")
+            source = "pop3"
+        self.counters["logins"] += 1
+        decision.notices.append(Notice("login", client, server, user=event.user,
+                                       reason=f"{source} {event.method}", time=now))
+
+    def _tls_allowed(self, session: Session, client: str, now: float) -> bool:
+        if session.smtp:
+            return (self.config.smtp_starttls == "relay-clients"
+                    and self.policy.may_relay(client, now))
+        return self.config.pop3_stls == "allow"
+
+    # -- refusing -----------------------------------------------------------
+
+    def _refuse(self, flow, seg: Segment, from_client: bool, now: float, hint: str | None, *,
+                into: Decision | None = None, reply: bytes | None = None,
+                event: str = "reset") -> Decision:
+        """Drop `seg`, tell the client why, and reset both ends.
+
+        The reply goes to the client with FIN, so it reads a definite answer
+        before the connection ends; the server is reset at the seq of the
+        dropped segment, so the offending bytes never reach it.
+        """
+        session: Session = flow.app
+        decision = into if into is not None else Decision(DROP)
+        decision.verdict = DROP
+        decision.packet = None
+        flow.fate = FAILED
+        if reply is None:
+            reply = SMTP_REFUSED if session.smtp else POP3_REFUSED
+        if from_client:
+            decision.inject += [craft.reply_and_close(seg, reply), craft.reset_receiver(seg)]
+        else:
+            decision.inject += [craft.reset_receiver(seg), craft.reset_sender(seg)]
+        if hint is not None:
+            decision.notices.append(Notice(event, flow.key[0], flow.key[2], reason=hint, time=now))
+        return decision
+
+    def _refused_flow(self, seg: Segment, from_client: bool) -> Decision:
+        """A refused session's stragglers: drop, and reset the client again."""
+        decision = Decision(DROP)
+        if from_client and not seg.flags & RST:
+            decision.inject.append(craft.reset_sender(seg))
+        return decision
+
+    def _untracked(self, seg: Segment, smtp: bool, now: float) -> Decision:
+        self.counters["untracked"] += 1
+        if not smtp:
+            return Decision(BYPASS)
+        decision = Decision(DROP)
+        if not seg.flags & RST:
+            decision.inject += [craft.reset_sender(seg), craft.reset_receiver(seg)]
+        return decision
+
+    # -- hiding TLS offers --------------------------------------------------
+
+    @staticmethod
+    def _hide(session: Session, stream, seg: Segment, packet: bytes) -> bytes | None:
+        """Overwrite hidden keywords with X in this server segment, if any."""
+        start = (seg.seq - stream.isn - 1) & _MASK
+        end = start + len(seg.payload)
+        changed = packet
+        for offset, length in session.hidden:
+            lo, hi = max(offset, start), min(offset + length, end)
+            if lo < hi:
+                changed = with_payload_bytes(changed, seg, lo - start, b"X" * (hi - lo))
+        return changed if changed is not packet else None

@@ -1,0 +1,353 @@
+"""The POP3 machine: learns logins from the two byte streams of a POP3 session.
+
+Each client line becomes a pending command; each server reply answers the
+oldest one (RFC 1939, RFC 2449 PIPELINING). A `+OK` is a login only as the
+single-line reply to PASS (after a USER the server accepted), APOP, or the
+last step of AUTH (RFC 5034). Multi-line responses are followed to their
+final "." so that a "+OK" line inside a body is never taken for a reply.
+
+While an AUTH step awaits its reply, later client lines are held unread: the
+reply decides, in the server as here, whether the next line is a SASL
+response (after a "+ " challenge) or a command.
+
+A wrong LoginSucceeded grants relay, so wherever a server could read the
+client's bytes differently from us, we refuse (ProtocolError) rather than
+guess; the engine then stops following the flow, which can only lose a login:
+- several commands in flight without PIPELINING in the server's CAPA: a
+  server without it may drop pipelined lines unanswered and shift every reply;
+- anything after STLS before its reply (command injection, CVE-2011-0411);
+- client lines with control characters, empty commands, commands longer than
+  RFC 2449 allows, and commands without arguments ended by a bare LF (Dovecot
+  2.3's pop3-login reads the command name up to SP, CR or LF and then its
+  arguments up to the next LF, so there "CAPA\\nPASS x\\r\\n" is one line);
+- a +OK that no login explains: to PASS without an accepted USER, or to
+  AUTH before any SASL response (the server may have read a mechanism list).
+
+Once the server confirms a login, STLS or QUIT, nothing more can be learned:
+the machine is settled and opaque and ignores further bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+from typing import ClassVar
+
+from .errors import ProtocolError
+from .events import (
+    Event, LoginFailed, LoginSucceeded, Quit, StartTLSRequested, TLSOffered, TLSStarted,
+)
+from .linebuffer import LineBuffer
+from .sasl import SaslLogin, _text
+
+MAX_COMMAND = 255
+"""Octets in a command line with its CRLF (RFC 2449 section 4); AUTH lines and
+SASL responses may be longer (RFC 5034) and are bounded by max_line only."""
+
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+class _Status(Enum):
+    OK = "+OK"
+    ERR = "-ERR"
+    MORE = "+"  # a SASL challenge, "+ " and base64: the client owes a response
+
+
+_STATUS = {s.value.encode(): s for s in _Status}
+
+
+class _Body(Enum):
+    """What follows a +OK up to the "." line."""
+
+    LINES = "lines"  # a listing or a message: skipped
+    CAPA = "capa"    # capabilities: read for STLS and PIPELINING
+
+
+# --- Commands awaiting a reply -------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class _Greeting:
+    name: ClassVar[str] = "the greeting"
+
+
+@dataclass(frozen=True, slots=True)
+class _User:
+    user: str | None
+    name: ClassVar[str] = "USER"
+
+
+@dataclass(frozen=True, slots=True)
+class _Pass:
+    name: ClassVar[str] = "PASS"
+
+
+@dataclass(frozen=True, slots=True)
+class _Apop:
+    user: str | None
+    name: ClassVar[str] = "APOP"
+
+
+@dataclass(frozen=True, slots=True)
+class _Auth:
+    """One step of an AUTH exchange: the command itself, or a SASL response."""
+
+    sasl: SaslLogin
+    answered: bool          # the client has sent a response (initial, or to a challenge)
+    cancelled: bool = False  # that response was "*"
+    name: ClassVar[str] = "AUTH"
+
+
+@dataclass(frozen=True, slots=True)
+class _Challenge:
+    """The server sent a SASL challenge: it awaits the client's response, and
+    only a -ERR (giving up on the exchange) may come first."""
+
+    sasl: SaslLogin
+    name: ClassVar[str] = "a SASL challenge"
+
+
+@dataclass(frozen=True, slots=True)
+class _Stls:
+    name: ClassVar[str] = "STLS"
+
+
+@dataclass(frozen=True, slots=True)
+class _Quit:
+    name: ClassVar[str] = "QUIT"
+
+
+@dataclass(frozen=True, slots=True)
+class _Other:
+    body: _Body | None  # what a +OK to it carries; None: a single line
+    name: ClassVar[str] = "a command"
+
+
+_Command = _Greeting | _User | _Pass | _Apop | _Auth | _Challenge | _Stls | _Quit | _Other
+
+
+def _command(verb: bytes, arg: bytes) -> _Command:
+    """The pending command for a client line (verb upper-cased)."""
+    match verb:
+        case b"USER":
+            return _User(_text(arg))
+        case b"PASS":
+            return _Pass()
+        case b"APOP":
+            return _Apop(_text(arg.partition(b" ")[0]))
+        case b"AUTH" if arg:
+            mechanism, space, initial = arg.partition(b" ")
+            sasl = SaslLogin(mechanism.decode("ascii", "replace"), initial if space else None)
+            return _Auth(sasl, answered=bool(space))
+        case b"AUTH":
+            return _Other(_Body.LINES)  # lists the mechanisms
+        case b"STLS":
+            return _Stls()
+        case b"QUIT":
+            return _Quit()
+        case b"CAPA":
+            return _Other(_Body.CAPA)
+        case b"LIST" | b"UIDL" | b"LANG":
+            return _Other(None if arg else _Body.LINES)
+        case b"RETR" | b"TOP":
+            return _Other(_Body.LINES)
+    return _Other(None)
+
+
+class _Phase(Enum):
+    LEARNING = "learning"
+    DONE = "done"    # logged in, TLS started or quit: nothing more to learn
+    ERROR = "error"
+
+
+class POP3Machine:
+    """Both directions of one POP3 connection, fed as in-order stream bytes.
+
+    `receive_client` and `receive_server` return the events the new bytes
+    decide. Events of client lines held behind an AUTH step come from the
+    `receive_server` call whose reply releases them. On a protocol violation
+    they raise ProtocolError, and keep raising it on every later call.
+    """
+
+    __slots__ = ("max_pending", "_client", "_server", "_pending", "_user", "_body",
+                 "_pipelining", "_phase", "_error")
+
+    def __init__(self, max_line: int = 2048, max_pending: int = 100) -> None:
+        self.max_pending = max_pending
+        self._client = LineBuffer(max_line)
+        self._server = LineBuffer(max_line)
+        self._pending: deque[_Command] = deque([_Greeting()])
+        self._user: _User | None = None           # the USER the next PASS logs in as
+        self._body: _Body | None = None           # inside a multi-line response
+        self._pipelining = False                  # the server's CAPA offered PIPELINING
+        self._phase = _Phase.LEARNING
+        self._error = ""
+
+    @property
+    def settled(self) -> bool:
+        """Nothing more to learn: logged in, TLS started, or QUIT answered."""
+        return self._phase is _Phase.DONE
+
+    @property
+    def opaque(self) -> bool:
+        """Further bytes are not read (for POP3, exactly when settled)."""
+        return self._phase is _Phase.DONE
+
+    def receive_client(self, data: bytes) -> list[Event]:
+        return self._receive(self._client, data)
+
+    def receive_server(self, data: bytes) -> list[Event]:
+        return self._receive(self._server, data)
+
+    def __repr__(self) -> str:
+        return f"<POP3Machine {self._phase.value}, {len(self._pending)} pending>"
+
+    def _receive(self, buf: LineBuffer, data: bytes) -> list[Event]:
+        if self._phase is _Phase.DONE:
+            return []
+        if self._phase is _Phase.ERROR:
+            raise ProtocolError(self._error)
+        out: list[Event] = []
+        try:
+            buf.feed(data)
+            if buf is self._server:
+                self._server_lines(out)
+            else:
+                self._client_lines(out)
+        except ProtocolError as exc:
+            self._phase = _Phase.ERROR
+            self._error = exc.hint
+            raise
+        return out
+
+    # --- client -> server ----------------------------------------------------
+
+    def _client_lines(self, out: list[Event]) -> None:
+        buf = self._client
+        while self._phase is _Phase.LEARNING and len(buf):
+            last = self._pending[-1] if self._pending else None
+            if isinstance(last, _Stls):
+                raise ProtocolError("client sent data after STLS before the server answered")
+            if isinstance(last, _Auth):
+                if not self._pipelining:
+                    raise ProtocolError("client sent data before the server answered AUTH "
+                                        "without PIPELINING")
+                if len(buf) > buf.max_line:
+                    raise ProtocolError("client data piled up behind an AUTH step")
+                return
+            start = buf.offset
+            line = buf.next_line()
+            if line is None:
+                return
+            self._client_line(line, buf.offset - start == len(line) + 2, out)
+
+    def _client_line(self, line: bytes, crlf: bool, out: list[Event]) -> None:
+        if _CONTROL.search(line):
+            raise ProtocolError("control character in a client line")
+        if self._pending and isinstance(self._pending[-1], _Challenge):
+            sasl = self._pending.pop().sasl
+            cancelled = line == b"*"
+            if not cancelled:
+                sasl.client_response(line)
+            self._push(_Auth(sasl, answered=True, cancelled=cancelled))
+            return
+        verb, space, arg = line.partition(b" ")
+        verb = verb.upper()
+        if not verb:
+            raise ProtocolError("empty client command")
+        if not space and not crlf:
+            raise ProtocolError("command without arguments ended by a bare LF")
+        if verb != b"AUTH" and len(line) + 2 > MAX_COMMAND:
+            raise ProtocolError(f"command longer than {MAX_COMMAND} octets")
+        command = _command(verb, arg)
+        if isinstance(command, _Stls):
+            out.append(StartTLSRequested())
+        elif isinstance(command, _Quit):
+            out.append(Quit())
+        self._push(command)
+
+    def _push(self, command: _Command) -> None:
+        pending = self._pending
+        in_flight = len(pending) - (1 if pending and isinstance(pending[0], _Greeting) else 0)
+        if in_flight and not self._pipelining:
+            raise ProtocolError("client pipelined commands but the server did not offer PIPELINING")
+        if len(pending) >= self.max_pending:
+            raise ProtocolError(f"more than {self.max_pending} commands awaiting replies")
+        pending.append(command)
+
+    # --- server -> client ----------------------------------------------------
+
+    def _server_lines(self, out: list[Event]) -> None:
+        buf = self._server
+        while self._phase is _Phase.LEARNING:
+            start = buf.offset
+            line = buf.next_line()
+            if line is None:
+                return
+            self._server_line(line, start, out)
+            # a reply to AUTH may release client lines the next reply answers
+            self._client_lines(out)
+
+    def _server_line(self, line: bytes, start: int, out: list[Event]) -> None:
+        if self._body is not None:
+            if line == b".":
+                self._body = None
+            elif self._body is _Body.CAPA:
+                self._capability(line.partition(b" ")[0].upper(), start, out)
+            return
+        status = _STATUS.get(line.partition(b" ")[0])
+        if status is None:
+            raise ProtocolError("server line is neither +OK, -ERR nor a SASL challenge")
+        if not self._pending:
+            if status is _Status.ERR:
+                return  # a parting notice: idle timeout, too many bad commands
+            raise ProtocolError("server reply with no command awaiting one")
+        self._reply(self._pending.popleft(), status, out)
+
+    def _capability(self, tag: bytes, start: int, out: list[Event]) -> None:
+        if tag == b"STLS":
+            out.append(TLSOffered(start, len(tag)))
+        elif tag == b"PIPELINING":
+            self._pipelining = True
+
+    def _reply(self, command: _Command, status: _Status, out: list[Event]) -> None:
+        """What `status` does as the reply to `command`; anything unlisted is an error."""
+        match command, status:
+            case (_Greeting() | _Stls() | _Quit() | _Other()), _Status.ERR:
+                pass
+            case _Greeting(), _Status.OK:
+                pass
+            case _Other(body), _Status.OK:
+                self._body = body
+            case _User(), _Status.OK:
+                self._user = command
+            case _User(), _Status.ERR:
+                self._user = None
+            case _Pass(), (_Status.OK | _Status.ERR):
+                user, self._user = self._user, None  # a PASS uses up its USER
+                if user is None and status is _Status.OK:
+                    raise ProtocolError("server accepted PASS without an accepted USER")
+                self._login(status is _Status.OK, user.user if user else None, "USER", out)
+            case _Apop(name), (_Status.OK | _Status.ERR):
+                self._login(status is _Status.OK, name, "APOP", out)
+            case _Auth(sasl, cancelled=False), _Status.MORE:
+                self._pending.append(_Challenge(sasl))
+            case _Auth(sasl, answered=True, cancelled=False), _Status.OK:
+                self._login(True, sasl.user, sasl.method, out)
+            case (_Auth(sasl) | _Challenge(sasl)), _Status.ERR:
+                self._login(False, sasl.user, sasl.method, out)
+            case _Stls(), _Status.OK:
+                out.append(TLSStarted())
+                self._phase = _Phase.DONE
+            case _Quit(), _Status.OK:
+                self._phase = _Phase.DONE
+            case _:
+                raise ProtocolError(f"{status.value} is no valid reply to {command.name}")
+
+    def _login(self, ok: bool, user: str | None, method: str, out: list[Event]) -> None:
+        if ok:
+            out.append(LoginSucceeded(user, method))
+            self._phase = _Phase.DONE
+        else:
+            out.append(LoginFailed(user, method))

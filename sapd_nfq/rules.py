@@ -1,0 +1,416 @@
+"""The iptables rules that hand the mail flows to the daemon: render, install, remove, report.
+
+The rule set lives in the mangle table, in chains of our own, hooked by one
+jump at the top of INPUT/OUTPUT (mode "input") or FORWARD (mode "forward").
+rules/README.md gives the full listing and the reasons; the short version:
+
+- mangle, not filter: a queue verdict of NF_ACCEPT ends the traversal of the
+  table that queued the packet. Queued from mangle, an accepted packet still
+  meets the host's filter rules; queued from the top of filter, it would skip
+  them all.
+- Our chains never ACCEPT: what they let by, they RETURN, so the rest of the
+  host's rules still apply. They only queue, or drop what conntrack calls
+  INVALID.
+- Directions are told apart by hook, not by port alone: a client's packets
+  are picked by destination port, the server's by source port, so the MTA's
+  own outgoing deliveries (to some remote port 25) are never queued.
+
+Each family goes in as one iptables-restore --noflush transaction, built from
+the templates in rules/ and from what iptables-save shows is there already, so
+that installing twice gives the same rule set and a changed configuration
+converges to the new one.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from sapd_nfq.errors import ConfigError, SapdError
+from sapd_nfq.interfaces import check_name
+
+# --- Marks shared with the daemon -------------------------------------------
+#: SO_MARK of the daemon's raw socket: packets it injects (RSTs, the 550 reply)
+#: carry it and are never queued again. Only the upper half is matched.
+INJECT_MARK = 0x5A9D0000
+INJECT_MASK = 0xFFFF0000
+#: A settled flow leaves the queue: the daemon ORs this bit into the packet's
+#: mark and answers NF_REPEAT; the rules copy the bit to the connection mark,
+#: and packets of a connection carrying it are not queued any more.
+BYPASS_MARK = 0x00001000
+
+# --- Names ---------------------------------------------------------------------
+TABLE = "mangle"
+TO_SERVER = "SAPD_NFQ_TO_SERVER"
+FROM_SERVER = "SAPD_NFQ_FROM_SERVER"
+SMTP_CHAIN = "SAPD_NFQ_SMTP"
+POP3_CHAIN = "SAPD_NFQ_POP3"
+CHAINS = (TO_SERVER, FROM_SERVER, SMTP_CHAIN, POP3_CHAIN)
+MODES = ("input", "forward")
+
+# A source checkout (or editable install) reads rules/ beside the package; a
+# wheel installs the same files as data under the environment's prefix.
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "rules"
+if not TEMPLATE_DIR.is_dir():
+    TEMPLATE_DIR = Path(sys.prefix) / "share" / "sapd-nfq" / "rules"
+#: multiport takes at most 15 ports in one rule.
+MULTIPORT_MAX = 15
+MAX_QUEUE = 65535
+COMMAND_TIMEOUT = 30.0
+
+
+class RulesError(SapdError):
+    """An iptables command failed; the message carries its stderr."""
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    save: str
+    restore: str
+
+
+IPV4 = Family("ipv4", "iptables-save", "iptables-restore")
+IPV6 = Family("ipv6", "ip6tables-save", "ip6tables-restore")
+FAMILIES = (IPV4, IPV6)
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """The configuration the rules depend on (field names are the config keys).
+
+    `interfaces` are the ones clients reach the mail servers through; empty in
+    mode "input" means every interface but lo. Mode "forward" needs them: a
+    gateway cannot otherwise tell a client's SMTP session from the servers'
+    own deliveries to the outside, and would queue those as relay attempts.
+    `workers` queues from `queue` on share the flows (--queue-balance).
+    """
+
+    mode: str = "input"
+    smtp_ports: tuple[int, ...] = (25,)
+    pop3_ports: tuple[int, ...] = (110,)
+    interfaces: tuple[str, ...] = ()
+    queue: int = 0
+    workers: int = 1
+    pop3_fail_open: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode: must be one of {', '.join(MODES)}, not {self.mode!r}")
+        smtp = _ports("smtp_ports", self.smtp_ports)
+        pop3 = _ports("pop3_ports", self.pop3_ports)
+        if not smtp:
+            raise ConfigError("smtp_ports: at least one port is needed")
+        if set(smtp) & set(pop3):
+            both = ", ".join(map(str, sorted(set(smtp) & set(pop3))))
+            raise ConfigError(f"smtp_ports, pop3_ports: port {both} cannot be both SMTP and POP3")
+        names = _listed("interfaces", self.interfaces)
+        for name in names:
+            check_name(name)
+        if self.mode == "forward" and not names:
+            raise ConfigError(
+                "interfaces: mode 'forward' needs the interfaces clients come in "
+                "through; without them the servers' own outgoing mail is queued too"
+            )
+        for key, value, low, high in (("queue", self.queue, 0, MAX_QUEUE),
+                                      ("workers", self.workers, 1, MAX_QUEUE + 1)):
+            if not _is_int(value) or not low <= value <= high:
+                raise ConfigError(f"{key}: must be an integer from {low} to {high}, not {value!r}")
+        if self.queue + self.workers - 1 > MAX_QUEUE:
+            raise ConfigError(f"queue, workers: queues {self.queue}.. run past {MAX_QUEUE}")
+        if not isinstance(self.pop3_fail_open, bool):
+            raise ConfigError(f"pop3_fail_open: must be true or false, not {self.pop3_fail_open!r}")
+        object.__setattr__(self, "smtp_ports", smtp)
+        object.__setattr__(self, "pop3_ports", pop3)
+        object.__setattr__(self, "interfaces", tuple(dict.fromkeys(names)))
+
+    @classmethod
+    def from_config(cls, config: object) -> RuleSpec:
+        """The rule keys of a loaded configuration (sapd_nfq.config.Config)."""
+        return cls(**{field.name: getattr(config, field.name) for field in fields(cls)})
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _listed(key: str, value: object) -> tuple[Any, ...]:
+    """A config list as a tuple; a lone string or number is a mistake, not a list."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ConfigError(f"{key}: must be a list, not {value!r}")
+    return tuple(value)
+
+
+def _ports(key: str, value: object) -> tuple[int, ...]:
+    ports = _listed(key, value)
+    for port in ports:
+        if not _is_int(port) or not 1 <= port <= 65535:
+            raise ConfigError(f"{key}: {port!r} is not a TCP port (1-65535)")
+    return tuple(sorted(set(ports)))
+
+
+# --- Rendering (pure) ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Hook:
+    """One jump from a built-in chain into ours; `spec` is the rule as iptables-save prints it."""
+
+    chain: str
+    spec: str
+
+
+def hooks(spec: RuleSpec) -> list[Hook]:
+    """The jumps the configuration asks for, in order."""
+    if spec.mode == "forward":
+        pairs = [(("FORWARD", f"-i {name}"), ("FORWARD", f"-o {name}"))
+                 for name in spec.interfaces]
+    elif spec.interfaces:
+        pairs = [(("INPUT", f"-i {name}"), ("OUTPUT", f"-o {name}"))
+                 for name in spec.interfaces]
+    else:
+        pairs = [(("INPUT", "! -i lo"), ("OUTPUT", "! -o lo"))]
+    return [Hook(chain, f"{match} -j {target}")
+            for pair in pairs
+            for (chain, match), target in zip(pair, (TO_SERVER, FROM_SERVER))]
+
+
+def _template(name: str) -> Template:
+    return Template((TEMPLATE_DIR / name).read_text(encoding="ascii"))
+
+
+def _queue_target(spec: RuleSpec, bypass: bool) -> str:
+    if spec.workers == 1:
+        target = f"--queue-num {spec.queue}"
+    else:
+        target = f"--queue-balance {spec.queue}:{spec.queue + spec.workers - 1}"
+    return target + (" --queue-bypass" if bypass else "")
+
+
+def _queue_chain(chain: str, target: str) -> str:
+    return _template("queue-chain.rules.in").substitute(
+        chain=chain, queue=target, inject_mark=hex(INJECT_MARK),
+        inject_mask=hex(INJECT_MASK), bypass=hex(BYPASS_MARK))
+
+
+def _dispatch(chain: str, option: str, spec: RuleSpec) -> str:
+    lines = []
+    for ports, target in ((spec.smtp_ports, SMTP_CHAIN), (spec.pop3_ports, POP3_CHAIN)):
+        for start in range(0, len(ports), MULTIPORT_MAX):
+            listed = ",".join(map(str, ports[start:start + MULTIPORT_MAX]))
+            lines.append(f"-A {chain} -p tcp -m multiport --{option} {listed} -j {target}")
+    return "\n".join(lines)
+
+
+def _hook_changes(wanted: Sequence[Hook], present: Sequence[Hook]) -> list[str]:
+    """-D for stale or duplicate jumps, -I at the top for missing ones (in `wanted` order)."""
+    lines = []
+    seen: set[Hook] = set()
+    for hook in present:
+        if hook in seen or hook not in wanted:
+            lines.append(f"-D {hook.chain} {hook.spec}")
+        seen.add(hook)
+    missing = [hook for hook in wanted if hook not in seen]
+    # Inserting at 1 in reverse leaves them at the top in the order asked for.
+    lines.extend(f"-I {hook.chain} 1 {hook.spec}" for hook in reversed(missing))
+    return lines
+
+
+def render(spec: RuleSpec, family: Family = IPV4, present: Sequence[Hook] = ()) -> str:
+    """The iptables-restore --noflush input that installs `spec`.
+
+    `present` are the jumps into our chains found on the host (see `parse_save`);
+    only the difference to `hooks(spec)` is written.
+    """
+    pop3_policy = ("fails open: with no daemon bound to the queue the kernel accepts "
+                   "the packet (--queue-bypass)." if spec.pop3_fail_open else
+                   "fails closed, as configured: with no daemon the kernel drops the packet.")
+    text = _template("sapd-nfq.rules.in").substitute(
+        family=family.name, restore=family.restore,
+        to_server=TO_SERVER, from_server=FROM_SERVER, smtp=SMTP_CHAIN, pop3=POP3_CHAIN,
+        to_server_rules=_dispatch(TO_SERVER, "dports", spec),
+        from_server_rules=_dispatch(FROM_SERVER, "sports", spec),
+        smtp_rules=_queue_chain(SMTP_CHAIN, _queue_target(spec, bypass=False)),
+        pop3_policy=pop3_policy,
+        pop3_rules=_queue_chain(POP3_CHAIN, _queue_target(spec, bypass=spec.pop3_fail_open)),
+        hooks="\n".join(_hook_changes(hooks(spec), present)),
+    )
+    return "".join(line + "\n" for line in text.splitlines() if line)
+
+
+def render_removal(present: Sequence[Hook], present_chains: Iterable[str]) -> str | None:
+    """The restore input that deletes the `present` jumps and our chains among
+    `present_chains`; None when there is nothing of ours."""
+    found = set(present_chains)
+    chains = [chain for chain in CHAINS if chain in found]
+    if not present and not chains:
+        return None
+    lines = [f"*{TABLE}"]
+    lines += [f"-D {hook.chain} {hook.spec}" for hook in present]
+    lines += [f"-F {chain}" for chain in chains]
+    lines += [f"-X {chain}" for chain in chains]
+    lines.append("COMMIT")
+    return "".join(line + "\n" for line in lines)
+
+
+# --- Reading iptables-save (pure) --------------------------------------------------
+
+@dataclass(frozen=True)
+class SavedRule:
+    chain: str
+    spec: str
+    position: int
+    packets: int | None
+    bytes: int | None
+
+    @property
+    def target(self) -> str | None:
+        """The chain or target this rule jumps (-j) or goes (-g) to."""
+        try:
+            words = shlex.split(self.spec)
+        except ValueError:  # unbalanced quotes: not from iptables-save, read it plainly
+            words = self.spec.split()
+        for flag, value in zip(words, words[1:]):
+            if flag in ("-j", "-g"):
+                return value
+        return None
+
+
+@dataclass(frozen=True)
+class SavedTable:
+    chains: tuple[str, ...]
+    rules: tuple[SavedRule, ...]
+
+    def jumps(self) -> list[SavedRule]:
+        """Every rule outside our chains that jumps into one of them."""
+        return [rule for rule in self.rules
+                if rule.target in CHAINS and rule.chain not in CHAINS]
+
+    def hooks(self) -> list[Hook]:
+        return [Hook(rule.chain, rule.spec) for rule in self.jumps()]
+
+
+_RULE = re.compile(r"(?:\[(\d+):(\d+)\] )?-A (\S+) ?(.*)")
+
+
+def parse_save(text: str, table: str = TABLE) -> SavedTable:
+    """The chains and rules of `table` in iptables-save output (with or without -c)."""
+    chains: list[str] = []
+    rules: list[SavedRule] = []
+    positions: dict[str, int] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            current = line[1:]
+        elif current != table:
+            continue
+        elif line.startswith(":"):
+            chains.append(line[1:].split(" ", 1)[0])
+        elif match := _RULE.fullmatch(line):
+            packets, octets, chain, spec = match.groups()
+            positions[chain] = positions.get(chain, 0) + 1
+            rules.append(SavedRule(chain, spec, positions[chain],
+                                   None if packets is None else int(packets),
+                                   None if octets is None else int(octets)))
+    return SavedTable(tuple(chains), tuple(rules))
+
+
+# --- Running the commands ---------------------------------------------------------
+
+Runner = Callable[[Sequence[str], str | None], subprocess.CompletedProcess[str]]
+
+
+def run_local(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command here, capturing its output; failure is the caller's to judge."""
+    return subprocess.run(list(argv), input=stdin, capture_output=True, text=True,
+                          check=False, timeout=COMMAND_TIMEOUT)
+
+
+def netns_runner(name: str, runner: Runner = run_local) -> Runner:
+    """A runner that runs each command inside network namespace `name`."""
+    def run(argv: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return runner(["ip", "netns", "exec", name, *argv], stdin)
+    return run
+
+
+def _run(runner: Runner, argv: Sequence[str], stdin: str | None = None) -> str:
+    try:
+        result = runner(argv, stdin)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RulesError(f"{shlex.join(argv)}: {exc}") from exc
+    if result.returncode != 0:
+        message = result.stderr.strip() or "no message"
+        raise RulesError(f"{shlex.join(argv)} failed (exit {result.returncode}): "
+                         f"{message}{_failed_line(result.stderr, stdin)}")
+    return result.stdout
+
+
+def _failed_line(stderr: str, stdin: str | None) -> str:
+    """The restore input line iptables-restore complains about, quoted."""
+    match = re.search(r"line (\d+)", stderr)
+    if stdin is None or match is None:
+        return ""
+    lines = stdin.splitlines()
+    number = int(match.group(1))
+    return f"\n  line {number}: {lines[number - 1]}" if 0 < number <= len(lines) else ""
+
+
+def _saved(runner: Runner, family: Family, counters: bool = False) -> SavedTable:
+    argv = [family.save, "-t", TABLE] + (["-c"] if counters else [])
+    return parse_save(_run(runner, argv))
+
+
+def _restore(runner: Runner, family: Family, text: str) -> None:
+    # --wait last: it takes an optional argument, and would swallow a file name.
+    _run(runner, [family.restore, "--noflush", "--wait"], text)
+
+
+# --- The three operations -----------------------------------------------------------
+
+def install(spec: RuleSpec, runner: Runner = run_local,
+            families: Sequence[Family] = FAMILIES) -> None:
+    """Install or update the rules, one atomic transaction per family; idempotent."""
+    for family in families:
+        _restore(runner, family, render(spec, family, _saved(runner, family).hooks()))
+
+
+def remove(runner: Runner = run_local, families: Sequence[Family] = FAMILIES) -> None:
+    """Delete our jumps and our chains, one transaction per family; nothing else is touched."""
+    for family in families:
+        table = _saved(runner, family)
+        text = render_removal(table.hooks(), table.chains)
+        if text is not None:
+            _restore(runner, family, text)
+
+
+def installed(runner: Runner = run_local,
+              families: Sequence[Family] = FAMILIES) -> dict[str, dict[str, Any]]:
+    """What is in place, per family, for `status`.
+
+    {"ipv4": {"installed": bool,      # all our chains and at least one jump
+              "chains": [names present],
+              "hooks": [{"chain", "position", "rule", "packets", "bytes"}],
+              "rules": [{"chain", "rule", "packets", "bytes"}]}, ...}
+    A hook whose position is not 1 has rules ahead of it that see mail first.
+    """
+    report = {}
+    for family in families:
+        table = _saved(runner, family, counters=True)
+        chains = [chain for chain in CHAINS if chain in table.chains]
+        jumps = table.jumps()
+        report[family.name] = {
+            "installed": len(chains) == len(CHAINS) and bool(jumps),
+            "chains": chains,
+            "hooks": [{"chain": rule.chain, "position": rule.position, "rule": rule.spec,
+                       "packets": rule.packets, "bytes": rule.bytes} for rule in jumps],
+            "rules": [{"chain": rule.chain, "rule": rule.spec,
+                       "packets": rule.packets, "bytes": rule.bytes}
+                      for rule in table.rules if rule.chain in CHAINS],
+        }
+    return report

@@ -1,0 +1,401 @@
+"""The SMTP machine: both byte streams of one connection in, events out.
+
+Everything that changes state lives in this file. The machine knows a
+"client stream" and a "server stream", nothing of which side is ours, and it
+never decides policy: it reads the conversation the way the MTA reads it and
+says what happened.
+
+The rules it keeps:
+
+* Server replies drive the state. Each client command line waits in a
+  bounded queue for its final reply, in order (PIPELINING); the first reply
+  of the connection is the greeting. What a reply means depends on the
+  command it answers (`_REPLIES`); a reply the table does not list, or one
+  with no command waiting, is a protocol error.
+* Client bytes are commands unless a reply said otherwise: 354 to DATA
+  starts the message (which ends at a lone dot, judged as Postfix judges
+  it), BDAT carries a byte count, 334 to AUTH makes the next line a SASL
+  response, 220 to STARTTLS makes both streams opaque.
+* Nothing may follow DATA or STARTTLS before its reply, and nothing may be
+  pipelined behind an AUTH that the server then challenges: in each case
+  the MTA and we could read those bytes differently.
+* The machine follows the MTA's mail transaction from the replies, and
+  refuses a MAIL the MTA could still see as nested: the MTA would keep its
+  old sender while the engine judged the recipients against the new one.
+
+Any violation raises ProtocolError and pins the machine in an error state.
+Events come back from the call that fed the byte completing them.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+
+from . import smtp_grammar as grammar
+from .errors import ProtocolError
+from .events import (
+    DataStarted, Event, LoginFailed, LoginSucceeded, MailFrom, MessageEnded, Quit,
+    RcptTo, SessionReset, StartTLSRequested, TLSOffered, TLSStarted,
+)
+from .linebuffer import LineBuffer
+from .sasl import SaslLogin
+
+MAX_LINE = 2048     # Postfix line_length_limit: longer lines are not read whole
+MAX_PENDING = 100   # commands awaiting a reply; PIPELINING groups are far smaller
+
+
+class _Mode(enum.Enum):
+    """What the next client bytes are."""
+
+    COMMAND = "command"
+    SASL = "SASL response"         # one line, answering a 334 challenge
+    AWAIT_DATA = "DATA reply wait"  # the client must be silent
+    AWAIT_TLS = "STARTTLS reply wait"
+    MESSAGE = "message text"       # up to the lone dot
+    CHUNK = "BDAT chunk"           # a counted run of bytes
+    OPAQUE = "TLS"
+    ERROR = "error"
+
+
+class _Cmd(enum.Enum):
+    """What a command waiting for its reply is, as far as replies matter."""
+
+    MAIL = "MAIL"
+    RCPT = "RCPT"
+    DATA = "DATA"
+    DOT = "end of data"
+    BDAT = "BDAT"
+    BDAT_LAST = "BDAT LAST"
+    STARTTLS = "STARTTLS"
+    AUTH = "AUTH"
+    EHLO = "EHLO"
+    HELO = "HELO"
+    RSET = "RSET"
+    RSET_ARGS = "RSET with arguments"  # Postfix refuses it, keeping the transaction
+    OTHER = "command"
+
+
+class _Reply(enum.Enum):
+    """What a final reply does to the command it answers."""
+
+    OK = enum.auto()
+    REFUSED = enum.auto()
+    DATA_GO = enum.auto()       # 354: message text follows
+    TLS_GO = enum.auto()        # 220: TLS handshake follows
+    CHALLENGE = enum.auto()     # 334: a SASL response line follows
+    LOGGED_IN = enum.auto()
+    LOGIN_FAILED = enum.auto()
+
+
+_PLAIN = {"2": _Reply.OK, "4": _Reply.REFUSED, "5": _Reply.REFUSED}
+
+# (command, reply code) -> outcome: the exact code is looked up first, then
+# its class ("2" for 2xx ...). Anything missing is a protocol error: a 354 to
+# RCPT, say, means the queue and the MTA disagree.
+_REPLIES: dict[_Cmd, dict[str, _Reply]] = {
+    **{cmd: _PLAIN for cmd in _Cmd},
+    _Cmd.DATA: {"354": _Reply.DATA_GO, **_PLAIN},
+    _Cmd.STARTTLS: {"220": _Reply.TLS_GO, "4": _Reply.REFUSED, "5": _Reply.REFUSED},
+    _Cmd.AUTH: {"334": _Reply.CHALLENGE, "235": _Reply.LOGGED_IN,
+                "4": _Reply.LOGIN_FAILED, "5": _Reply.LOGIN_FAILED},
+}
+_GREETING = _PLAIN
+
+# Whether the MTA has a mail transaction open after a command, on success and
+# on failure; None keeps what was there. Where an MTA's choice is unsure, the
+# table keeps an open transaction open: we then refuse a MAIL, never accept a
+# nested one.
+_CLOSE = False
+_OPEN = True
+_TRANSACTION: dict[_Cmd, tuple[bool | None, bool | None]] = {
+    _Cmd.MAIL: (_OPEN, None),
+    _Cmd.RSET: (_CLOSE, _CLOSE),       # a bare RSET cannot fail
+    _Cmd.RSET_ARGS: (_CLOSE, None),
+    _Cmd.EHLO: (_CLOSE, None),
+    _Cmd.HELO: (_CLOSE, None),
+    _Cmd.DOT: (_CLOSE, _CLOSE),        # the transaction ends with the message
+    _Cmd.BDAT_LAST: (_CLOSE, None),
+}
+
+_SUCCESS = {_Reply.OK, _Reply.DATA_GO, _Reply.TLS_GO, _Reply.LOGGED_IN}
+
+# Message text ends at a line that is "." followed by any CRs (Postfix strips
+# them all before LF), so `\n.\n`, `\n.\r\n`, `\r\n.\n` and `\r\n.\r\n` all
+# end it. The scan keeps only where it stands in such a line.
+_MID, _LINE_START, _DOT = range(3)
+
+
+@dataclass(slots=True)
+class _Pending:
+    cmd: _Cmd
+    sasl: SaslLogin | None = None
+
+
+class SMTPMachine:
+    """One SMTP connection, fed the client and the server byte streams."""
+
+    def __init__(self, max_line: int = MAX_LINE, max_pending: int = MAX_PENDING) -> None:
+        self._client = LineBuffer(max_line)
+        self._server = LineBuffer(max_line)
+        self._max_pending = max_pending
+        self._mode = _Mode.COMMAND
+        self._pending: deque[_Pending] = deque()
+        self._greeted = False
+        self._reply_code: bytes | None = None  # of a multiline reply under way
+        self._reply_lines = 0
+        self._transaction = False  # the MTA's, as confirmed by its replies
+        self._chunking = False     # the last EHLO reply offered CHUNKING
+        self._chunk_left = 0
+        self._chunk_last = False
+        self._scan = _LINE_START
+        self._error: str | None = None
+
+    @property
+    def opaque(self) -> bool:
+        """TLS started: nothing more is parsed."""
+        return self._mode is _Mode.OPAQUE
+
+    @property
+    def in_data(self) -> bool:
+        """Client bytes are message text (after 354, or inside a BDAT chunk)."""
+        return self._mode in (_Mode.MESSAGE, _Mode.CHUNK)
+
+    def __repr__(self) -> str:
+        return f"<SMTPMachine {self._mode.value}, {len(self._pending)} pending>"
+
+    # --- feeding ------------------------------------------------------------
+
+    def receive_client(self, data: bytes) -> list[Event]:
+        """New in-order client->server bytes; returns the events they complete."""
+        if self._blocked():
+            return []
+        events: list[Event] = []
+        try:
+            if self._mode is _Mode.MESSAGE:
+                if not self._message(data, events):
+                    return events
+            else:
+                self._client.feed(data)
+            self._client_stream(events)
+        except ProtocolError as exc:
+            self._fail(exc.hint)
+            raise
+        return events
+
+    def receive_server(self, data: bytes) -> list[Event]:
+        """New in-order server->client bytes; returns the events they complete."""
+        if self._blocked():
+            return []
+        events: list[Event] = []
+        try:
+            self._server.feed(data)
+            while self._mode is not _Mode.OPAQUE:
+                start = self._server.offset
+                line = self._server.next_line()
+                if line is None:
+                    break
+                self._reply_line(line, start, events)
+        except ProtocolError as exc:
+            self._fail(exc.hint)
+            raise
+        return events
+
+    def _blocked(self) -> bool:
+        if self._mode is _Mode.ERROR:
+            raise ProtocolError(f"SMTP session already failed: {self._error}")
+        return self._mode is _Mode.OPAQUE
+
+    def _fail(self, hint: str) -> None:
+        self._mode = _Mode.ERROR
+        self._error = hint
+
+    # --- client stream --------------------------------------------------------
+
+    def _client_stream(self, events: list[Event]) -> None:
+        while True:
+            mode = self._mode
+            if mode is _Mode.CHUNK:
+                self._chunk_left -= self._client.take(self._chunk_left)
+                if self._chunk_left:
+                    return
+                self._mode = _Mode.COMMAND
+                if self._chunk_last:
+                    events.append(MessageEnded())
+            elif mode in (_Mode.AWAIT_DATA, _Mode.AWAIT_TLS):
+                if len(self._client):
+                    raise ProtocolError(f"client sent bytes during the {mode.value}")
+                return
+            else:
+                line = self._client.next_line()
+                if line is None:
+                    return
+                if mode is _Mode.SASL:
+                    self._sasl_response(line)
+                else:
+                    self._command(line, events)
+
+    def _message(self, data: bytes, events: list[Event]) -> bool:
+        """Scan message text for its end; True if it ended (the rest of
+        `data` is then in the client buffer, to be read as commands)."""
+        end = self._message_end(data)
+        self._client.feed(data)
+        self._client.take(len(data) if end is None else end)
+        if end is None:
+            return False
+        self._mode = _Mode.COMMAND
+        self._push(_Cmd.DOT)
+        events.append(MessageEnded())
+        return True
+
+    def _message_end(self, data: bytes) -> int | None:
+        """Index just past the terminating LF in data, or None."""
+        at, i, n = self._scan, 0, len(data)
+        while i < n:
+            if at == _MID:
+                lf = data.find(b"\n", i)
+                if lf < 0:
+                    break
+                i, at = lf + 1, _LINE_START
+                continue
+            c = data[i]
+            i += 1
+            if at == _LINE_START:
+                at = _DOT if c == 0x2E else _LINE_START if c == 0x0A else _MID
+            elif c == 0x0A:
+                return i
+            elif c != 0x0D:
+                at = _MID
+        self._scan = at
+        return None
+
+    def _sasl_response(self, line: bytes) -> None:
+        sasl = self._pending[0].sasl
+        assert sasl is not None  # SASL mode is entered only on a 334 to AUTH
+        sasl.client_response(line)
+        self._mode = _Mode.COMMAND
+
+    def _command(self, line: bytes, events: list[Event]) -> None:
+        if b"\0" in line:
+            raise ProtocolError("NUL byte in a command line")
+        verb, args = grammar.split_command(line)
+        if verb == b"MAIL":
+            sender, params = grammar.mail_from(args)
+            if self._maybe_in_transaction():
+                raise ProtocolError("MAIL while the previous transaction may still be open")
+            self._push(_Cmd.MAIL)
+            events.append(MailFrom(sender, params))
+        elif verb == b"RCPT":
+            recipient, params = grammar.rcpt_to(args)
+            self._push(_Cmd.RCPT)
+            events.append(RcptTo(recipient, params))
+        elif verb == b"DATA":
+            self._push(_Cmd.DATA)
+            self._mode = _Mode.AWAIT_DATA
+        elif verb == b"BDAT":
+            size, last = grammar.bdat(args)
+            if not self._chunking:
+                raise ProtocolError("BDAT, but the server did not offer CHUNKING")
+            self._push(_Cmd.BDAT_LAST if last else _Cmd.BDAT)
+            self._mode = _Mode.CHUNK
+            self._chunk_left, self._chunk_last = size, last
+        elif verb == b"STARTTLS":
+            self._push(_Cmd.STARTTLS)
+            self._mode = _Mode.AWAIT_TLS
+            events.append(StartTLSRequested())
+        elif verb == b"AUTH":
+            exchange = grammar.auth(args)
+            if exchange is None:
+                self._push(_Cmd.OTHER)
+            else:
+                self._push(_Cmd.AUTH, SaslLogin(*exchange))
+        elif verb in (b"EHLO", b"HELO", b"RSET"):
+            cmd = _Cmd.RSET_ARGS if verb == b"RSET" and args.strip() else _Cmd(verb.decode())
+            self._push(cmd)
+            events.append(SessionReset(verb.decode()))
+        elif verb == b"QUIT":
+            self._push(_Cmd.OTHER)
+            events.append(Quit())
+        else:
+            self._push(_Cmd.OTHER)  # the MTA answers unknown verbs too
+
+    def _push(self, cmd: _Cmd, sasl: SaslLogin | None = None) -> None:
+        if len(self._pending) >= self._max_pending:
+            raise ProtocolError(f"more than {self._max_pending} commands await a reply")
+        self._pending.append(_Pending(cmd, sasl))
+
+    def _maybe_in_transaction(self) -> bool:
+        """Could the MTA have a transaction open once it has answered every
+        command sent so far, whichever way it answers them?"""
+        possible = {self._transaction}
+        for pending in self._pending:
+            outcomes = _TRANSACTION.get(pending.cmd, (None, None))
+            possible = {state if out is None else out for state in possible for out in outcomes}
+        return _OPEN in possible
+
+    # --- server stream --------------------------------------------------------
+
+    def _reply_line(self, line: bytes, start: int, events: list[Event]) -> None:
+        code, final, text, text_at = grammar.reply(line)
+        if self._reply_code is None:
+            if self._greeted and not self._pending:
+                raise ProtocolError(f"server reply {code.decode()} with no command waiting")
+            self._reply_code, self._reply_lines = code, 0
+        elif code != self._reply_code:
+            raise ProtocolError("reply code changed within a multiline reply")
+        if self._greeted and self._pending[0].cmd is _Cmd.EHLO and code == b"250":
+            self._capability(text, start + text_at, events)
+        self._reply_lines += 1
+        if final:
+            self._reply_code = None
+            self._final_reply(code.decode(), events)
+
+    def _capability(self, text: bytes, text_offset: int, events: list[Event]) -> None:
+        """One line of a 250 reply to EHLO; the first line names the host."""
+        if self._reply_lines == 0:
+            self._chunking = False
+            return
+        keyword = grammar.ehlo_keyword(text)
+        if keyword is None:
+            return
+        name, index = keyword
+        if name == b"STARTTLS":
+            events.append(TLSOffered(offset=text_offset + index, length=len(name)))
+        elif name == b"CHUNKING":
+            self._chunking = True
+
+    def _final_reply(self, code: str, events: list[Event]) -> None:
+        if not self._greeted:
+            if _lookup(_GREETING, code) is None:
+                raise ProtocolError(f"greeting with reply code {code}")
+            self._greeted = True
+            return
+        pending = self._pending[0]
+        outcome = _lookup(_REPLIES[pending.cmd], code)
+        if outcome is None:
+            raise ProtocolError(f"reply {code} does not answer {pending.cmd.value}")
+        if outcome is _Reply.CHALLENGE:
+            if len(self._pending) > 1:
+                raise ProtocolError("commands pipelined behind a challenged AUTH")
+            self._mode = _Mode.SASL
+            return
+        self._pending.popleft()
+        after = _TRANSACTION.get(pending.cmd, (None, None))[outcome not in _SUCCESS]
+        if after is not None:
+            self._transaction = after
+        if pending.cmd in (_Cmd.DATA, _Cmd.STARTTLS) or self._mode is _Mode.SASL:
+            self._mode = _Mode.COMMAND  # the wait for this reply is over
+        if outcome is _Reply.DATA_GO:
+            self._mode, self._scan = _Mode.MESSAGE, _LINE_START
+            events.append(DataStarted())
+        elif outcome is _Reply.TLS_GO:
+            self._mode = _Mode.OPAQUE
+            events.append(TLSStarted())
+        elif pending.sasl is not None:
+            event = LoginSucceeded if outcome is _Reply.LOGGED_IN else LoginFailed
+            events.append(event(pending.sasl.user, pending.sasl.method))
+
+
+def _lookup(table: dict[str, _Reply], code: str) -> _Reply | None:
+    return table.get(code) or table.get(code[0])

@@ -1,0 +1,422 @@
+"""The rule installer without iptables: rendered text, plans, parsing, error reporting."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sapd_nfq import interfaces, rules
+from sapd_nfq.config import Config
+from sapd_nfq.errors import ConfigError
+from sapd_nfq.rules import (
+    BYPASS_MARK, CHAINS, FROM_SERVER, INJECT_MARK, INJECT_MASK, IPV4, IPV6, POP3_CHAIN,
+    SMTP_CHAIN, TO_SERVER, Hook, RuleSpec, RulesError,
+)
+
+EXPECTED_RULES = """\
+*mangle
+:SAPD_NFQ_TO_SERVER - [0:0]
+:SAPD_NFQ_FROM_SERVER - [0:0]
+:SAPD_NFQ_SMTP - [0:0]
+:SAPD_NFQ_POP3 - [0:0]
+-A SAPD_NFQ_TO_SERVER -p tcp -m multiport --dports 25,587 -j SAPD_NFQ_SMTP
+-A SAPD_NFQ_TO_SERVER -p tcp -m multiport --dports 110 -j SAPD_NFQ_POP3
+-A SAPD_NFQ_FROM_SERVER -p tcp -m multiport --sports 25,587 -j SAPD_NFQ_SMTP
+-A SAPD_NFQ_FROM_SERVER -p tcp -m multiport --sports 110 -j SAPD_NFQ_POP3
+-A SAPD_NFQ_SMTP -m mark --mark 0x5a9d0000/0xffff0000 -j RETURN
+-A SAPD_NFQ_SMTP -m mark --mark 0x1000/0x1000 -j CONNMARK --save-mark --nfmask 0x1000 --ctmask 0x1000
+-A SAPD_NFQ_SMTP -m mark --mark 0x1000/0x1000 -j RETURN
+-A SAPD_NFQ_SMTP -m connmark --mark 0x1000/0x1000 -j RETURN
+-A SAPD_NFQ_SMTP -m conntrack --ctstate INVALID -j DROP
+-A SAPD_NFQ_SMTP -j NFQUEUE --queue-balance 4:5
+-A SAPD_NFQ_POP3 -m mark --mark 0x5a9d0000/0xffff0000 -j RETURN
+-A SAPD_NFQ_POP3 -m mark --mark 0x1000/0x1000 -j CONNMARK --save-mark --nfmask 0x1000 --ctmask 0x1000
+-A SAPD_NFQ_POP3 -m mark --mark 0x1000/0x1000 -j RETURN
+-A SAPD_NFQ_POP3 -m connmark --mark 0x1000/0x1000 -j RETURN
+-A SAPD_NFQ_POP3 -m conntrack --ctstate INVALID -j DROP
+-A SAPD_NFQ_POP3 -j NFQUEUE --queue-balance 4:5 --queue-bypass
+-I OUTPUT 1 ! -o lo -j SAPD_NFQ_FROM_SERVER
+-I INPUT 1 ! -i lo -j SAPD_NFQ_TO_SERVER
+COMMIT
+"""
+
+
+def rule_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if not line.startswith("#")]
+
+
+def chain_rules(text: str, chain: str) -> list[str]:
+    return [line.split(" ", 2)[2] for line in text.splitlines()
+            if line.startswith(f"-A {chain} ")]
+
+
+def hook_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines()
+            if line.startswith(("-I ", "-D ")) or
+            (line.startswith("-A ") and line.split()[1] not in CHAINS)]
+
+
+# --- The rendered rule set ----------------------------------------------------------
+
+def test_representative_rule_set_exactly():
+    spec = RuleSpec(mode="input", smtp_ports=[587, 25], pop3_ports=[110],
+                    queue=4, workers=2, pop3_fail_open=True)
+    text = rules.render(spec, IPV4)
+    assert "\n".join(rule_lines(text)) + "\n" == EXPECTED_RULES
+    assert text.startswith("# sapd-nfq rules for ipv4")
+
+
+def test_families_differ_only_in_the_comments():
+    spec = RuleSpec()
+    v4, v6 = rules.render(spec, IPV4), rules.render(spec, IPV6)
+    assert rule_lines(v4) == rule_lines(v6)
+    assert "ip6tables-restore --noflush" in v6
+
+
+SPECS = [
+    RuleSpec(mode=mode, smtp_ports=smtp, pop3_ports=pop3, interfaces=ifaces,
+             queue=queue, workers=workers, pop3_fail_open=fail_open)
+    for mode, ifaces in (("input", ()), ("input", ("eth0",)), ("input", ("eth0", "ppp+")),
+                         ("forward", ("eth1",)), ("forward", ("wan0", "wan1")))
+    for smtp, pop3 in (((25,), (110,)), ((25, 465, 587), (110, 995)), ((25,), ()),
+                       (tuple(range(2000, 2020)), (110,)))
+    for queue, workers in ((0, 1), (7, 3))
+    for fail_open in (True, False)
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+@pytest.mark.parametrize("family", [IPV4, IPV6], ids=lambda f: f.name)
+def test_rule_set_structure(spec, family):
+    text = rules.render(spec, family)
+    lines = rule_lines(text)
+    assert lines[0] == "*mangle" and lines[-1] == "COMMIT"
+    assert [line for line in lines if line.startswith(":")] == [f":{c} - [0:0]" for c in CHAINS]
+    # Our chains never accept on the host's behalf: they return, queue or drop INVALID.
+    assert " ACCEPT" not in text
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+def test_dispatch_picks_client_packets_by_dport_and_server_packets_by_sport(spec):
+    text = rules.render(spec)
+    for chain, option in ((TO_SERVER, "--dports"), (FROM_SERVER, "--sports")):
+        by_target = {SMTP_CHAIN: [], POP3_CHAIN: []}
+        for rule in chain_rules(text, chain):
+            words = rule.split()
+            assert words[:5] == ["-p", "tcp", "-m", "multiport", option]
+            ports = words[5].split(",")
+            assert len(ports) <= rules.MULTIPORT_MAX
+            by_target[words[-1]] += map(int, ports)
+        assert by_target == {SMTP_CHAIN: list(spec.smtp_ports),
+                             POP3_CHAIN: list(spec.pop3_ports)}
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+def test_queue_chains_check_marks_then_invalid_then_queue(spec):
+    text = rules.render(spec)
+    for chain, bypass in ((SMTP_CHAIN, False), (POP3_CHAIN, spec.pop3_fail_open)):
+        body = chain_rules(text, chain)
+        assert body[0] == f"-m mark --mark {INJECT_MARK:#x}/{INJECT_MASK:#x} -j RETURN"
+        assert [rule.split(" -j ")[1] for rule in body[1:4]] == [
+            f"CONNMARK --save-mark --nfmask {BYPASS_MARK:#x} --ctmask {BYPASS_MARK:#x}",
+            "RETURN", "RETURN"]
+        assert body[3].startswith(f"-m connmark --mark {BYPASS_MARK:#x}/{BYPASS_MARK:#x}")
+        assert body[4] == "-m conntrack --ctstate INVALID -j DROP"
+        assert len(body) == 6 and body[5].startswith("-j NFQUEUE ")
+        assert body[5].endswith(" --queue-bypass") is bypass
+        if spec.workers == 1:
+            assert f"--queue-num {spec.queue}" in body[5]
+        else:
+            assert f"--queue-balance {spec.queue}:{spec.queue + spec.workers - 1}" in body[5]
+
+
+def test_smtp_never_bypasses_the_queue_even_when_pop3_fails_open():
+    for fail_open in (True, False):
+        text = rules.render(RuleSpec(pop3_fail_open=fail_open))
+        assert "--queue-bypass" not in chain_rules(text, SMTP_CHAIN)[-1]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+def test_hooks_always_keep_loopback_out(spec):
+    for hook in rules.hooks(spec):
+        words = hook.spec.split()
+        assert words[0] in ("-i", "-o", "!")
+        if words[0] == "!":
+            assert words[1:3] in (["-i", "lo"], ["-o", "lo"])
+        else:
+            assert words[1] in spec.interfaces
+    for line in hook_lines(rules.render(spec)):
+        assert " lo " not in line or "! -i lo" in line or "! -o lo" in line
+
+
+@pytest.mark.parametrize("mode,ifaces,expected", [
+    ("input", (), [("INPUT", "! -i lo", TO_SERVER), ("OUTPUT", "! -o lo", FROM_SERVER)]),
+    ("input", ("eth0", "eth1"), [("INPUT", "-i eth0", TO_SERVER), ("OUTPUT", "-o eth0", FROM_SERVER),
+                                 ("INPUT", "-i eth1", TO_SERVER), ("OUTPUT", "-o eth1", FROM_SERVER)]),
+    ("forward", ("wan0",), [("FORWARD", "-i wan0", TO_SERVER), ("FORWARD", "-o wan0", FROM_SERVER)]),
+])
+def test_hooks_per_mode(mode, ifaces, expected):
+    got = rules.hooks(RuleSpec(mode=mode, interfaces=ifaces))
+    assert got == [Hook(chain, f"{match} -j {target}") for chain, match, target in expected]
+
+
+def test_missing_hooks_go_on_top_in_the_order_asked_for():
+    spec = RuleSpec(mode="forward", interfaces=("a0", "b0"))
+    inserted = [line for line in rules.render(spec).splitlines() if line.startswith("-I ")]
+    assert inserted == [
+        "-I FORWARD 1 -o b0 -j SAPD_NFQ_FROM_SERVER", "-I FORWARD 1 -i b0 -j SAPD_NFQ_TO_SERVER",
+        "-I FORWARD 1 -o a0 -j SAPD_NFQ_FROM_SERVER", "-I FORWARD 1 -i a0 -j SAPD_NFQ_TO_SERVER",
+    ]  # each goes in at position 1, so the last written ends up first: a0 in, a0 out, b0 ...
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+def test_installing_over_itself_writes_no_hook_changes(spec):
+    assert hook_lines(rules.render(spec, present=rules.hooks(spec))) == []
+
+
+def test_a_changed_configuration_converges():
+    old = rules.hooks(RuleSpec(mode="input"))
+    foreign_order = [old[1], old[0], old[0]]  # reordered and one duplicated by hand
+    text = rules.render(RuleSpec(mode="forward", interfaces=("eth0",)), present=foreign_order)
+    assert hook_lines(text) == [
+        "-D OUTPUT ! -o lo -j SAPD_NFQ_FROM_SERVER",
+        "-D INPUT ! -i lo -j SAPD_NFQ_TO_SERVER",
+        "-D INPUT ! -i lo -j SAPD_NFQ_TO_SERVER",
+        "-I FORWARD 1 -o eth0 -j SAPD_NFQ_FROM_SERVER",
+        "-I FORWARD 1 -i eth0 -j SAPD_NFQ_TO_SERVER",
+    ]
+
+
+def test_a_duplicated_hook_is_reduced_to_one():
+    wanted = rules.hooks(RuleSpec())
+    text = rules.render(RuleSpec(), present=[*wanted, wanted[0]])
+    assert hook_lines(text) == [f"-D INPUT {wanted[0].spec}"]
+
+
+def test_mark_constants_do_not_overlap():
+    assert INJECT_MARK & ~INJECT_MASK == 0
+    assert BYPASS_MARK & INJECT_MASK == 0
+    assert bin(BYPASS_MARK).count("1") == 1
+
+
+# --- Validation ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,key", [
+    ({"mode": "output"}, "mode:"),
+    ({"smtp_ports": ()}, "smtp_ports:"),
+    ({"smtp_ports": (0,)}, "smtp_ports:"),
+    ({"smtp_ports": (65536,)}, "smtp_ports:"),
+    ({"smtp_ports": ("25",)}, "smtp_ports:"),
+    ({"smtp_ports": (True,)}, "smtp_ports:"),
+    ({"pop3_ports": (-1,)}, "pop3_ports:"),
+    ({"pop3_ports": 110}, "pop3_ports:"),
+    ({"interfaces": "eth0"}, "interfaces:"),
+    ({"smtp_ports": (25, 110)}, "smtp_ports, pop3_ports:"),
+    ({"mode": "forward"}, "interfaces:"),
+    ({"interfaces": ("lo",)}, "interfaces:"),
+    ({"interfaces": ("l+",)}, "interfaces:"),
+    ({"interfaces": ("lo+",)}, "interfaces:"),
+    ({"interfaces": ("+",)}, "interfaces:"),
+    ({"interfaces": ("",)}, "interfaces:"),
+    ({"interfaces": ("a" * 16,)}, "interfaces:"),
+    ({"interfaces": ("eth0 -j ACCEPT",)}, "interfaces:"),
+    ({"interfaces": ("eth0\n-I INPUT 1 -j ACCEPT",)}, "interfaces:"),
+    ({"interfaces": ("-x",)}, "interfaces:"),
+    ({"interfaces": ("eth/0",)}, "interfaces:"),
+    ({"interfaces": ("eth0@if5",)}, "interfaces:"),
+    ({"queue": -1}, "queue:"),
+    ({"queue": 65536}, "queue:"),
+    ({"workers": 0}, "workers:"),
+    ({"queue": 65535, "workers": 2}, "queue, workers:"),
+    ({"pop3_fail_open": "yes"}, "pop3_fail_open:"),
+])
+def test_bad_configuration_names_its_key(kwargs, key):
+    with pytest.raises(ConfigError) as info:
+        RuleSpec(**kwargs)
+    assert str(info.value).startswith(key)
+
+
+def test_lists_from_the_config_file_are_normalised():
+    spec = RuleSpec(smtp_ports=[587, 25, 25], pop3_ports=[110], interfaces=["eth0", "eth0"])
+    assert spec == RuleSpec(smtp_ports=(25, 587), interfaces=("eth0",))
+    hash(spec)
+
+
+def test_from_config_takes_the_rule_keys():
+    config = Config(mode="forward", smtp_ports=(25, 587), interfaces=("wan0",), queue=3,
+                    workers=2, pop3_fail_open=False, auth_ttl=60)
+    assert RuleSpec.from_config(config) == RuleSpec(
+        mode="forward", smtp_ports=(25, 587), pop3_ports=(110,), interfaces=("wan0",),
+        queue=3, workers=2, pop3_fail_open=False)
+    assert RuleSpec.from_config(Config.default()) == RuleSpec()
+
+
+def test_long_prefix_names_and_common_names_are_accepted():
+    RuleSpec(interfaces=("enp0s31f6", "wlp2s0.100", "br-1a2b3c4d5e6f", "ppp+", "l2tp+"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=20))
+def test_any_interface_name_is_refused_or_stays_inside_its_hooks(name):
+    try:
+        spec = RuleSpec(interfaces=(name,))
+    except ConfigError:
+        return
+    assert [hook.spec.split()[1] for hook in rules.hooks(spec)] == [name, name]
+    text = rules.render(spec)
+    assert len(hook_lines(text)) == 2
+    assert text.count(name) >= 2 and not any(c.isspace() for c in name)
+
+
+# --- Reading iptables-save ---------------------------------------------------------
+
+SAVE = """\
+# Generated by iptables-save v1.8.9 (nf_tables)
+*filter
+:INPUT ACCEPT [0:0]
+[3:180] -A INPUT -j SAPD_NFQ_TO_SERVER
+COMMIT
+*mangle
+:PREROUTING ACCEPT [10:600]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:SAPD_NFQ_SMTP - [0:0]
+:SAPD_NFQ_TO_SERVER - [0:0]
+[1:2] -A INPUT -p udp -j MARK --set-xmark 0x1/0xffffffff
+[7:420] -A INPUT ! -i lo -j SAPD_NFQ_TO_SERVER
+[0:0] -A OUTPUT -m comment --comment "not -j SAPD_NFQ_SMTP" -j ACCEPT
+[0:0] -A OUTPUT -o eth0 -g SAPD_NFQ_FROM_SERVER
+[5:300] -A SAPD_NFQ_SMTP -j NFQUEUE --queue-num 0
+[6:360] -A SAPD_NFQ_TO_SERVER -p tcp -m multiport --dports 25 -j SAPD_NFQ_SMTP
+COMMIT
+"""
+
+
+def test_parse_save_reads_the_one_table_with_counters_and_positions():
+    table = rules.parse_save(SAVE)
+    assert table.chains == ("PREROUTING", "INPUT", "OUTPUT", SMTP_CHAIN, TO_SERVER)
+    assert [(r.chain, r.position, r.packets, r.bytes) for r in table.rules] == [
+        ("INPUT", 1, 1, 2), ("INPUT", 2, 7, 420), ("OUTPUT", 1, 0, 0), ("OUTPUT", 2, 0, 0),
+        (SMTP_CHAIN, 1, 5, 300), (TO_SERVER, 1, 6, 360)]
+    # The quoted comment is not a jump; a goto into our chain is.
+    assert table.hooks() == [Hook("INPUT", "! -i lo -j SAPD_NFQ_TO_SERVER"),
+                             Hook("OUTPUT", "-o eth0 -g SAPD_NFQ_FROM_SERVER")]
+
+
+def test_parse_save_without_counters():
+    table = rules.parse_save("*mangle\n:INPUT ACCEPT [0:0]\n-A INPUT ! -i lo -j SAPD_NFQ_TO_SERVER\n"
+                             "COMMIT\n")
+    assert table.rules[0].packets is None
+    assert table.hooks() == [Hook("INPUT", "! -i lo -j SAPD_NFQ_TO_SERVER")]
+
+
+def test_render_removal_deletes_jumps_then_flushes_then_deletes_chains():
+    table = rules.parse_save(SAVE)
+    assert rules.render_removal(table.hooks(), table.chains) == (
+        "*mangle\n"
+        "-D INPUT ! -i lo -j SAPD_NFQ_TO_SERVER\n"
+        "-D OUTPUT -o eth0 -g SAPD_NFQ_FROM_SERVER\n"
+        "-F SAPD_NFQ_TO_SERVER\n-F SAPD_NFQ_SMTP\n"
+        "-X SAPD_NFQ_TO_SERVER\n-X SAPD_NFQ_SMTP\n"
+        "COMMIT\n")
+    assert rules.render_removal([], ["INPUT", "OTHER"]) is None
+
+
+# --- The operations against a recorded iptables --------------------------------------
+
+class FakeIptables:
+    """Answers *-save with a fixed text, records every command and restore input."""
+
+    def __init__(self, save_text: str = "", fail: tuple[int, str] | None = None):
+        self.save_text = save_text
+        self.fail = fail
+        self.calls: list[tuple[list[str], str | None]] = []
+
+    def __call__(self, argv, stdin=None):
+        self.calls.append((list(argv), stdin))
+        if self.fail and "restore" in argv[0]:
+            return subprocess.CompletedProcess(argv, self.fail[0], "", self.fail[1])
+        out = self.save_text if "save" in argv[0] else ""
+        return subprocess.CompletedProcess(argv, 0, out, "")
+
+
+EMPTY_MANGLE = "*mangle\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"
+
+
+def test_install_reads_then_restores_each_family_in_one_transaction():
+    fake = FakeIptables(EMPTY_MANGLE)
+    spec = RuleSpec()
+    rules.install(spec, runner=fake)
+    assert [argv for argv, _ in fake.calls] == [
+        ["iptables-save", "-t", "mangle"], ["iptables-restore", "--noflush", "--wait"],
+        ["ip6tables-save", "-t", "mangle"], ["ip6tables-restore", "--noflush", "--wait"]]
+    assert fake.calls[1][1] == rules.render(spec, IPV4)
+    assert fake.calls[3][1] == rules.render(spec, IPV6)
+
+
+def test_install_does_not_add_hooks_that_are_there():
+    spec = RuleSpec()
+    present = "".join(f"-A {hook.chain} {hook.spec}\n" for hook in rules.hooks(spec))
+    fake = FakeIptables(f"*mangle\n:INPUT ACCEPT [0:0]\n{present}COMMIT\n")
+    rules.install(spec, runner=fake, families=[IPV4])
+    assert hook_lines(fake.calls[1][1]) == []
+
+
+def test_remove_touches_nothing_when_nothing_is_installed():
+    fake = FakeIptables(EMPTY_MANGLE)
+    rules.remove(runner=fake)
+    assert [argv[0] for argv, _ in fake.calls] == ["iptables-save", "ip6tables-save"]
+
+
+def test_installed_reports_chains_hooks_and_counters():
+    report = rules.installed(runner=FakeIptables(SAVE), families=[IPV4])
+    assert report["ipv4"]["installed"] is False  # FROM_SERVER and POP3 are missing
+    assert report["ipv4"]["chains"] == [TO_SERVER, SMTP_CHAIN]
+    assert report["ipv4"]["hooks"][0] == {"chain": "INPUT", "position": 2, "packets": 7,
+                                          "bytes": 420, "rule": "! -i lo -j SAPD_NFQ_TO_SERVER"}
+    assert {"chain": SMTP_CHAIN, "rule": "-j NFQUEUE --queue-num 0", "packets": 5,
+            "bytes": 300} in report["ipv4"]["rules"]
+
+
+def test_a_restore_error_carries_stderr_and_the_failing_line():
+    fake = FakeIptables(EMPTY_MANGLE, fail=(2, "iptables-restore: line 3 failed\n"))
+    with pytest.raises(RulesError) as info:
+        rules.install(RuleSpec(), runner=fake, families=[IPV4])
+    message = str(info.value)
+    assert message.startswith("iptables-restore --noflush --wait failed (exit 2): "
+                              "iptables-restore: line 3 failed")
+    assert message.endswith("line 3: " + fake.calls[1][1].splitlines()[2])
+
+
+def test_a_missing_command_is_a_rules_error():
+    def runner(argv, stdin=None):
+        raise FileNotFoundError(2, "No such file or directory", argv[0])
+    with pytest.raises(RulesError, match="iptables-save -t mangle -c: .*No such file"):
+        rules.installed(runner=runner)
+
+
+def test_netns_runner_prefixes_ip_netns_exec():
+    fake = FakeIptables()
+    rules.netns_runner("lab1", fake)(["iptables-save"], "x")
+    assert fake.calls == [(["ip", "netns", "exec", "lab1", "iptables-save"], "x")]
+
+
+# --- interfaces.validate without the kernel -----------------------------------------
+
+def test_validate_names_the_missing_interface():
+    with pytest.raises(ConfigError, match=r"interfaces: no interface named 'eth9' \(present: eth0, lo\)"):
+        interfaces.validate(["eth0", "eth9"], available=["lo", "eth0"])
+
+
+@pytest.mark.parametrize("name", ["lo", "l+", "+", "bad name"])
+def test_validate_refuses_loopback_and_garbage(name):
+    with pytest.raises(ConfigError, match="interfaces:"):
+        interfaces.validate([name], available=["lo", "eth0", "bad name"])
+
+
+def test_validate_accepts_prefixes_of_absent_interfaces():
+    interfaces.validate(["ppp+", "eth0"], available=["lo", "eth0"])
+
