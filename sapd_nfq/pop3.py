@@ -40,7 +40,7 @@ from .events import (
     Event, LoginFailed, LoginSucceeded, Quit, StartTLSRequested, TLSOffered, TLSStarted,
 )
 from .linebuffer import LineBuffer
-from .sasl import SaslLogin, _text
+from .sasl import SaslLogin, login_name
 
 MAX_COMMAND = 255
 """Octets in a command line with its CRLF (RFC 2449 section 4); AUTH lines and
@@ -131,11 +131,11 @@ def _command(verb: bytes, arg: bytes) -> _Command:
     """The pending command for a client line (verb upper-cased)."""
     match verb:
         case b"USER":
-            return _User(_text(arg))
+            return _User(login_name(arg))
         case b"PASS":
             return _Pass()
         case b"APOP":
-            return _Apop(_text(arg.partition(b" ")[0]))
+            return _Apop(login_name(arg.partition(b" ")[0]))
         case b"AUTH" if arg:
             mechanism, space, initial = arg.partition(b" ")
             sasl = SaslLogin(mechanism.decode("ascii", "replace"), initial if space else None)

@@ -18,7 +18,8 @@ def _b64(data: bytes) -> bytes | None:
         return None
 
 
-def _text(raw: bytes) -> str | None:
+def login_name(raw: bytes) -> str | None:
+    """A login name as text (undecodable bytes replaced), or None if empty."""
     name = raw.decode("utf-8", "replace").strip()
     return name or None
 
@@ -54,16 +55,16 @@ class SaslLogin:
         if mech == "PLAIN":
             parts = raw.split(b"\0")
             if len(parts) == 3:
-                self.user = _text(parts[1]) or _text(parts[0])
+                self.user = login_name(parts[1]) or login_name(parts[0])
         elif mech == "LOGIN":
             if self._responses == 1:
-                self.user = _text(raw)
+                self.user = login_name(raw)
         elif mech == "CRAM-MD5":
-            self.user = _text(raw.rsplit(b" ", 1)[0]) if b" " in raw else None
+            self.user = login_name(raw.rsplit(b" ", 1)[0]) if b" " in raw else None
         elif mech.startswith("SCRAM-"):
             for attr in raw.split(b","):
                 if attr.startswith(b"n="):
-                    self.user = _text(attr[2:].replace(b"=2C", b",").replace(b"=3D", b"="))
+                    self.user = login_name(attr[2:].replace(b"=2C", b",").replace(b"=3D", b"="))
                     break
 
     def __repr__(self) -> str:

@@ -1,0 +1,359 @@
+"""The engine end to end on packet bytes: verdicts, injections, notices."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
+
+from engine_helpers import CLIENT6, SERVER6, Conn, make_engine
+from sapd_nfq.packet import FIN, RST, parse, tcp_checksum_ok
+from sapd_nfq.policy import ROW_LOGGED_IN, ROW_NOT_LOCAL, ROW_NOT_LOGGED_IN, ROW_RECIPIENT_LOCAL
+from sapd_nfq.verdicts import ACCEPT, BYPASS, DROP
+
+RELAY = b"MAIL FROM:<alice@lab.example>\r\nRCPT TO:<dave@external.example>\r\n"
+
+
+def notices(decision, event):
+    return [n for n in decision.notices if n.event == event]
+
+
+def assert_refused(decision, conn, reply_code: bytes):
+    """Dropped; the client gets the reply with FIN; the server gets an RST at the dropped seq."""
+    assert decision.verdict is DROP
+    to_client, to_server = (parse(p) for p in decision.inject)
+    assert (to_client.src, to_client.dst) == (conn.server_addr, conn.client_addr)
+    assert to_client.payload.startswith(reply_code)
+    assert to_client.flags & FIN
+    assert to_client.seq == conn.sseq
+    assert (to_server.src, to_server.dst) == (conn.client_addr, conn.server_addr)
+    assert to_server.flags & RST and to_server.seq == conn.cseq
+
+
+def test_inbound_mail_to_a_local_recipient_passes():
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    assert conn.client(b"MAIL FROM:<dave@external.example>\r\n").verdict is ACCEPT
+    d = conn.client(b"RCPT TO:<Alice@LAB.example>\r\n")
+    assert d.verdict is ACCEPT and not d.inject
+    [n] = notices(d, "pass")
+    assert (n.client, n.sender, n.recipient, n.row) == (
+        conn.client_addr, "dave@external.example", "Alice@LAB.example", ROW_RECIPIENT_LOCAL)
+
+
+def test_relay_without_login_is_refused_with_550_and_resets():
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    d = conn.client(RELAY)
+    assert_refused(d, conn, b"550 5.7.1")
+    [n] = notices(d, "fail")
+    assert n.row == ROW_NOT_LOGGED_IN and n.recipient == "dave@external.example"
+    # The client's retransmission or next bytes: dropped, and reset again.
+    again = conn.client(RELAY)
+    assert again.verdict is DROP and parse(again.inject[0]).flags & RST
+    # Whatever the server still sends never reaches the client.
+    assert conn.server(b"250 2.1.0 Ok\r\n").verdict is DROP
+
+
+def test_pop3_login_then_relay_passes_and_pop3_leaves_the_queue():
+    engine = make_engine()
+    pop = Conn(engine, cport=41000, sport=110)
+    d = pop.pop3_login(b"alice")
+    assert d.verdict is BYPASS
+    [n] = notices(d, "login")
+    assert n.user == "alice" and "secret" not in repr(d)
+    assert engine.logins.is_logged_in(pop.client_addr, pop.now)
+    # A mailbox download after the login is no longer inspected.
+    assert pop.server(b"+OK 2 messages\r\n").verdict is BYPASS
+
+    smtp = Conn(engine, now=pop.now)
+    smtp.smtp_greeting()
+    d = smtp.client(RELAY)
+    assert d.verdict is ACCEPT
+    [n] = notices(d, "pass")
+    assert n.row == ROW_LOGGED_IN
+
+
+def test_failed_pop3_login_grants_nothing():
+    engine = make_engine()
+    pop = Conn(engine, sport=110)
+    pop.handshake()
+    pop.server(b"+OK ready\r\n")
+    pop.client(b"USER alice\r\n")
+    pop.server(b"+OK\r\n")
+    pop.client(b"PASS wrong\r\n")
+    d = pop.server(b"-ERR [AUTH] Authentication failed.\r\n")
+    assert notices(d, "login-failed") and not engine.logins.entries(pop.now)
+
+
+def test_login_window_expires():
+    engine = make_engine(auth_ttl=60)
+    pop = Conn(engine, sport=110)
+    pop.pop3_login()
+    smtp = Conn(engine, now=pop.now + 61)
+    smtp.smtp_greeting()
+    assert notices(smtp.client(RELAY), "fail")[0].row == ROW_NOT_LOGGED_IN
+
+
+def test_non_local_sender_fails_even_when_logged_in():
+    engine = make_engine()
+    Conn(engine, sport=110).pop3_login()
+    conn = Conn(engine, cport=40001, now=2000.0)
+    conn.smtp_greeting()
+    d = conn.client(b"MAIL FROM:<dave@external.example>\r\nRCPT TO:<carol@other.example>\r\n")
+    assert_refused(d, conn, b"550")
+    assert notices(d, "fail")[0].row == ROW_NOT_LOCAL
+
+
+def test_a_rcpt_split_over_segments_is_judged_on_the_segment_that_completes_it():
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    assert conn.client(b"MAIL FROM:<alice@lab.example>\r\n").verdict is ACCEPT
+    assert conn.client(b"RCPT TO:<dave@ex").verdict is ACCEPT  # incomplete: the MTA waits too
+    assert_refused(conn.client(b"ternal.example>\r\n"), conn, b"550")
+
+
+def test_a_bare_lf_ends_a_command_as_the_mta_sees_it():
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    assert_refused(conn.client(b"MAIL FROM:<alice@lab.example>\nRCPT TO:<d@external.example>\n"),
+                   conn, b"550")
+
+
+def test_data_refused_then_rcpt_is_still_judged():
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    conn.client(b"MAIL FROM:<alice@lab.example>\r\n")
+    conn.server(b"250 2.1.0 Ok\r\n")
+    conn.client(b"DATA\r\n")
+    conn.server(b"554 5.5.1 Error: no valid recipients\r\n")
+    assert_refused(conn.client(b"RCPT TO:<dave@external.example>\r\n"), conn, b"550")
+
+
+def test_a_message_body_is_not_read_as_commands():
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    conn.client(b"MAIL FROM:<dave@external.example>\r\nRCPT TO:<bob@lab.example>\r\nDATA\r\n")
+    conn.server(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n")
+    body = b"Subject: hi\r\n\r\nRCPT TO:<x@external.example>\r\n..\r\nMAIL FROM:<y@z>\r\n"
+    d = conn.client(body)
+    assert d.verdict is ACCEPT and not d.notices
+    # After the end of data, commands are judged again.
+    assert_refused(conn.client(b".\r\nMAIL FROM:<alice@lab.example>\r\nRCPT TO:<x@external.example>\r\n"),
+                   conn, b"550")
+
+
+def test_smuggled_end_of_data_does_not_hide_a_rcpt():
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    conn.client(b"MAIL FROM:<dave@external.example>\r\nRCPT TO:<bob@lab.example>\r\nDATA\r\n")
+    conn.server(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go ahead\r\n")
+    d = conn.client(b"text\n.\r\nMAIL FROM:<alice@lab.example>\r\nRCPT TO:<x@external.example>\r\n")
+    assert_refused(d, conn, b"550")
+
+
+def test_bytes_after_data_before_354_are_refused():
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    conn.client(b"MAIL FROM:<dave@external.example>\r\nRCPT TO:<bob@lab.example>\r\n")
+    conn.server(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
+    assert_refused(conn.client(b"DATA\r\nRCPT TO:<x@external.example>\r\n"), conn, b"554")
+
+
+def test_bdat_chunks_are_skipped_by_count():
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    conn.client(b"MAIL FROM:<dave@external.example>\r\nRCPT TO:<bob@lab.example>\r\n")
+    conn.server(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
+    chunk = b"RCPT TO:<x@external.example>\r\n"
+    d = conn.client(b"BDAT %d LAST\r\n" % len(chunk) + chunk)
+    assert d.verdict is ACCEPT and not notices(d, "fail")
+
+
+def test_smtp_auth_counts_as_logged_in():
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    conn.client(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n")
+    d = conn.server(b"235 2.7.0 Authentication successful\r\n")
+    [n] = notices(d, "login")
+    assert n.user == "alice" and "smtp-auth" in n.reason
+    assert conn.client(RELAY).verdict is ACCEPT
+
+
+def test_smtp_auth_does_not_count_when_configured_off():
+    conn = Conn(make_engine(smtp_auth_relays=False))
+    conn.smtp_greeting()
+    conn.client(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n")
+    conn.server(b"235 2.7.0 Authentication successful\r\n")
+    assert conn.client(RELAY).verdict is DROP
+
+
+def test_starttls_offer_is_hidden_in_place_by_default():
+    conn = Conn(make_engine())
+    conn.handshake()
+    conn.server(b"220 mx ESMTP\r\n")
+    conn.client(b"EHLO c\r\n")
+    d = conn.server(b"250-mx\r\n250-STARTTLS\r\n250 8BITMIME\r\n")
+    assert d.verdict is ACCEPT and d.packet is not None
+    seg = parse(d.packet)
+    assert seg.payload == b"250-mx\r\n250-XXXXXXXX\r\n250 8BITMIME\r\n"
+    assert tcp_checksum_ok(d.packet)
+
+
+def test_starttls_offer_split_over_segments_is_hidden_where_it_completes():
+    conn = Conn(make_engine())
+    conn.handshake()
+    conn.server(b"220 mx ESMTP\r\n")
+    conn.client(b"EHLO c\r\n")
+    conn.server(b"250-mx\r\n250-STAR")
+    d = conn.server(b"TTLS\r\n250 8BITMIME\r\n")
+    assert parse(d.packet).payload.startswith(b"XXXX\r\n")
+
+
+def test_starttls_requested_anyway_is_refused_with_454():
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    d = conn.client(b"STARTTLS\r\n")
+    assert_refused(d, conn, b"454 4.7.0")
+    assert notices(d, "tls")
+
+
+def test_relay_clients_policy_lets_logged_in_clients_use_tls():
+    engine = make_engine(smtp_starttls="relay-clients")
+    Conn(engine, sport=110).pop3_login()
+    conn = Conn(engine, cport=40002, now=2000.0)
+    conn.handshake()
+    conn.server(b"220 mx ESMTP\r\n")
+    conn.client(b"EHLO c\r\n")
+    assert conn.server(b"250-mx\r\n250 STARTTLS\r\n").packet is None
+    assert conn.client(b"STARTTLS\r\n").verdict is ACCEPT
+    d = conn.server(b"220 2.0.0 Ready to start TLS\r\n")
+    assert d.verdict is BYPASS and notices(d, "tls")
+
+
+def test_relay_clients_policy_still_hides_tls_from_others():
+    conn = Conn(make_engine(smtp_starttls="relay-clients"))
+    conn.handshake()
+    conn.server(b"220 mx ESMTP\r\n")
+    conn.client(b"EHLO c\r\n")
+    assert b"XXXXXXXX" in parse(conn.server(b"250-mx\r\n250 STARTTLS\r\n").packet).payload
+
+
+def test_pop3_stls_allowed_by_default_and_hidden_on_request():
+    allow = Conn(make_engine(), sport=110)
+    allow.handshake()
+    allow.server(b"+OK ready\r\n")
+    allow.client(b"CAPA\r\n")
+    assert allow.server(b"+OK\r\nSTLS\r\nUSER\r\n.\r\n").packet is None
+    allow.client(b"STLS\r\n")
+    assert allow.server(b"+OK Begin TLS negotiation now.\r\n").verdict is BYPASS
+
+    strip = Conn(make_engine(pop3_stls="strip"), sport=110)
+    strip.handshake()
+    strip.server(b"+OK ready\r\n")
+    strip.client(b"CAPA\r\n")
+    assert b"\r\nXXXX\r\n" in parse(strip.server(b"+OK\r\nSTLS\r\nUSER\r\n.\r\n").packet).payload
+    assert_refused(strip.client(b"STLS\r\n"), strip, b"-ERR")
+
+
+def test_untracked_smtp_connection_is_reset_both_ways():
+    conn = Conn(make_engine())
+    d = conn.client(b"RCPT TO:<dave@external.example>\r\n")
+    assert d.verdict is DROP
+    a, b = (parse(p) for p in d.inject)
+    assert a.flags & RST and a.dst == conn.client_addr
+    assert b.flags & RST and b.dst == conn.server_addr
+
+
+def test_untracked_pop3_connection_leaves_the_queue():
+    conn = Conn(make_engine(), sport=110)
+    assert conn.client(b"RETR 1\r\n").verdict is BYPASS
+
+
+def test_a_retransmission_with_different_bytes_is_refused():
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    first = conn.packet(True, b"MAIL FROM:<dave@external.example>\r\n")
+    assert conn.feed(first).verdict is ACCEPT
+    forged = conn.packet(True, b"RCPT TO:<x@external.example>\r\nQUIT\r\n")
+    d = conn.feed(forged)
+    assert d.verdict is DROP and d.inject
+    assert conn.engine.counters["conflicts"] == 1
+
+
+def test_data_beyond_a_gap_waits_for_the_gap():
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    later = conn.packet(True, b"RCPT TO:<x@external.example>\r\n", seq=conn.cseq + 10)
+    assert conn.feed(later).verdict is DROP and not conn.feed(later).inject
+
+
+def test_malformed_and_truncated_packets_are_dropped():
+    engine = make_engine()
+    assert engine.handle(b"\x45garbage", 1.0).verdict is DROP
+    pkt = bytes(IP(src="198.18.1.2", dst="198.18.2.2") / TCP(dport=25, flags="PA") / (b"x" * 100))
+    assert engine.handle(pkt[:80], 1.0).verdict is DROP
+    assert engine.counters["truncated"] == 1 and engine.counters["malformed"] == 1
+
+
+def test_other_ports_are_not_judged():
+    engine = make_engine()
+    pkt = bytes(IP(src="198.18.1.2", dst="198.18.2.2") / TCP(sport=1234, dport=80, flags="S"))
+    assert engine.handle(pkt, 1.0).verdict is ACCEPT
+
+
+def test_ipv6_relay_refused_and_login_learned():
+    engine = make_engine()
+    pop = Conn(engine, client=CLIENT6, server=SERVER6, sport=110)
+    pop.pop3_login()
+    assert engine.logins.is_logged_in(CLIENT6, pop.now)
+    smtp = Conn(engine, client="2001:db8:1::99", server=SERVER6, now=pop.now)
+    smtp.smtp_greeting()
+    assert_refused(smtp.client(RELAY), smtp, b"550")
+    ok = Conn(engine, client=CLIENT6, server=SERVER6, cport=40005, now=pop.now)
+    ok.smtp_greeting()
+    assert ok.client(RELAY).verdict is ACCEPT
+
+
+def test_a_closed_connection_can_be_reopened_from_the_same_port():
+    engine = make_engine()
+    conn = Conn(engine)
+    conn.smtp_greeting()
+    conn.client(b"QUIT\r\n")
+    conn.server(b"221 Bye\r\n", flags="FPA")
+    conn.client(b"", flags="FA")
+    conn.server(b"", flags="A")
+    again = Conn(engine)
+    again.cseq = 777777
+    assert again.handshake()[0].verdict is ACCEPT
+    assert again.client(b"EHLO x\r\n").verdict is ACCEPT
+
+
+def test_reconfigure_keeps_flows_and_logins():
+    engine = make_engine()
+    Conn(engine, sport=110).pop3_login()
+    conn = Conn(engine, cport=40003, now=2000.0)
+    conn.smtp_greeting()
+    fresh = make_engine(smtp_starttls="relay-clients")
+    engine.reconfigure(fresh.config, engine.policy)
+    assert engine.config.smtp_starttls == "relay-clients"
+    assert conn.client(RELAY).verdict is ACCEPT
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.booleans(), st.binary(max_size=120)), max_size=12))
+def test_any_bytes_on_a_tracked_flow_give_a_verdict_never_an_exception(chunks):
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    for from_client, data in chunks:
+        d = conn.client(data) if from_client else conn.server(data)
+        assert d.verdict in (ACCEPT, DROP, BYPASS)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_packet_bytes_give_a_verdict(data):
+    engine = make_engine()
+    assert engine.handle(data, 1.0).verdict in (ACCEPT, DROP, BYPASS)
