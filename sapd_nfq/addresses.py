@@ -85,6 +85,15 @@ def find_network(addr: IPAddress, networks: Iterable[IPNetwork]) -> IPNetwork | 
     return None
 
 
+_ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
+
+
+def ascii_lower(text: str) -> str:
+    """Fold A-Z only, as sendmail and Postfix do: Unicode folding would let
+    e.g. the Kelvin sign match a "k" key that the MTA treats as different."""
+    return text.translate(_ASCII_LOWER)
+
+
 def split_mailbox(address: str) -> tuple[str, str] | None:
     """(local part, domain) of an envelope address, lower case.
 
@@ -108,7 +117,7 @@ def split_mailbox(address: str) -> tuple[str, str] | None:
         return None
     if not domain.isprintable() or any(c.isspace() for c in domain):
         return None
-    return local.lower(), domain.lower()
+    return ascii_lower(local), ascii_lower(domain)
 
 
 def _unquote(quoted: str) -> str:

@@ -45,7 +45,7 @@ class LineBuffer:
         pos = self._buf.find(b"\n", self._start + self._scan)
         if pos < 0:
             pending = len(self._buf) - self._start
-            if pending > self.max_line:
+            if pending > self.max_line + 1:  # + 1: a CR may still precede the LF
                 raise ProtocolError(f"line longer than {self.max_line} octets")
             self._scan = pending
             return None

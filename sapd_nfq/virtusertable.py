@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import re
 
-from .addresses import split_mailbox
+from .addresses import ascii_lower, split_mailbox
 from .errors import MapError
 
 _SEP = " \t\v\f\r"  # makemap splits at isspace(); "\n" already ends the line
@@ -58,7 +58,7 @@ def _parse(text: str, source: str) -> tuple[dict[str, str], tuple[str, ...]]:
         if line[0] in _SEP:
             raise MapError(f"{where}: leading whitespace: a line must start with its key")
         key, *rest = _SPLIT.split(line, maxsplit=1)
-        key = key.lower()
+        key = ascii_lower(key)
         value = rest[0].strip(_SEP) if rest else ""
         if not _KEY.fullmatch(key) or not key.isprintable():
             raise MapError(f"{where}: key {key[:80]!r} is not an address or @domain")

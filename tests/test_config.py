@@ -198,3 +198,8 @@ def test_worker_queues_must_fit_below_65536(tmp_path):
     path = write(tmp_path, "queue = 65535\nworkers = 2\n")
     with pytest.raises(ConfigError, match="workers: expected queues 65535.. to end by 65535"):
         load_config(path)
+
+
+def test_the_packaged_example_config_spells_out_the_defaults():
+    example = Path(__file__).parent.parent / "packaging" / "sapd-nfq.toml"
+    assert load_config(example) == Config.default()

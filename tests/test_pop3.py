@@ -310,7 +310,7 @@ REFUSED_LINES = {
     "empty line": b"\r\n",
     "leading space": b" USER bob\r\n",
     "bare LF after a command without arguments": b"CAPA\nUSER bob\r\n",
-    "over max_line": b"X" * 2049,
+    "over max_line": b"X" * 2050,  # 2048 plus room for a CR before the LF
     "command over RFC 2449's limit": b"PASS " + b"x" * (MAX_COMMAND - 6) + b"\r\n",
 }
 

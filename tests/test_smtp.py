@@ -670,3 +670,14 @@ def test_streams_helper_covers_every_cut():
     assert all(b"".join(v) == data for v in variants)
     assert [data] in variants and [data[i:i + 1] for i in range(len(data))] in variants
     assert all([data[:k], data[k:]] in variants for k in range(1, len(data)))
+
+
+def test_a_line_of_exactly_max_line_with_crlf_split_before_the_lf():
+    machine = SMTPMachine(max_line=20)
+    machine.receive_server(b"220 mx\r\n")
+    line = b"NOOP " + b"x" * 15
+    assert len(line) == 20
+    machine.receive_client(line + b"\r")
+    machine.receive_client(b"\n")
+    with pytest.raises(ProtocolError):
+        machine.receive_client(b"NOOP " + b"x" * 16 + b"\r\n")

@@ -177,7 +177,9 @@ def test_load(tmp_path):
 def test_load_utf8(tmp_path):
     path = tmp_path / "vt"
     path.write_bytes("jürgen@exämple.org j\n".encode())
-    assert VirtUserTable.load(path).is_local("JÜRGEN@EXÄMPLE.ORG")
+    table = VirtUserTable.load(path)
+    assert table.is_local("JüRGEN@EXäMPLE.ORG")
+    assert not table.is_local("JÜRGEN@EXÄMPLE.ORG")  # like makemap: A-Z folded, nothing else
 
 
 def test_load_non_utf8_names_the_line(tmp_path):
@@ -220,3 +222,10 @@ def test_lookup_never_raises(address):
     table.is_local(address)
     if "@" not in address:
         assert table.lookup(address) is None
+
+
+def test_keys_and_addresses_fold_ascii_only():
+    # U+212A KELVIN SIGN lowercases to "k" under Unicode rules; the MTA keeps it apart.
+    table = VirtUserTable.parse("kim@lab.example kim\n")
+    assert table.is_local("KIM@LAB.EXAMPLE")
+    assert not table.is_local("\u212aim@lab.example")
