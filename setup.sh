@@ -15,7 +15,7 @@ packages=(
     python3 python3-venv python3-dev gcc
     libnetfilter-queue-dev iptables iproute2 kmod procps
     postfix dovecot-core dovecot-pop3d openssl
-    swaks curl tcpdump
+    swaks libnet-ssleay-perl libio-socket-ssl-perl curl tcpdump
 )
 missing=()
 for pkg in "${packages[@]}"; do

@@ -1,0 +1,11 @@
+"""A network-namespace lab with real Postfix and Dovecot, for tests and captures.
+
+    with Lab() as lab, MailServer(lab) as mail:
+        lab.run("client", ["swaks", "--server", lab.server.ipv4, ...])
+"""
+
+from sapd_nfq.lab.capture import capture
+from sapd_nfq.lab.mail import MailServer, lab_users
+from sapd_nfq.lab.topology import Host, Lab, LabError
+
+__all__ = ["Host", "Lab", "LabError", "MailServer", "capture", "lab_users"]

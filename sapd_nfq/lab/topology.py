@@ -1,0 +1,296 @@
+"""Three network namespaces, client -- gw -- server, joined by veth pairs.
+
+Addresses come from the benchmarking range 198.18.0.0/15 and the documentation
+range 2001:db8::/32; client and server route through gw, which forwards both
+families. The client link also carries a pool of extra client addresses
+(198.18.3.0/24, 2001:db8:3::/64) for tests that need many senders.
+
+The namespaces are wired only to each other, so no lab packet can reach any
+other network. Everything the lab creates is a named namespace, a process
+inside one, or a file under its state directory; `Lab.down()` removes all
+three from whatever state it finds, so a crashed run is cleaned up by the
+next one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from socket import AF_INET6
+
+from pyroute2 import IPRoute, netns
+from pyroute2.ethtool import Ethtool
+
+DEFAULT_PREFIX = "sapd"
+CLIENT_POOL_SIZE = 16
+STOP_TIMEOUT = 5.0  # seconds a process gets between SIGTERM and SIGKILL
+ADDRESS_TIMEOUT = 5.0  # seconds for IPv6 addresses to become usable
+_IFA_F_TENTATIVE = 0x40
+
+_POOL4 = ipaddress.ip_network("198.18.3.0/24")
+_POOL6 = ipaddress.ip_network("2001:db8:3::/64")
+_POOL_FIRST = 10  # pool addresses start at .10 / ::a, gw holds .1 / ::1
+
+# (role, interface) -- (role, interface): the two veth pairs
+_LINKS = (
+    (("client", "to-gw"), ("gw", "to-client")),
+    (("gw", "to-server"), ("server", "to-gw")),
+)
+_ADDRESSES = {
+    ("client", "to-gw"): ("198.18.1.2/24", "2001:db8:1::2/64"),
+    ("gw", "to-client"): ("198.18.1.1/24", "2001:db8:1::1/64",
+                          f"198.18.3.1/{_POOL4.prefixlen}", f"2001:db8:3::1/{_POOL6.prefixlen}"),
+    ("gw", "to-server"): ("198.18.2.1/24", "2001:db8:2::1/64"),
+    ("server", "to-gw"): ("198.18.2.2/24", "2001:db8:2::2/64"),
+}
+_DEFAULT_ROUTES = {
+    "client": ("198.18.1.1", "2001:db8:1::1"),
+    "server": ("198.18.2.1", "2001:db8:2::1"),
+}
+# Sysctls set in every namespace before any link exists, so links inherit them:
+# no duplicate address detection, or IPv6 addresses stay "tentative" (unbindable)
+# for a second or two after the link comes up.
+_SYSCTLS_ALL = {"net/ipv6/conf/all/accept_dad": "0", "net/ipv6/conf/default/accept_dad": "0"}
+_SYSCTLS_GW = {"net/ipv4/ip_forward": "1", "net/ipv6/conf/all/forwarding": "1"}
+# Offloads off so segments are MTU-sized with real checksums, as on a wire:
+# captures then hold what a NIC would deliver, not veth's checksum-less super-packets.
+_OFFLOADS_OFF = ("tx-checksum-ip-generic", "tx-tcp-segmentation", "tx-tcp6-segmentation")
+
+
+class LabError(RuntimeError):
+    """The lab could not be built or a command inside it failed to start."""
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """One namespace: its role, name, interfaces and primary addresses.
+
+    For gw the addresses are its client-side ones. `pool_ipv4`/`pool_ipv6` are
+    the client's extra addresses (empty for the other hosts).
+    """
+
+    role: str
+    netns: str
+    ifnames: tuple[str, ...]
+    ipv4: str
+    ipv6: str
+    pool_ipv4: tuple[str, ...] = ()
+    pool_ipv6: tuple[str, ...] = ()
+
+    def address(self, family: int) -> str:
+        return self.ipv6 if family == AF_INET6 else self.ipv4
+
+
+def _plan(role: str) -> tuple[tuple[str, ...], str, str]:
+    """The host's interfaces and its addresses on the first (for gw: client-side) one."""
+    ifnames = tuple(ifname for r, ifname in _ADDRESSES if r == role)
+    ipv4, ipv6 = _ADDRESSES[role, ifnames[0]][:2]
+    return ifnames, ipv4.split("/")[0], ipv6.split("/")[0]
+
+
+class Lab:
+    """The namespace topology; a context manager that builds and removes it::
+
+        with Lab() as lab:
+            lab.run("client", ["curl", f"pop3://{lab.server.ipv4}/"])
+            with lab.inside("client"):
+                sock = socket.create_connection((lab.server.ipv6, 25))
+    """
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX, state_dir: Path | None = None,
+                 pool_size: int = CLIENT_POOL_SIZE) -> None:
+        if not 0 <= pool_size <= 200:
+            raise ValueError(f"pool_size {pool_size} out of range 0..200")
+        self.prefix = prefix
+        self.state_dir = Path(state_dir or f"/run/{prefix}-lab")
+        pool4 = tuple(str(_POOL4[_POOL_FIRST + i]) for i in range(pool_size))
+        pool6 = tuple(str(_POOL6[_POOL_FIRST + i]) for i in range(pool_size))
+        self.client = Host("client", f"{prefix}-client", *_plan("client"),
+                           pool_ipv4=pool4, pool_ipv6=pool6)
+        self.gw = Host("gw", f"{prefix}-gw", *_plan("gw"))
+        self.server = Host("server", f"{prefix}-server", *_plan("server"))
+        self.hosts = {h.role: h for h in (self.client, self.gw, self.server)}
+        self._procs: list[subprocess.Popen] = []
+
+    # --- building and removing -------------------------------------------
+
+    def __enter__(self) -> Lab:
+        self.up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def up(self) -> None:
+        """Build the topology from scratch (removing any leftover first)."""
+        self.down()
+        try:
+            self.state_dir.mkdir(parents=True, mode=0o755)
+            for host in self.hosts.values():
+                netns.create(host.netns)
+                self._sysctl(host, _SYSCTLS_ALL)
+            self._sysctl(self.gw, _SYSCTLS_GW)
+            for (role_a, if_a), (role_b, if_b) in _LINKS:
+                with IPRoute(netns=self.hosts[role_a].netns) as ipr:
+                    ipr.link("add", ifname=if_a, kind="veth",
+                             peer={"ifname": if_b, "net_ns_fd": self.hosts[role_b].netns})
+            for host in self.hosts.values():
+                self._configure(host)
+            for host in self.hosts.values():
+                self._route(host)
+        except BaseException:
+            self.down()
+            raise
+
+    def down(self) -> None:
+        """Stop everything inside the lab, delete its namespaces and state dir."""
+        for proc in self._procs:
+            self.stop(proc)
+        self._procs.clear()
+        names = {h.netns for h in self.hosts.values()}
+        present = names & set(netns.listnetns())
+        _terminate([pid for name, pids in netns.ns_pids().items() if name in present
+                    for pid in pids])
+        for name in present:
+            netns.remove(name)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def _sysctl(self, host: Host, values: dict[str, str]) -> None:
+        # /proc/sys/net belongs to the namespace of the task that opens it.
+        with self.inside(host):
+            for key, value in values.items():
+                Path("/proc/sys", key).write_text(value)
+
+    def _configure(self, host: Host) -> None:
+        with IPRoute(netns=host.netns) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            for ifname in host.ifnames:
+                index = ipr.link_lookup(ifname=ifname)[0]
+                cidrs = list(_ADDRESSES[host.role, ifname])
+                if host is self.client:
+                    cidrs += [f"{a}/{_POOL4.prefixlen}" for a in host.pool_ipv4]
+                    cidrs += [f"{a}/{_POOL6.prefixlen}" for a in host.pool_ipv6]
+                for cidr in cidrs:
+                    address, prefixlen = cidr.split("/")
+                    ipr.addr("add", index=index, address=address, prefixlen=int(prefixlen))
+                ipr.link("set", index=index, state="up")
+        with self.inside(host):
+            ethtool = Ethtool()
+        try:
+            for ifname in host.ifnames:
+                features = ethtool.get_features(ifname)
+                for name in _OFFLOADS_OFF:
+                    features.features[name].enable = False
+                ethtool.set_features(ifname, features)
+        finally:
+            ethtool.close()
+
+    def _route(self, host: Host) -> None:
+        with IPRoute(netns=host.netns) as ipr:
+            # IPv6 addresses stay tentative until the link has carrier and the kernel's
+            # address work has run, even without DAD; until then they cannot be a
+            # route's source or bound by a server.
+            deadline = time.monotonic() + ADDRESS_TIMEOUT
+            while any(_tentative(a) for a in ipr.addr("dump", family=AF_INET6)):
+                if time.monotonic() > deadline:
+                    raise LabError(f"{host.netns}: IPv6 addresses still tentative")
+                time.sleep(0.01)
+            if host.role in _DEFAULT_ROUTES:
+                # The preferred source keeps the pool addresses out of source selection
+                # (IPv6 would otherwise pick the longest prefix match, a pool address).
+                gw4, gw6 = _DEFAULT_ROUTES[host.role]
+                ipr.route("add", dst="0.0.0.0/0", gateway=gw4, prefsrc=host.ipv4)
+                ipr.route("add", dst="::/0", gateway=gw6, prefsrc=host.ipv6, family=AF_INET6)
+
+    # --- working inside ----------------------------------------------------
+
+    def host(self, host: Host | str) -> Host:
+        return host if isinstance(host, Host) else self.hosts[host]
+
+    @contextmanager
+    def inside(self, host: Host | str) -> Iterator[None]:
+        """Switch the calling thread into the host's namespace.
+
+        Sockets keep the namespace they were created in, so a client library
+        that opens its connection inside this block talks from that host::
+
+            with lab.inside("client"):
+                pop = poplib.POP3(lab.server.ipv4)
+        """
+        netns.pushns(self.host(host).netns)
+        try:
+            yield
+        finally:
+            netns.popns()
+
+    def command(self, host: Host | str, argv: Sequence[str]) -> list[str]:
+        """`argv` wrapped to run inside the host's namespace."""
+        return ["ip", "netns", "exec", self.host(host).netns, *argv]
+
+    def run(self, host: Host | str, argv: Sequence[str], *, check: bool = True,
+            **kw: object) -> subprocess.CompletedProcess:
+        """Run a command inside the host and wait for it (subprocess.run keywords)."""
+        return subprocess.run(self.command(host, argv), check=check, **kw)
+
+    def spawn(self, host: Host | str, argv: Sequence[str], **kw: object) -> subprocess.Popen:
+        """Start a background process inside the host; `down()` stops it."""
+        proc = subprocess.Popen(self.command(host, argv), start_new_session=True, **kw)
+        self._procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
+        """Signal a spawned process (and its process group), wait, SIGKILL on timeout."""
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(STOP_TIMEOUT)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if proc in self._procs:
+            self._procs.remove(proc)
+        return proc.returncode
+
+
+def _tentative(msg) -> bool:
+    flags = msg.get_attr("IFA_FLAGS")  # the 32-bit flags, when the kernel sends them
+    return bool((msg["flags"] if flags is None else flags) & _IFA_F_TENTATIVE)
+
+
+def _terminate(pids: list[int]) -> None:
+    """SIGTERM the pids, give them STOP_TIMEOUT to exit, then SIGKILL the rest."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while pids and time.monotonic() < deadline:
+            pids = [pid for pid in pids if _alive(pid)]
+            if pids:
+                time.sleep(0.05)
+        if not pids:
+            return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A child of ours that exited stays a zombie until reaped.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False

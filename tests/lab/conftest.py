@@ -1,0 +1,67 @@
+"""Fixtures for the lab tests: root, network namespaces, real Postfix and Dovecot.
+
+Every test under tests/lab is marked `lab` (deselect with `-m "not lab"`). Without
+the capabilities the lab needs, its tests are skipped with the reason; when CI=true
+a missing capability fails them instead, so CI never passes by skipping.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REQUIRED_BINARIES = ("ip", "tcpdump", "postfix", "dovecot", "openssl", "swaks", "curl")
+REQUIRED_MODULES = ("pyroute2",)
+_HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _HERE in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.lab)
+
+
+def missing_capability() -> str | None:
+    """Why the lab cannot run here, or None if it can."""
+    if os.geteuid() != 0:
+        return "lab tests need root (network namespaces, tcpdump, Postfix, Dovecot)"
+    missing = [b for b in REQUIRED_BINARIES if shutil.which(b) is None]
+    missing += [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"lab tests need {', '.join(missing)}, not found"
+    return None
+
+
+def require_lab() -> None:
+    reason = missing_capability()
+    if reason is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: a missing capability is a failure)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def _lab_session() -> Iterator[tuple]:
+    require_lab()
+    from sapd_nfq.lab import Lab, MailServer
+
+    with Lab() as lab, MailServer(lab) as mail:
+        yield lab, mail
+
+
+@pytest.fixture(scope="session")
+def lab(_lab_session):
+    """The namespace lab (client, gw, server) with Postfix and Dovecot running in server."""
+    return _lab_session[0]
+
+
+@pytest.fixture(scope="session")
+def mail_server(_lab_session):
+    """The lab's MailServer: log paths, maildirs, users, wait_for_mail()."""
+    return _lab_session[1]

@@ -1,0 +1,77 @@
+"""The command line: check, auth, replay's text output, errors and exit codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sapd_nfq import cli
+from sapd_nfq.lab.mail import VIRTUSERTABLE
+
+CAPTURES = Path(__file__).parent / "captures"
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "sapd-nfq.toml"
+    path.write_text(f'virtusertable = "{VIRTUSERTABLE}"\nstate = "logins.sqlite"\n')
+    return str(path)
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_check_pass_fail_and_the_deciding_row(capsys, config):
+    code, out, _ = run(capsys, "check", "--client", "198.18.1.2", "--from", "dave@external.example",
+                       "--to", "alice@lab.example", "--config", config)
+    assert code == 0 and out.startswith("PASS  row 1: recipient local")
+    code, out, _ = run(capsys, "check", "--client", "198.18.1.2", "--from", "alice@lab.example",
+                       "--to", "dave@external.example", "--config", config)
+    assert code == 1 and out.startswith("FAIL  row 3:")
+
+
+def test_check_sees_a_login_added_with_auth(capsys, config):
+    assert run(capsys, "auth", "add", "198.18.1.2", "--user", "alice", "--config", config)[0] == 0
+    code, out, _ = run(capsys, "check", "--client", "198.18.1.2", "--from", "alice@lab.example",
+                       "--to", "dave@external.example", "--config", config)
+    assert code == 0 and out.startswith("PASS  row 2:")
+    code, out, _ = run(capsys, "auth", "list", "--config", config)
+    assert "198.18.1.2" in out and "alice" in out and "manual" in out
+    assert run(capsys, "auth", "del", "198.18.1.2", "--config", config)[0] == 0
+    assert run(capsys, "auth", "del", "198.18.1.2", "--config", config)[0] == 1
+    assert "no logins held" in run(capsys, "auth", "list", "--config", config)[1]
+
+
+def test_bad_input_exits_2_with_a_clear_message(capsys, config, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["check", "--client", "not-an-ip", "--from", "a@b", "--to", "c@d", "--config", config])
+    assert exc.value.code == 2
+    bad = tmp_path / "bad.toml"
+    bad.write_text("smtp_port = [25]\n")
+    code, _, err = run(capsys, "check", "--client", "198.18.1.2", "--from", "a@b", "--to", "c@d",
+                       "--config", str(bad))
+    assert code == 2 and "unknown key 'smtp_port'" in err and "smtp_ports" in err
+
+
+def test_broken_virtusertable_names_file_and_line(capsys, tmp_path):
+    table = tmp_path / "virtusertable"
+    table.write_text("alice@lab.example alice\nbroken-line-without-value\n")
+    config = tmp_path / "c.toml"
+    config.write_text(f'virtusertable = "{table}"\nstate = "memory"\n')
+    code, _, err = run(capsys, "check", "--client", "198.18.1.2", "--from", "a@b", "--to", "c@d",
+                       "--config", str(config))
+    assert code == 2 and f"{table}:2:" in err
+
+
+def test_replay_text_output(capsys, config):
+    code, out, err = run(capsys, "replay", str(CAPTURES / "smtp_pipelining.pcap"), "--config", config)
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == 2
+    assert "PASS client=198.18.1.2" in lines[0] and "'alice@lab.example'" in lines[0]
+    assert "FAIL client=198.18.1.2" in lines[1] and "row 4" in lines[1]
+    assert "pass=1 fail=1" in err
