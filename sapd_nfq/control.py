@@ -7,6 +7,7 @@ it. The socket lives in a root-only directory; only root can ask.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from collections.abc import Callable
@@ -14,8 +15,11 @@ from pathlib import Path
 
 from .config import Config
 from .errors import SapdError
+from .logsetup import LOGGER
 
 MAX_REQUEST = 4096
+
+log = logging.getLogger(LOGGER)
 
 
 class DaemonNotRunning(SapdError):
@@ -45,7 +49,10 @@ def request(config: Config, queue: int, command: str, timeout: float = 5.0) -> d
         raise DaemonNotRunning(f"no daemon answers on {path}") from None
     except OSError as exc:
         raise DaemonNotRunning(f"control socket {path}: {exc}") from None
-    return json.loads(data)
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise DaemonNotRunning(f"control socket {path}: no valid reply") from None
 
 
 class ControlServer:
@@ -86,12 +93,17 @@ class ControlServer:
                     if not chunk:
                         break
                     data += chunk
-                command = json.loads(data or b"{}").get("command", "")
-                reply = self._handler(str(command))
+                command = str(json.loads(data or b"{}").get("command", ""))
             except (OSError, ValueError, AttributeError) as exc:
-                reply = {"ok": False, "error": f"bad control request: {exc}"}
+                reply = json.dumps({"ok": False, "error": f"bad control request: {exc}"})
+            else:
+                try:
+                    reply = json.dumps(self._handler(command))
+                except Exception:  # a control request must never stop the packet loop
+                    log.exception("control request %r failed", command)
+                    reply = json.dumps({"ok": False, "error": "internal error, see the daemon's log"})
             try:
-                conn.sendall(json.dumps(reply).encode() + b"\n")
+                conn.sendall(reply.encode() + b"\n")
             except OSError:
                 pass
 

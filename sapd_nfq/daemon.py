@@ -133,7 +133,7 @@ class Daemon:
             "queue": self.queue,
             "mode": self.config.mode,
             "config": str(self.config_path) if self.config_path else None,
-            "virtusertable": self.config.virtusertable,
+            "virtusertable": str(self.config.virtusertable),
             "virtusertable_entries": len(self.engine.policy.table),
             "flows_tracked": len(self.engine.flows),
             "flows_evicted": self.engine.flows.evicted,
