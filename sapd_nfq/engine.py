@@ -52,13 +52,15 @@ BYPASSED = "bypassed"
 class Session:
     """What the engine knows of one connection beyond TCP."""
 
-    __slots__ = ("smtp", "machine", "sender", "authenticated", "hidden")
+    __slots__ = ("smtp", "machine", "sender", "authenticated", "user", "hidden")
 
     def __init__(self, smtp: bool) -> None:
         self.smtp = smtp
         self.machine: SMTPMachine | POP3Machine = SMTPMachine() if smtp else POP3Machine()
         self.sender: str | None = None
         self.authenticated = False
+        #: the SMTP AUTH login name, once the server accepted it
+        self.user: str | None = None
         #: server-stream (offset, length) ranges overwritten to hide TLS
         self.hidden: list[tuple[int, int]] = []
 
@@ -178,7 +180,7 @@ class Engine:
                 failed = isinstance(verdict, Fail)
                 self.counters["fail" if failed else "pass"] += 1
                 decision.notices.append(Notice(
-                    "fail" if failed else "pass", client, server,
+                    "fail" if failed else "pass", client, server, user=verdict.user or session.user,
                     sender=session.sender or "", recipient=event.recipient,
                     row=verdict.row, reason=verdict.reason, time=now))
                 if failed:
@@ -215,6 +217,7 @@ class Engine:
                event: LoginSucceeded, now: float, decision: Decision) -> None:
         if session.smtp:
             session.authenticated = True
+            session.user = event.user
             source = "smtp-auth"
         else:
             self.logins.add(client, event.user, now, self.config.auth_ttl, source="pop3")

@@ -49,6 +49,8 @@ _MAX_SHOWN = 200
 class _Verdict:
     row: str
     reason: str
+    #: the login name behind a row-2 PASS, when the login recorded one
+    user: str | None = None
     label: ClassVar[str]
 
     def __str__(self) -> str:
@@ -123,7 +125,7 @@ class RelayPolicy:
             return Fail(ROW_NOT_LOGGED_IN, f"no login from {ip} in the window")
         who = _shown(login.user) if login.user else "someone"
         left = max(0, int(login.expires - now))
-        return Pass(ROW_LOGGED_IN, f"{who} at {ip} via {login.source}, {left} s left")
+        return Pass(ROW_LOGGED_IN, f"{who} at {ip} via {login.source}, {left} s left", login.user)
 
     def may_relay(self, client: str, now: float) -> bool:
         """Trusted, or logged in by address; False in a never-relay network.

@@ -73,7 +73,7 @@ def test_pop3_login_then_relay_passes_and_pop3_leaves_the_queue():
     d = smtp.client(RELAY)
     assert d.verdict is ACCEPT
     [n] = notices(d, "pass")
-    assert n.row == ROW_LOGGED_IN
+    assert n.row == ROW_LOGGED_IN and n.user == "alice"
 
 
 def test_failed_pop3_login_grants_nothing():
@@ -179,7 +179,8 @@ def test_smtp_auth_counts_as_logged_in():
     d = conn.server(b"235 2.7.0 Authentication successful\r\n")
     [n] = notices(d, "login")
     assert n.user == "alice" and "smtp-auth" in n.reason
-    assert conn.client(RELAY).verdict is ACCEPT
+    d = conn.client(RELAY)
+    assert d.verdict is ACCEPT and notices(d, "pass")[0].user == "alice"
 
 
 def test_smtp_auth_does_not_count_when_configured_off():

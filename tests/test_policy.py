@@ -62,7 +62,7 @@ def test_row1_recipient_local_passes_whoever_sends(store, sender):
 def test_row2_sender_local_recipient_foreign_logged_in_passes(store):
     store.add("198.18.0.5", "alice", NOW - 60, 1800)
     verdict = decide(store)
-    assert verdict == Pass(ROW_LOGGED_IN, "alice at 198.18.0.5 via pop3, 1740 s left")
+    assert verdict == Pass(ROW_LOGGED_IN, "alice at 198.18.0.5 via pop3, 1740 s left", "alice")
     assert str(verdict) == ("PASS  row 2: sender local, recipient not local, client logged in "
                             "(alice at 198.18.0.5 via pop3, 1740 s left)")
     assert store.asked == ["198.18.0.5"]
