@@ -193,19 +193,24 @@ def pop3_auth_plain(s: Session) -> None:
                   "-u", f"bob:{s.password('bob')}", f"pop3://{s.lab.server.ipv4}/"])
 
 
+def failed_pop3_login(s: Session) -> None:
+    """poplib logs in as alice with a wrong password and quits."""
+    pop = s.pop3()
+    pop.user("alice")
+    try:
+        pop.pass_("not-the-password")
+    except poplib.error_proto:
+        pass
+    else:
+        raise RuntimeError("a wrong password was accepted")
+    pop.quit()
+
+
 @scenario("poplib: `USER alice`, `PASS` (wrong) -> `-ERR [AUTH] Authentication failed.`, `QUIT`",
           "no login (the server said `-ERR`)")
 def pop3_failed_login(s: Session) -> None:
     with s.capture():
-        pop = s.pop3()
-        pop.user("alice")
-        try:
-            pop.pass_("not-the-password")
-        except poplib.error_proto:
-            pass
-        else:
-            raise RuntimeError("a wrong password was accepted")
-        pop.quit()
+        failed_pop3_login(s)
 
 
 @scenario("raw client: `MAIL FROM:<erin@external.example>`, then `RCPT TO:<dave@ex` and "
@@ -354,13 +359,7 @@ def pop3_then_smtp_relay(s: Session) -> None:
           "no login, then FAIL at the RCPT (row 3)")
 def pop3_failed_then_smtp_relay(s: Session) -> None:
     with s.capture():
-        pop = s.pop3()
-        pop.user("alice")
-        try:
-            pop.pass_("not-the-password")
-        except poplib.error_proto:
-            pass
-        pop.quit()
+        failed_pop3_login(s)
         s.curl_smtp("alice@lab.example", "dave@external.example")
 
 
