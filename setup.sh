@@ -14,7 +14,7 @@ fi
 packages=(
     python3 python3-venv python3-dev gcc
     libnetfilter-queue-dev iptables iproute2 kmod procps
-    postfix dovecot-core dovecot-pop3d openssl
+    postfix dovecot-core dovecot-pop3d openssl redis-server
     swaks libnet-ssleay-perl libio-socket-ssl-perl curl tcpdump
 )
 missing=()
@@ -25,7 +25,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup.sh: installing ${missing[*]}"
     # Postfix must not get a host configuration from us.
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-    # Keep packaged daemons (dovecot) from starting on the host during install.
+    # Keep packaged daemons (dovecot, redis) from starting on the host during install.
     guard=""
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
@@ -38,7 +38,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     [ -n "$guard" ] && rm -f /usr/sbin/policy-rc.d
     # Services a package just enabled stay off: the host's mail setup is not ours.
     if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-        for unit in dovecot postfix; do
+        for unit in dovecot postfix redis-server; do
             if printf '%s\n' "${missing[@]}" | grep -qx "${unit}\(-core\)\?"; then
                 systemctl disable --now "$unit" >/dev/null 2>&1 || true
             fi

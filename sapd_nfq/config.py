@@ -11,7 +11,7 @@ against the directory of the config file.
 | `pop3_ports` | list of ports 1..65535 | `[110]` | server ports whose flows are POP3; none may be in `smtp_ports` |
 | `virtusertable` | path | `"/etc/mail/virtusertable"` | sendmail virtusertable (text form) that says which addresses are local |
 | `auth_ttl` | seconds, integer > 0 | `1800` | how long a POP3 login lets its address relay |
-| `state` | path, or `"memory"` | `"/var/lib/sapd-nfq/logins.sqlite"` | the login store; an SQLite file survives restarts and is shared with the CLI |
+| `state` | path, `"memory"`, or a `redis://`, `rediss://`, `unix://` URL | `"/var/lib/sapd-nfq/logins.sqlite"` | the login store; an SQLite file survives restarts and is shared with the CLI; Redis shares one table between gateways |
 | `trusted_networks` | list of CIDRs | `[]` | clients that always relay |
 | `never_relay_networks` | list of CIDRs | `[]` | shared addresses (NAT, cloud mail fetchers): never trusted, their logins never count; SMTP AUTH on the connection still does |
 | `smtp_starttls` | `"strip"` or `"relay-clients"` | `"strip"` | hide STARTTLS from clients, or offer it only to clients that may relay anyway (trusted, or logged in by address); envelopes inside TLS go unchecked |

@@ -91,7 +91,7 @@ class LoginStore(Protocol):
         self.close()
 
 
-def _new_login(address: str, user: str | None, now: float, ttl: float, source: str) -> Login:
+def new_login(address: str, user: str | None, now: float, ttl: float, source: str) -> Login:
     if not (math.isfinite(now) and math.isfinite(ttl) and ttl > 0):
         raise ValueError(f"need a finite time and a positive ttl, got now={now!r} ttl={ttl!r}")
     if not source:
@@ -99,13 +99,13 @@ def _new_login(address: str, user: str | None, now: float, ttl: float, source: s
     return Login(normalize_ip(address), user, float(now + ttl), source)
 
 
-def _renewed(old: Login | None, new: Login) -> Login:
+def renewed(old: Login | None, new: Login) -> Login:
     if old is None or old.expires <= new.expires:
         return new
     return replace(new, expires=old.expires)
 
 
-def _address_order(login: Login) -> tuple[int, int]:
+def address_order(login: Login) -> tuple[int, int]:
     ip = parse_ip(login.address)
     return ip.version, int(ip)
 
@@ -118,8 +118,8 @@ class MemoryLoginStore(LoginStore):
 
     def add(self, address: str, user: str | None, now: float, ttl: float,
             source: str = "pop3") -> Login:
-        new = _new_login(address, user, now, ttl, source)
-        login = _renewed(self._logins.get(new.address), new)
+        new = new_login(address, user, now, ttl, source)
+        login = renewed(self._logins.get(new.address), new)
         self._logins[login.address] = login
         return login
 
@@ -131,7 +131,7 @@ class MemoryLoginStore(LoginStore):
         return self._logins.pop(normalize_ip(address), None) is not None
 
     def entries(self, now: float) -> list[Login]:
-        return sorted((x for x in self._logins.values() if x.expires > now), key=_address_order)
+        return sorted((x for x in self._logins.values() if x.expires > now), key=address_order)
 
     def purge(self, now: float) -> int:
         expired = [a for a, x in self._logins.items() if x.expires <= now]
@@ -222,10 +222,10 @@ class SQLiteLoginStore(LoginStore):
 
     def add(self, address: str, user: str | None, now: float, ttl: float,
             source: str = "pop3") -> Login:
-        new = _new_login(address, user, now, ttl, source)
+        new = new_login(address, user, now, ttl, source)
         with self._errors("cannot add login"), self._transaction():
             old = self._select("address = ?", new.address)
-            login = _renewed(old[0] if old else None, new)
+            login = renewed(old[0] if old else None, new)
             self._db.execute(f"INSERT OR REPLACE INTO logins ({_COLUMNS}) VALUES (?, ?, ?, ?)",
                              (login.address, login.user, login.expires, login.source))
         return login
@@ -243,7 +243,7 @@ class SQLiteLoginStore(LoginStore):
 
     def entries(self, now: float) -> list[Login]:
         with self._errors("cannot read logins"):
-            return sorted(self._select("expires > ?", now), key=_address_order)
+            return sorted(self._select("expires > ?", now), key=address_order)
 
     def purge(self, now: float) -> int:
         with self._errors("cannot purge logins"), self._transaction():
@@ -256,8 +256,12 @@ class SQLiteLoginStore(LoginStore):
         return f"SQLiteLoginStore({str(self.path)!r})"
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
 def store_kind(spec: str) -> str:
-    """"memory" or "sqlite" (any other spec is a file path).
+    """"memory", "redis" (a redis://, rediss:// or unix:// URL) or "sqlite"
+    (any other spec is a file path).
 
     Raises ValueError for an empty spec or a URL naming no backend.
     """
@@ -267,13 +271,24 @@ def store_kind(spec: str) -> str:
         raise ValueError("not a usable file path")
     scheme, sep, _ = spec.partition("://")
     if sep:
+        if scheme in REDIS_SCHEMES:
+            return "redis"
         raise ValueError(f"no login store backend for {scheme}://")
     return "sqlite"
+
+
+def _open_redis(spec: str) -> LoginStore:
+    try:
+        from .logins_redis import RedisLoginStore
+    except ImportError:
+        raise StoreError("a redis:// store needs the redis package (pip install sapd-nfq[redis])") from None
+    return RedisLoginStore(spec)
 
 
 _OPENERS: dict[str, Callable[[str], LoginStore]] = {
     MEMORY: lambda spec: MemoryLoginStore(),
     "sqlite": SQLiteLoginStore,
+    "redis": _open_redis,
 }
 
 
@@ -282,5 +297,5 @@ def open_store(spec: str) -> LoginStore:
     try:
         kind = store_kind(spec)
     except ValueError as e:
-        raise StoreError(f'{spec!r}: {e}; expected "{MEMORY}" or a file path') from None
+        raise StoreError(f'{spec!r}: {e}; expected "{MEMORY}", a file path or a redis:// URL') from None
     return _OPENERS[kind](spec)

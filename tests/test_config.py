@@ -99,7 +99,7 @@ BAD_VALUES = [
     ("auth_ttl", '"30m"', "an integer >= 1"),
     ("auth_ttl", "true", "an integer >= 1"),
     ("state", '""', '"memory" or a file path'),
-    ("state", '"redis://localhost"', "no login store backend for redis://: 'redis://localhost'"),
+    ("state", '"ftp://localhost"', "no login store backend for ftp://: 'ftp://localhost'"),
     ("state", "3", '"memory" or a file path'),
     ("trusted_networks", '"198.18.0.0/15"', "a list of CIDR networks"),
     ("trusted_networks", '["198.18.0.1/15"]', "host bits set (the network is 198.18.0.0/15)"),

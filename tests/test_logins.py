@@ -1,8 +1,10 @@
 import os
+import shutil
 import sqlite3
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -14,9 +16,43 @@ NOW = 1_700_000_000.0
 TTL = 1800
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A real redis-server on a unix socket (no TCP port), for the whole session."""
+    server = shutil.which("redis-server")
+    if server is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server not found (CI=true: a missing capability is a failure)")
+        pytest.skip("redis-server not found (apt-get install redis-server)")
+    pytest.importorskip("redis")
+    sock = tmp_path_factory.mktemp("redis") / "redis.sock"
+    proc = subprocess.Popen([server, "--port", "0", "--unixsocket", str(sock), "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    for _ in range(100):
+        if sock.exists():
+            break
+        time.sleep(0.05)
+    yield f"unix://{sock}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _redis_store(url):
+    from sapd_nfq.logins_redis import RedisLoginStore
+
+    s = RedisLoginStore(url)
+    s._redis.flushdb()
+    return s
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def store(request, tmp_path):
-    s = MemoryLoginStore() if request.param == "memory" else SQLiteLoginStore(tmp_path / "l.sqlite")
+    if request.param == "memory":
+        s = MemoryLoginStore()
+    elif request.param == "sqlite":
+        s = SQLiteLoginStore(tmp_path / "l.sqlite")
+    else:
+        s = _redis_store(request.getfixturevalue("redis_url"))
     yield s
     s.close()
 
@@ -218,9 +254,44 @@ def test_open_store(tmp_path):
         assert isinstance(s, SQLiteLoginStore)
 
 
-@pytest.mark.parametrize("spec", ["", "  ", "redis://localhost/0", "a\0b"])
+@pytest.mark.parametrize("spec", ["", "  ", "ftp://localhost/0", "a\0b"])
 def test_open_store_refuses_unknown_specs(spec):
-    with pytest.raises(StoreError, match='expected "memory" or a file path'):
+    with pytest.raises(StoreError, match='expected "memory", a file path or a redis:// URL'):
         open_store(spec)
     with pytest.raises(ValueError):
         store_kind(spec)
+
+
+# --- Redis: a table shared by several gateways ---------------------------------------
+
+def test_two_gateways_share_one_redis_table(redis_url):
+    with _redis_store(redis_url) as gw1, open_store(redis_url) as gw2:
+        gw1.add("198.18.0.5", "alice", NOW, TTL)
+        assert gw2.is_logged_in("198.18.0.5", NOW)
+        assert gw2.remove("198.18.0.5")
+        assert not gw1.is_logged_in("198.18.0.5", NOW)
+
+
+def test_redis_drops_the_key_when_the_window_closes(redis_url):
+    with _redis_store(redis_url) as s:
+        now = time.time()
+        s.add("198.18.0.5", None, now, 1)
+        ttl = s._redis.ttl("sapd-nfq:login:198.18.0.5")
+        assert 0 < ttl <= 2
+
+
+def test_redis_password_never_shown(redis_url):
+    from sapd_nfq.logins_redis import RedisLoginStore, redacted
+
+    assert redacted("redis://:s3cret@198.18.0.9:6379/0") == "redis://:***@198.18.0.9:6379/0"
+    with pytest.raises(StoreError) as e:
+        RedisLoginStore("unix://:s3cret@/nonexistent/redis.sock")
+    assert "s3cret" not in str(e.value)
+    with _redis_store(redis_url) as s:
+        assert "s3cret" not in repr(s)
+
+
+def test_open_store_picks_redis_for_redis_urls():
+    assert store_kind("redis://:pw@198.18.0.9:6379/0") == "redis"
+    assert store_kind("rediss://198.18.0.9/1") == "redis"
+    assert store_kind("unix:///run/redis/redis.sock") == "redis"
