@@ -30,7 +30,7 @@ from .events import (
     StartTLSRequested, TLSOffered, TLSStarted,
 )
 from .flows import FlowTable, State
-from .logins import LoginStore
+from .logins import LoginStore, StoreError
 from .packet import ACK, RST, SYN, Segment, Truncated, parse, with_payload_bytes
 from .policy import Fail, RelayPolicy
 from .pop3 import POP3Machine
@@ -220,8 +220,14 @@ class Engine:
             session.user = event.user
             source = "smtp-auth"
         else:
-            self.logins.add(client, event.user, now, self.config.auth_ttl, source="pop3")
             source = "pop3"
+            try:
+                self.logins.add(client, event.user, now, self.config.auth_ttl, source=source)
+            except StoreError as exc:  # the session goes on; only the login is lost
+                self.counters["store_errors"] += 1
+                decision.notices.append(Notice("error", client, server, user=event.user,
+                                               reason=f"login not recorded: {exc}", time=now))
+                return
         self.counters["logins"] += 1
         decision.notices.append(Notice("login", client, server, user=event.user,
                                        reason=f"{source} {event.method}", time=now))

@@ -9,6 +9,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
 from engine_helpers import CLIENT6, SERVER6, Conn, make_engine
+from sapd_nfq.logins import StoreError
 from sapd_nfq.packet import FIN, RST, parse, tcp_checksum_ok
 from sapd_nfq.policy import ROW_LOGGED_IN, ROW_NOT_LOCAL, ROW_NOT_LOGGED_IN, ROW_RECIPIENT_LOCAL
 from sapd_nfq.verdicts import ACCEPT, BYPASS, DROP
@@ -358,3 +359,16 @@ def test_any_bytes_on_a_tracked_flow_give_a_verdict_never_an_exception(chunks):
 def test_any_packet_bytes_give_a_verdict(data):
     engine = make_engine()
     assert engine.handle(data, 1.0).verdict in (ACCEPT, DROP, BYPASS)
+
+
+def test_a_failing_login_store_loses_the_login_not_the_session():
+    engine = make_engine()
+
+    class Broken(type(engine.logins)):
+        def add(self, *args, **kwargs):
+            raise StoreError("disk full")
+
+    engine.logins = Broken()
+    d = Conn(engine, sport=110).pop3_login()
+    assert d.verdict is BYPASS
+    assert [n.event for n in d.notices] == ["error"] and "disk full" in d.notices[0].reason
