@@ -28,17 +28,23 @@ from .runtime import load_policy, open_logins
 from .verdicts import ACCEPT, BYPASS
 
 WATCH_INTERVAL = 2.0
+#: how often expired logins are deleted from the store (every address that
+#: ever logged in would otherwise keep a row)
+PURGE_INTERVAL = 300.0
 #: keys that change the installed rules: a reload cannot apply them
 RULE_KEYS = ("mode", "smtp_ports", "pop3_ports", "interfaces", "queue", "workers")
 
 log = logging.getLogger(LOGGER)
 
 
-def _mtime(path: str | Path) -> float | None:
+def _stamp(path: str | Path) -> tuple[int, int, int] | None:
+    """What tells that a file changed: the mtime alone misses a second write
+    within the same clock tick (an editor's truncate, then write)."""
     try:
-        return os.stat(path).st_mtime_ns
+        st = os.stat(path)
     except OSError:
         return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 class Daemon:
@@ -94,10 +100,12 @@ class Daemon:
         paths = [self.config.virtusertable]
         if self.config_path is not None:
             paths.append(self.config_path)
-        return tuple(_mtime(p) for p in paths)
+        return tuple(_stamp(p) for p in paths)
 
     def reload(self, why: str) -> dict:
         """Re-read config and virtusertable; on any error keep the old ones."""
+        # Stamped before reading: a write that lands while we read is seen next time.
+        watched = self._watch_state()
         try:
             config = load_config(self.config_path) if self.config_path else self.config
             changed = [k for k in RULE_KEYS if getattr(config, k) != getattr(self.config, k)]
@@ -107,7 +115,7 @@ class Daemon:
             log.error("reload (%s) failed, keeping the running config and table: %s", why, exc)
             return {"ok": False, "error": str(exc)}
         finally:
-            self._watched = self._watch_state()
+            self._watched = watched
         if config.state != self.config.state:
             log.warning("reload: 'state' changed; restart the daemon to switch login stores")
         if changed:
@@ -172,6 +180,7 @@ class Daemon:
                  self.queue, self.config.mode, len(self.engine.policy.table),
                  len(self.logins.entries(time.time())))
         next_watch = time.monotonic() + WATCH_INTERVAL
+        next_purge = time.monotonic()
         try:
             while not self._stop:
                 for key, _ in sel.select(timeout=WATCH_INTERVAL):
@@ -192,6 +201,9 @@ class Daemon:
                     next_watch = time.monotonic() + WATCH_INTERVAL
                     if self._watch_state() != self._watched:
                         self.reload("file changed")
+                if time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + PURGE_INTERVAL
+                    self._purge()
         finally:
             signal.set_wakeup_fd(-1)
             sel.close()
@@ -203,6 +215,15 @@ class Daemon:
             wake_w.close()
             log.info("stopped")
         return 0
+
+    def _purge(self) -> None:
+        try:
+            purged = self.logins.purge(time.time())
+        except SapdError as exc:
+            log.error("cannot purge expired logins: %s", exc)
+            return
+        if purged:
+            log.debug("purged %d expired logins", purged)
 
     def _on_signal(self, signum: int, _frame) -> None:
         if signum == signal.SIGHUP:

@@ -1,0 +1,317 @@
+"""Helpers for the daemon's lab tests: sapd-nfq itself in a lab host, the mail
+clients on the client host, and the Postfix log.
+
+`Gate` runs the real command line (`python -m sapd_nfq up|run|down|...`)
+inside a namespace, as an administrator would, with a config of its own in a
+test's directory. The clients are the ones users have: swaks and curl as
+programs, smtplib and poplib from the client namespace, each bound to a
+source address of the test's own so logins never carry over between tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import poplib
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sapd_nfq.config import load_config
+from sapd_nfq.control import DaemonNotRunning, request
+from sapd_nfq.lab import Lab, MailServer
+from sapd_nfq.lab.mail import VIRTUSERTABLE
+
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT = 10.0  # seconds for `run` to answer on its control socket
+CLI_TIMEOUT = 30.0
+CLIENT_TIMEOUT = 10.0  # seconds a mail client waits for the server
+POLL = 0.05
+RELAY_DENIED = "550 5.7.1"
+# This checkout's sapd_nfq, for the commands run inside the lab's namespaces.
+_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str,
+               interval: float = POLL) -> object:
+    """Poll `condition` until it returns something true; AssertionError on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def mangle_rules(lab: Lab, host: str) -> str:
+    """Both families' mangle tables in `host`, without timestamps and counters."""
+    text = ""
+    for save in ("iptables-save", "ip6tables-save"):
+        text += lab.run(host, [save, "-t", "mangle"], capture_output=True, text=True).stdout
+    return "".join(re.sub(r"\[\d+:\d+\]", "", line) + "\n"
+                   for line in text.splitlines() if not line.startswith("#"))
+
+
+class Gate:
+    """sapd-nfq in one lab host: its config file, its rules, its daemon.
+
+    Mode "forward" runs it in gw with clients coming in on to-client; mode
+    "input" runs it in the server namespace beside Postfix and Dovecot.
+    """
+
+    def __init__(self, lab: Lab, workdir: Path, mode: str = "forward", **settings: object) -> None:
+        self.lab = lab
+        self.host = "gw" if mode == "forward" else "server"
+        self.virtusertable = workdir / "virtusertable"
+        shutil.copyfile(VIRTUSERTABLE, self.virtusertable)
+        self.path = workdir / "sapd-nfq.toml"
+        self.stderr = workdir / "daemon.log"
+        values: dict[str, object] = {
+            "mode": mode,
+            "virtusertable": str(self.virtusertable),
+            "state": str(workdir / "logins.sqlite"),
+            "run_dir": str(workdir / "run"),
+        }
+        if mode == "forward":
+            values["interfaces"] = ["to-client"]
+        values.update(settings)
+        self.path.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()))
+        self.config = load_config(self.path)
+        self.rules_before: str | None = None
+        self.proc: subprocess.Popen | None = None
+
+    # -- the command line -------------------------------------------------
+
+    def _argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "sapd_nfq", *args, "--config", str(self.path)]
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """`sapd-nfq ARGS --config CFG` inside the gate's host."""
+        done = self.lab.run(self.host, self._argv(*args), check=False, capture_output=True,
+                            text=True, cwd=REPO, env=_ENV, timeout=CLI_TIMEOUT)
+        if check and done.returncode != 0:
+            raise AssertionError(f"sapd-nfq {' '.join(args)} exited {done.returncode}:\n"
+                                 f"{done.stdout}{done.stderr}")
+        return done
+
+    def status(self) -> tuple[int, dict]:
+        """(exit status, parsed JSON) of `sapd-nfq status --json`."""
+        done = self.cli("status", "--json", check=False)
+        try:
+            return done.returncode, json.loads(done.stdout)
+        except ValueError:
+            raise AssertionError(f"status --json printed no JSON:\n{done.stdout}{done.stderr}") from None
+
+    def up(self) -> None:
+        if self.rules_before is None:
+            self.rules_before = mangle_rules(self.lab, self.host)
+        self.cli("up")
+
+    def down(self) -> None:
+        self.cli("down")
+
+    # -- the daemon --------------------------------------------------------
+
+    def start(self) -> None:
+        """`sapd-nfq run` in the background; returns once it answers `status`."""
+        assert not self.running, "the daemon is already running"
+        with open(self.stderr, "ab") as err:
+            self.proc = self.lab.spawn(self.host, self._argv("run"), stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=err, cwd=REPO, env=_ENV)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                if request(self.config, self.config.queue, "status", timeout=1.0).get("ok"):
+                    return
+            except DaemonNotRunning:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("sapd-nfq run did not come up:\n" + self.log())
+            time.sleep(POLL)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Signal the daemon and wait for it; its exit status."""
+        assert self.proc is not None
+        return self.lab.stop(self.proc, sig)
+
+    def send_signal(self, sig: int) -> None:
+        assert self.running
+        os.kill(self.proc.pid, sig)
+
+    def control(self, command: str) -> dict:
+        """Ask the daemon directly over its control socket."""
+        return request(self.config, self.config.queue, command)
+
+    # -- its log -----------------------------------------------------------
+
+    def log(self) -> str:
+        return self.stderr.read_text(errors="replace") if self.stderr.exists() else ""
+
+    def log_lines(self) -> list[str]:
+        return self.log().splitlines()
+
+    def wait_for_log(self, pattern: str, timeout: float = 5.0, after: int = 0) -> str:
+        """The first log line from line `after` on that matches `pattern` (a regex)."""
+        regex = re.compile(pattern)
+
+        def found() -> str | None:
+            return next((line for line in self.log_lines()[after:] if regex.search(line)), None)
+        return wait_until(found, timeout, f"a daemon log line matching {pattern!r}\n{self.log()}")
+
+    def write_virtusertable(self, text: str) -> None:
+        """Replace the table the way an administrator should: a new file renamed over it."""
+        new = self.virtusertable.with_suffix(".new")
+        new.write_text(text)
+        os.replace(new, self.virtusertable)
+
+
+# --- mail clients on the client host -------------------------------------------
+
+class SourcePOP3(poplib.POP3):
+    """poplib.POP3 whose connection starts from a chosen client address."""
+
+    def __init__(self, host: str, source: str, port: int = 110,
+                 timeout: float = CLIENT_TIMEOUT) -> None:
+        self.source = source
+        super().__init__(host, port, timeout)
+
+    def _create_socket(self, timeout: float) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout,
+                                        source_address=(self.source, 0))
+
+
+def pop3_login(lab: Lab, mail: MailServer, source: str, server: str, user: str = "alice") -> int:
+    """Log in by USER/PASS from `source` and return the message count."""
+    with lab.inside("client"):
+        pop = SourcePOP3(server, source)
+    try:
+        pop.user(user)
+        pop.pass_(mail.users[user])
+        return pop.stat()[0]
+    finally:
+        pop.quit()
+
+
+def curl_pop3_plain(lab: Lab, mail: MailServer, source: str, server: str, user: str = "alice",
+                    password: str | None = None) -> subprocess.CompletedProcess:
+    """List a mailbox with curl, logging in by AUTH PLAIN from `source`
+    (with the user's own password unless one is given)."""
+    host = f"[{server}]" if ":" in server else server
+    password = mail.users[user] if password is None else password
+    return lab.run("client", ["curl", "-sS", "--max-time", str(CLIENT_TIMEOUT),
+                              "--interface", source, "--login-options", "AUTH=PLAIN",
+                              "--user", f"{user}:{password}", f"pop3://{host}/"],
+                   capture_output=True, text=True, check=False)
+
+
+def swaks(lab: Lab, source: str, server: str, sender: str, recipient: str,
+          subject: str, *extra: str) -> subprocess.CompletedProcess:
+    """One swaks session from `source` (IPv4 only: swaks here lacks IO::Socket::INET6)."""
+    return lab.run("client", ["swaks", "--server", server, "--local-interface", source,
+                              "--from", sender, "--to", recipient, "--h-Subject", subject,
+                              "--timeout", str(int(CLIENT_TIMEOUT)), *extra],
+                   capture_output=True, text=True, check=False)
+
+
+def smtp_session(lab: Lab, source: str, server: str) -> smtplib.SMTP:
+    """An SMTP connection from `source` after EHLO; the socket stays in the client host."""
+    with lab.inside("client"):
+        smtp = smtplib.SMTP(server, 25, source_address=(source, 0), timeout=CLIENT_TIMEOUT)
+    smtp.ehlo("client.lab.example")
+    return smtp
+
+
+@dataclass(frozen=True)
+class Refused:
+    """How the client saw a refusal: the reply code and text it read."""
+
+    code: int
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+
+def send_mail(lab: Lab, source: str, server: str, sender: str, recipient: str,
+              subject: str) -> Refused | None:
+    """Send one message with smtplib; None if the server took it, else the refusal."""
+    smtp = smtp_session(lab, source, server)
+    message = f"From: <{sender}>\r\nTo: <{recipient}>\r\nSubject: {subject}\r\n\r\n{subject}\r\n"
+    try:
+        smtp.sendmail(sender, [recipient], message)
+    except smtplib.SMTPRecipientsRefused as exc:
+        code, text = exc.recipients[recipient]
+        return Refused(code, text.decode())
+    except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as exc:
+        return Refused(exc.smtp_code, exc.smtp_error.decode())
+    finally:
+        smtp.close()
+    return None
+
+
+def try_rcpt(lab: Lab, source: str, server: str, sender: str, recipient: str) -> Refused | None:
+    """MAIL and RCPT only (nothing is sent); None if the RCPT was accepted."""
+    smtp = smtp_session(lab, source, server)
+    try:
+        code, text = smtp.mail(sender)
+        if code == 250:
+            code, text = smtp.rcpt(recipient)
+        if code == 250:
+            smtp.quit()
+            return None
+        return Refused(code, text.decode())
+    finally:
+        smtp.close()
+
+
+# --- the Postfix log -------------------------------------------------------------
+
+class PostfixLog:
+    """The lab Postfix's log from the moment this object was made."""
+
+    def __init__(self, mail: MailServer) -> None:
+        self.path = mail.postfix_log
+        self.start = self.path.stat().st_size if self.path.exists() else 0
+
+    def lines(self) -> list[str]:
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            return f.read().decode(errors="replace").splitlines()
+
+    def mentions(self, text: str) -> list[str]:
+        return [line for line in self.lines() if text in line]
+
+    def wait_for(self, pattern: str, timeout: float = 5.0) -> str:
+        regex = re.compile(pattern)
+
+        def found() -> str | None:
+            return next((line for line in self.lines() if regex.search(line)), None)
+        return wait_until(found, timeout, f"a Postfix log line matching {pattern!r}")
+
+    def disconnect(self, client: str, timeout: float = 5.0) -> str:
+        """smtpd's closing line for `client`: it counts the commands it received."""
+        return self.wait_for(rf"disconnect from \S+\[{re.escape(client)}\]", timeout)
