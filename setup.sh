@@ -3,8 +3,18 @@
 # the Debian packages, then a virtualenv in .venv with sapd-nfq installed.
 # Safe to run again. It never configures or starts the host's own mail
 # services: the lab runs Postfix and Dovecot from its own directories.
+#
+#   setup.sh               everything, vagrant included (the lab tests validate vagrant/)
+#   setup.sh --no-vagrant  everything but vagrant: how vagrant/Vagrantfile sets up its VMs
 set -euo pipefail
 cd "$(dirname "$0")"
+
+with_vagrant=yes
+case "${1-}" in
+    "") ;;
+    --no-vagrant) with_vagrant="" ;;
+    *) echo "usage: $0 [--no-vagrant]" >&2; exit 2 ;;
+esac
 
 if [ "$(id -u)" != 0 ]; then
     echo "setup.sh: run as root (it installs Debian packages)" >&2
@@ -17,6 +27,7 @@ packages=(
     postfix dovecot-core dovecot-pop3d openssl redis-server
     swaks libnet-ssleay-perl libio-socket-ssl-perl curl tcpdump
 )
+[ -z "$with_vagrant" ] || packages+=(vagrant)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

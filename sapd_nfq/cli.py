@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .config import DEFAULT_CONFIG_PATH, Config, load_config
 from .errors import SapdError
+from .labcli import add_commands as add_lab_commands
 from .logins import MemoryLoginStore
 from .policy import Fail
 from .runtime import load_policy, open_logins
@@ -278,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[common], help="rules, daemon, queue counters, flows, logins")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+    add_lab_commands(sub)
     return parser
 
 

@@ -13,8 +13,8 @@
 set -eu
 
 HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/common.sh"
 VMAIL_USER=${VMAIL_USER:-mail}
-STOP_WAIT=100  # tenths of a second to wait for the daemons to exit
 
 usage() {
     echo "usage: $0 setup STATE_DIR IPV4 IPV6 | start STATE_DIR | stop STATE_DIR" >&2
@@ -66,30 +66,15 @@ start() {
     dovecot -c "$STATE/dovecot/dovecot.conf"
 }
 
-running() {  # pid is alive and not a zombie waiting to be reaped
-    [ -r "/proc/$1/stat" ] && [ "$(cut -d' ' -f3 "/proc/$1/stat")" != Z ]
-}
-
 stop() {
     # SIGTERM to each master is what `postfix stop` and `doveadm stop` send; waiting here
     # in tenths of a second is quicker than their one-second polling.
-    for pidfile in "$STATE/postfix-queue/pid/master.pid" "$STATE/dovecot/run/master.pid"; do
-        [ -s "$pidfile" ] || continue
-        pid=$(tr -d ' ' < "$pidfile")
-        running "$pid" || continue
-        kill -TERM "$pid"
-        n=0
-        while running "$pid"; do
-            n=$((n + 1))
-            [ "$n" -le "$STOP_WAIT" ] || { echo "$0: pid $pid did not exit" >&2; exit 1; }
-            sleep 0.1
-        done
-    done
+    stop_pidfiles "$STATE/postfix-queue/pid/master.pid" "$STATE/dovecot/run/master.pid"
 }
 
 [ $# -ge 2 ] || usage
 STATE=$2
-case "$STATE" in /*) ;; *) echo "$0: STATE_DIR must be absolute" >&2; exit 2 ;; esac
+absolute_state "$STATE"
 case "$1" in
     setup) [ $# -eq 4 ] || usage; IPV4=$3; IPV6=$4; setup ;;
     start) [ $# -eq 2 ] || usage; start ;;

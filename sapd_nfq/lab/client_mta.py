@@ -1,0 +1,106 @@
+"""A sending MTA on the lab's client: a second Postfix that relays through the gateway.
+
+provision/client-mta.sh writes its config (relayhost = [server], everything
+under its own state dir, instance postfix-lab-client) and starts and stops
+it, inside the client namespace here and on the client VM of vagrant/. Like
+`Gate`, it goes through `lab.run` only.
+
+    with ClientMTA(lab) as mta:
+        offset = mta.send("alice@lab.example", "dave@external.example")
+        line = mta.wait_for_status("dave@external.example", offset)
+        assert "status=bounced" in line
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from sapd_nfq.lab.topology import LabError
+
+SCRIPT = Path(__file__).with_name("provision") / "client-mta.sh"
+DELIVERY_TIMEOUT = 15.0  # seconds for Postfix to log a delivery attempt's outcome
+_POLL = 0.05
+
+
+class ClientMTA:
+    """Postfix on `lab.client`, relaying to [relayhost] (default: the lab's server)."""
+
+    def __init__(self, lab: Any, relayhost: str | None = None,
+                 state_dir: PurePosixPath | None = None, script: PurePosixPath | None = None
+                 ) -> None:
+        self.lab = lab
+        self.relayhost = relayhost or lab.server.ipv4
+        self.state_dir = PurePosixPath(state_dir or PurePosixPath(lab.state_dir) / "client-mta")
+        self.script = PurePosixPath(script or SCRIPT)
+
+    def __repr__(self) -> str:
+        return f"ClientMTA(state_dir={str(self.state_dir)!r}, relayhost={self.relayhost!r})"
+
+    @property
+    def log_path(self) -> PurePosixPath:
+        return self.state_dir / "log" / "postfix.log"
+
+    def __enter__(self) -> ClientMTA:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self._script("setup", str(self.state_dir), self.relayhost)
+        self._script("start", str(self.state_dir))
+
+    def stop(self) -> None:
+        self._script("stop", str(self.state_dir))
+
+    def send(self, sender: str, recipient: str, subject: str = "sapd-nfq lab") -> int:
+        """Submit a message with sendmail; return the log offset to wait from."""
+        offset = self.log_size()
+        message = (f"From: <{sender}>\nTo: <{recipient}>\nSubject: {subject}\n\n"
+                   "Sent by the lab's client MTA through the gateway.\n").encode()
+        self.lab.run(self.lab.client, ["sendmail", "-C", str(self.state_dir / "postfix"),
+                                       "-f", sender, "--", recipient],
+                     input=message, capture_output=True)
+        return offset
+
+    def wait_for_status(self, recipient: str, since: int = 0,
+                        timeout: float = DELIVERY_TIMEOUT) -> str:
+        """The first log line after byte `since` that gives a status for `recipient`
+        (sent, bounced, deferred, ...). LabError if none comes within `timeout`."""
+        pattern = re.compile(rf" to=<{re.escape(recipient)}>,.* status=\w+")
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.log_since(since)
+            for line in lines:
+                if pattern.search(line):
+                    return line
+            if time.monotonic() > deadline:
+                raise LabError(f"no delivery status for {recipient} within {timeout}s; "
+                               "the client MTA logged:\n" + "\n".join(lines))
+            time.sleep(_POLL)
+
+    def log_size(self) -> int:
+        """The log's length in bytes: an offset for `log_since` and `wait_for_status`."""
+        return len(self._log())
+
+    def log_since(self, offset: int) -> list[str]:
+        """The log's lines from byte `offset` on."""
+        return self._log()[offset:].decode(errors="replace").splitlines()
+
+    def _log(self) -> bytes:
+        # Postfix creates its log with the first line it writes.
+        done = self.lab.run(self.lab.client, ["cat", str(self.log_path)], check=False,
+                            capture_output=True)
+        return done.stdout if done.returncode == 0 else b""
+
+    def _script(self, *args: str) -> None:
+        done = self.lab.run(self.lab.client, [str(self.script), *args], check=False,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if done.returncode:
+            raise LabError(f"client-mta.sh {args[0]} failed ({done.returncode}): "
+                           f"{(done.stdout + done.stderr).strip()}")

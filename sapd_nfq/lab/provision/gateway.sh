@@ -1,0 +1,78 @@
+#!/bin/sh
+# sapd-nfq on the lab's gateway, in forward mode in front of the mail server, entirely under
+# one state directory.
+#
+#   gateway.sh setup STATE_DIR INTERFACE AUTH_TTL   write the config and the gate's virtusertable
+#   gateway.sh start STATE_DIR    install the rules, start the daemon, wait until it is bound
+#   gateway.sh stop  STATE_DIR    stop the daemon and wait until it has exited, remove the rules
+#
+# INTERFACE is the one clients come in through (the lab's "to-client"), AUTH_TTL the login
+# window in seconds. The config is STATE_DIR/sapd-nfq.toml; the daemon logs to
+# STATE_DIR/log/sapd-nfq.log and keeps its logins in STATE_DIR/logins.sqlite. $SAPD_NFQ is
+# the command that runs sapd-nfq (default "sapd-nfq"; split at spaces, so
+# SAPD_NFQ="python3 -m sapd_nfq" works). Used by sapd_nfq/lab/gate.py inside the lab's gw
+# namespace, and by vagrant/Vagrantfile on the gw VM.
+set -eu
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/common.sh"
+SAPD_NFQ=${SAPD_NFQ:-sapd-nfq}
+QUEUE=0
+READY_WAIT=150  # tenths of a second for the daemon to bind its queue
+
+usage() {
+    echo "usage: $0 setup STATE_DIR INTERFACE AUTH_TTL | start STATE_DIR | stop STATE_DIR" >&2
+    exit 2
+}
+
+setup() {
+    install -d -m 755 "$STATE" "$STATE/log"
+    install -d -m 700 "$STATE/run"
+    # The gate's own copy, as a real gateway has its /etc/mail/virtusertable.
+    install -m 644 "$HERE/virtusertable" "$STATE/virtusertable"
+    cat > "$STATE/sapd-nfq.toml" <<TOML
+# sapd-nfq on the lab's gateway, written by gateway.sh. Relative paths are under $STATE.
+mode = "forward"
+interfaces = ["$INTERFACE"]
+virtusertable = "virtusertable"
+auth_ttl = $AUTH_TTL
+state = "logins.sqlite"
+run_dir = "run"
+queue = $QUEUE
+log_level = "info"
+TOML
+}
+
+start() {
+    config="$STATE/sapd-nfq.toml"
+    $SAPD_NFQ up --config "$config" >/dev/null
+    # setsid: the daemon outlives this script and whatever session started it.
+    setsid $SAPD_NFQ run --config "$config" </dev/null >>"$STATE/log/sapd-nfq.log" 2>&1 &
+    echo $! > "$STATE/sapd-nfq.pid"
+    # The control socket appears once the queue is bound.
+    n=0
+    until [ -S "$STATE/run/queue-$QUEUE.sock" ]; do
+        n=$((n + 1))
+        if ! running "$!" || [ "$n" -gt "$READY_WAIT" ]; then
+            echo "$0: sapd-nfq did not start; its log ends:" >&2
+            tail -n 20 "$STATE/log/sapd-nfq.log" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+}
+
+stop() {
+    stop_pidfiles "$STATE/sapd-nfq.pid"
+    [ ! -e "$STATE/sapd-nfq.toml" ] || $SAPD_NFQ down --config "$STATE/sapd-nfq.toml" >/dev/null
+}
+
+[ $# -ge 2 ] || usage
+STATE=$2
+absolute_state "$STATE"
+case "$1" in
+    setup) [ $# -eq 4 ] || usage; INTERFACE=$3; AUTH_TTL=$4; setup ;;
+    start) [ $# -eq 2 ] || usage; start ;;
+    stop) [ $# -eq 2 ] || usage; stop ;;
+    *) usage ;;
+esac
