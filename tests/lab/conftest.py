@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-REQUIRED_BINARIES = ("ip", "tcpdump", "postfix", "dovecot", "openssl", "swaks", "curl")
+REQUIRED_BINARIES = ("ip", "iptables-restore", "ip6tables-restore", "tcpdump", "postfix",
+                     "dovecot", "openssl", "swaks", "curl")
 REQUIRED_MODULES = ("pyroute2",)
 _HERE = Path(__file__).resolve().parent
 

@@ -6,6 +6,11 @@ inside a namespace, as an administrator would, with a config of its own in a
 test's directory. The clients are the ones users have: swaks and curl as
 programs, smtplib and poplib from the client namespace, each bound to a
 source address of the test's own so logins never carry over between tests.
+
+The demo's `sapd_nfq.lab.gate.Gate` goes through the provisioning scripts so
+that it runs unchanged on the Vagrant VMs; these tests need more than it
+offers (input mode, any config key, signals, kills and restarts), so they
+drive the command line directly.
 """
 
 from __future__ import annotations
