@@ -152,6 +152,7 @@ class Engine:
             decision.packet = self._hide(session, flow.server, seg, packet)
         if decision.verdict is BYPASS:
             flow.fate = BYPASSED
+            flow.release()  # what follows is no longer compared
         return decision
 
     # -- protocol events ----------------------------------------------------
@@ -254,6 +255,7 @@ class Engine:
         decision.verdict = DROP
         decision.packet = None
         flow.fate = FAILED
+        flow.release()
         if reply is None:
             reply = SMTP_REFUSED if session.smtp else POP3_REFUSED
         if from_client:

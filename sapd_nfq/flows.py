@@ -33,6 +33,12 @@ the established flow idle longest. A SYN flood therefore evicts its own
 half-open flows: it cannot grow memory past `max_flows` and cannot push out
 established sessions while any half-open flow is left to evict.
 
+Memory: the bytes kept for comparing retransmissions (delivered, not yet
+acknowledged) are bounded per stream (`stream.MAX_UNACKED`) and, over all
+flows together, by the table's `RetainBudget` (`RETAIN_BUDGET`): past it,
+new data is dropped (OVERFLOW) until ACKs free room. A flow gives its bytes
+back when it leaves the table, and when the engine stops comparing it.
+
 A connection that reuses the key of a closed flow starts with a client SYN
 whose ISN differs, which the old flow calls CONFLICT: the caller opens a new
 flow for it (`open` replaces whatever flow held the key).
@@ -44,12 +50,14 @@ import enum
 from collections import OrderedDict
 
 from .packet import ACK, FIN, RST, SYN, URG, Segment
-from .stream import Outcome, Stream, seq_diff
+from .stream import Outcome, RetainBudget, Stream, seq_diff
 
 FlowKey = tuple[str, int, str, int]  # client addr, client port, server addr, server port
 
 #: flows `expire` removes per queue and call, bounding one call's latency
 EXPIRE_BATCH = 1024
+#: bytes all flows together may retain for comparison (see stream.RetainBudget)
+RETAIN_BUDGET = 64 * 1024 * 1024
 
 _NOTHING = (Outcome.DUPLICATE, b"")
 _GAP = (Outcome.GAP, b"")
@@ -67,10 +75,11 @@ class Flow:
     """One tracked connection. `app` and `fate` are the caller's."""
 
     __slots__ = ("key", "client", "server", "state", "reset", "created", "last_seen",
-                 "app", "fate", "_queue")
+                 "app", "fate", "_queue", "_budget")
 
-    def __init__(self, key: FlowKey, now: float) -> None:
+    def __init__(self, key: FlowKey, now: float, budget: RetainBudget | None = None) -> None:
         self.key = key
+        self._budget = budget
         self.client: Stream | None = None
         self.server: Stream | None = None
         self.state = State.SYN_SENT
@@ -126,13 +135,20 @@ class Flow:
             self.state = State.CLOSED if peer is not None and peer.fin else State.CLOSING
         return outcome, data
 
+    def release(self) -> None:
+        """Give back the bytes retained for comparison: once the flow leaves
+        the table, or its fate no longer depends on what follows."""
+        for stream in (self.client, self.server):
+            if stream is not None:
+                stream.release()
+
     def _syn(self, seg: Segment, from_client: bool) -> tuple[Stream | None, bool]:
         """The stream a SYN belongs to and whether it just opened it; None if bogus."""
         if from_client:
             if seg.flags & ACK:  # simultaneous open: not what a mail client does
                 return None, False
             if self.client is None:
-                self.client = Stream(seg.seq)
+                self.client = Stream(seg.seq, budget=self._budget)
                 return self.client, True
             return (self.client if seg.seq == self.client.isn else None), False
         if not seg.flags & ACK:
@@ -140,7 +156,7 @@ class Flow:
         if self.server is None:
             if self.client is None or not self.client.acks_sent(seg.ack):
                 return None, False
-            self.server = Stream(seg.seq)
+            self.server = Stream(seg.seq, budget=self._budget)
             return self.server, True
         return (self.server if seg.seq == self.server.isn else None), False
 
@@ -162,8 +178,10 @@ class FlowTable:
     """Flows by key, bounded by `max_flows`; see the module for eviction."""
 
     def __init__(self, max_flows: int = 65536, syn_timeout: float = 30.0,
-                 idle_timeout: float = 900.0, closed_timeout: float = 30.0) -> None:
+                 idle_timeout: float = 900.0, closed_timeout: float = 30.0,
+                 retain_budget: int = RETAIN_BUDGET) -> None:
         self.max_flows = max_flows
+        self.budget = RetainBudget(retain_budget)
         self.syn_timeout = syn_timeout
         self.idle_timeout = idle_timeout
         self.closed_timeout = closed_timeout
@@ -190,7 +208,7 @@ class FlowTable:
         self.remove(key)
         while len(self) >= self.max_flows and self._evict_one():
             pass
-        flow = Flow(key, now)
+        flow = Flow(key, now, self.budget)
         self._half[key] = flow
         flow._queue = self._half
         return flow
@@ -215,6 +233,7 @@ class FlowTable:
             flow = queue.pop(key, None)
             if flow is not None:
                 flow._queue = None
+                flow.release()
                 return flow
         return None
 
@@ -231,6 +250,7 @@ class FlowTable:
                     break
                 del queue[flow.key]
                 flow._queue = None
+                flow.release()
                 gone.append(flow)
         self.expired += len(gone)
         return gone
@@ -248,6 +268,7 @@ class FlowTable:
             if queue:
                 _, flow = queue.popitem(last=False)
                 flow._queue = None
+                flow.release()
                 self.evicted += 1
                 return True
         return False

@@ -52,6 +52,26 @@ def seq_diff(a: int, b: int) -> int:
     return ((a - b + _HALF) & _MASK) - _HALF
 
 
+#: per stream: what Linux lets a receiver advertise by default (tcp_rmem max
+#: is 6 MB); a sender with a larger window in flight is throttled by drops
+MAX_UNACKED = 4 * 1024 * 1024
+
+
+class RetainBudget:
+    """Bytes all streams of one flow table may retain together.
+
+    A bulk upload keeps as many bytes unacknowledged as the queue holds
+    before the server's ACKs come back through it, so each stream may retain
+    megabytes; the budget bounds the sum over every flow at once.
+    """
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
 class Stream:
     """The bytes one side sent, from its SYN's `isn` on.
 
@@ -59,11 +79,13 @@ class Stream:
     was accepted (it sits at `offset`, which then never grows again).
     """
 
-    __slots__ = ("isn", "max_unacked", "offset", "fin", "_base", "_buf", "_start")
+    __slots__ = ("isn", "max_unacked", "budget", "offset", "fin", "_base", "_buf", "_start")
 
-    def __init__(self, isn: int, max_unacked: int = 262144) -> None:
+    def __init__(self, isn: int, max_unacked: int = MAX_UNACKED,
+                 budget: RetainBudget | None = None) -> None:
         self.isn = isn
         self.max_unacked = max_unacked
+        self.budget = budget
         self.offset = 0
         self.fin = False
         self._base = 0              # stream offset of the first retained byte
@@ -106,6 +128,11 @@ class Stream:
         if end - self._base > self.max_unacked:
             return Outcome.OVERFLOW, b""
         new = payload[offset - start:] if end > offset else b""
+        budget = self.budget
+        if budget is not None and new:
+            if budget.used + len(new) > budget.limit:
+                return Outcome.OVERFLOW, b""
+            budget.used += len(new)
         if new:
             if self._start and self._start * 2 > len(self._buf):
                 del self._buf[:self._start]
@@ -133,6 +160,16 @@ class Stream:
             return
         self._base += drop
         self._start += drop
+        if self.budget is not None:
+            self.budget.used -= drop
         if self._start == len(self._buf):
             self._buf = bytearray()
             self._start = 0
+
+    def release(self) -> None:
+        """Forget every retained byte (the flow is gone or no longer compared)."""
+        if self.budget is not None:
+            self.budget.used -= self.retained
+        self._base = self.offset
+        self._buf = bytearray()
+        self._start = 0

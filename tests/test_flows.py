@@ -332,3 +332,17 @@ def test_ten_thousand_flows_are_small() -> None:
         tracemalloc.stop()
     assert len(table) == 10000
     assert size < 16 * 2**20, f"{size / 10000:.0f} bytes a flow"
+
+
+def test_a_flow_leaving_the_table_gives_back_its_retained_bytes():
+    table = FlowTable(max_flows=16, retain_budget=1000)
+    key = ("198.18.0.1", 40000, "198.18.0.2", 25)
+    syn = segment(SYN, seq=100)
+    flow = table.open(key, syn, 0.0)
+    flow.handle(syn, True)
+    flow.handle(segment(SYN | ACK, seq=900, ack=101, from_client=False), False)
+    flow.handle(segment(ACK, seq=101, ack=901), True)
+    assert flow.handle(segment(ACK | PSH, seq=101, ack=901, payload=b"x" * 400), True)[0] is Outcome.NEW
+    assert table.budget.used == 400
+    table.remove(key)
+    assert table.budget.used == 0

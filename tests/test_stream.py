@@ -260,3 +260,22 @@ def test_modified_retransmission_is_conflict(draw) -> None:
     resend[changed - start] ^= draw.draw(st.integers(1, 255), "xor")
     assert s.send(start, bytes(resend)) == (CONFLICT, b"")
     assert s.stream.offset == len(data)
+
+
+def test_streams_share_one_retain_budget():
+    from sapd_nfq.stream import RetainBudget
+
+    budget = RetainBudget(100)
+    a, b = Stream(1000, budget=budget), Stream(5000, budget=budget)
+    assert a.receive(1001, b"x" * 60) == (Outcome.NEW, b"x" * 60)
+    assert b.receive(5001, b"y" * 50)[0] is Outcome.OVERFLOW  # 60 + 50 > 100
+    assert budget.used == 60
+    a.acked(1001 + 30)
+    assert budget.used == 30
+    assert b.receive(5001, b"y" * 50)[0] is Outcome.NEW
+    assert budget.used == 80
+    a.release()
+    b.release()
+    assert budget.used == 0 and a.retained == 0 and b.retained == 0
+    # Released bytes are no longer compared: a later resend of them is old news.
+    assert a.receive(1001, b"z" * 60)[0] is Outcome.DUPLICATE
