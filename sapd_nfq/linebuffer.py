@@ -71,5 +71,10 @@ class LineBuffer:
 
     def _consume_to(self, index: int) -> None:
         self.offset += index - self._start
-        self._start = index
         self._scan = 0
+        if index == len(self._buf):
+            # All read: free the storage (an idle connection holds no buffer).
+            self._buf = bytearray()
+            self._start = 0
+        else:
+            self._start = index

@@ -30,7 +30,6 @@ the machine is settled and opaque and ignores further bytes.
 from __future__ import annotations
 
 import re
-from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 from typing import ClassVar
@@ -177,7 +176,7 @@ class POP3Machine:
         self.max_pending = max_pending
         self._client = LineBuffer(max_line)
         self._server = LineBuffer(max_line)
-        self._pending: deque[_Command] = deque([_Greeting()])
+        self._pending: list[_Command] = [_Greeting()]  # short: pop(0) is cheap
         self._user: _User | None = None           # the USER the next PASS logs in as
         self._body: _Body | None = None           # inside a multi-line response
         self._pipelining = False                  # the server's CAPA offered PIPELINING
@@ -303,7 +302,7 @@ class POP3Machine:
             if status is _Status.ERR:
                 return  # a parting notice: idle timeout, too many bad commands
             raise ProtocolError("server reply with no command awaiting one")
-        self._reply(self._pending.popleft(), status, out)
+        self._reply(self._pending.pop(0), status, out)
 
     def _capability(self, tag: bytes, start: int, out: list[Event]) -> None:
         if tag == b"STLS":

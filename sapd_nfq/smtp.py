@@ -30,7 +30,6 @@ Events come back from the call that fed the byte completing them.
 from __future__ import annotations
 
 import enum
-from collections import deque
 from dataclasses import dataclass
 
 from . import smtp_grammar as grammar
@@ -136,12 +135,18 @@ class _Pending:
 class SMTPMachine:
     """One SMTP connection, fed the client and the server byte streams."""
 
+    # Slots and a plain list for the reply queue: a daemon holds one machine
+    # per tracked connection, tens of thousands of them.
+    __slots__ = ("_client", "_server", "_max_pending", "_mode", "_pending", "_greeted",
+                 "_reply_code", "_reply_lines", "_transaction", "_chunking", "_chunk_left",
+                 "_chunk_last", "_scan", "_error")
+
     def __init__(self, max_line: int = MAX_LINE, max_pending: int = MAX_PENDING) -> None:
         self._client = LineBuffer(max_line)
         self._server = LineBuffer(max_line)
         self._max_pending = max_pending
         self._mode = _Mode.COMMAND
-        self._pending: deque[_Pending] = deque()
+        self._pending: list[_Pending] = []  # short: pop(0) is cheap
         self._greeted = False
         self._reply_code: bytes | None = None  # of a multiline reply under way
         self._reply_lines = 0
@@ -380,7 +385,7 @@ class SMTPMachine:
                 raise ProtocolError("commands pipelined behind a challenged AUTH")
             self._mode = _Mode.SASL
             return
-        self._pending.popleft()
+        self._pending.pop(0)
         after = _TRANSACTION.get(pending.cmd, (None, None))[outcome not in _SUCCESS]
         if after is not None:
             self._transaction = after
