@@ -1,0 +1,147 @@
+"""The benchmark's own code, on loopback: it imports, parses its arguments, and its
+responder, relay and clients talk to each other. No timing is asserted: benchmarks
+are not tests (the figures come from `python -m bench`, in the lab)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # bench/ sits beside the package, not installed with it
+
+from bench import load, relay, responder, run  # noqa: E402
+
+VIRTUSERTABLE = REPO / "sapd_nfq/lab/provision/virtusertable"
+LOOPBACK = "127.0.0.1"
+
+
+def test_arguments() -> None:
+    quick = run.make_plan(run.parse_args(["--quick"]))
+    assert quick.reps == 1 and quick.paths == run.PATHS
+    plan = run.make_plan(run.parse_args(["--reps", "2", "--paths", "relay,nofilter",
+                                         "--no-alternatives"]))
+    assert plan.reps == 2 and plan.paths == ("nofilter", "relay") and not plan.alternatives
+    # per repetition and path: 3 POP3 and 3 upload runs, 2 session loads; relay's memory
+    assert run.total_steps(plan) == 2 * 2 * (3 + 3 + 2) + 3
+    with pytest.raises(SystemExit):
+        run.parse_args(["--paths", "nofilter,bogus"])
+    args = load.parse_args(["sessions", "--server", LOOPBACK, "--port", "25",
+                            "--sources", "198.18.3.10,198.18.3.11", "--concurrency", "64"])
+    assert args.concurrency == 64 and args.sources.split(",") == ["198.18.3.10", "198.18.3.11"]
+
+
+def test_message_text_and_replies() -> None:
+    text = load.message_text(10_000)
+    assert len(text) == 10_000 + 3 and text.endswith(b"\r\n.\r\n")
+    assert not any(line.startswith(b".") for line in text.split(b"\r\n")[:-2])
+    assert load._final_reply(b"250-a\r\n250 b\r\n")
+    assert not load._final_reply(b"250-a\r\n250-b\r\n")
+    assert not load._final_reply(b"250 partial")
+    assert load.percentiles([0.001] * 99 + [0.1]) == {"n": 100, "p50_ms": 1.0, "p99_ms": 1.0}
+
+
+@pytest.fixture
+def relayed() -> Iterator[dict]:
+    """The responder and, in front of it, the relay, on loopback ports of their own."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start() -> tuple[list, relay.Relay, list]:
+        servers = await responder.serve(LOOPBACK, 0, 0, messages=3, size=20_000)
+        smtp, pop3 = (s.sockets[0].getsockname()[1] for s in servers)
+        gate = relay.make_relay(VIRTUSERTABLE, (LOOPBACK, smtp), (LOOPBACK, pop3))
+        listeners = await gate.listen(LOOPBACK, 0, 0)
+        return servers, gate, listeners
+
+    servers, gate, listeners = asyncio.run_coroutine_threadsafe(start(), loop).result(5)
+    ports = [s.sockets[0].getsockname()[1] for s in servers + listeners]
+    yield {"smtp": ports[0], "pop3": ports[1], "relay_smtp": ports[2], "relay_pop3": ports[3],
+           "relay": gate}
+
+    async def stop() -> None:
+        for server in servers + listeners:
+            server.close()
+
+    asyncio.run_coroutine_threadsafe(stop(), loop).result(5)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
+
+
+def test_responder_direct(relayed: dict) -> None:
+    got = load.pop3_retrieve(LOOPBACK, relayed["pop3"], "bob", "pw")
+    assert got["messages"] == 3 and got["bytes"] > 3 * 20_000
+    sent = load.smtp_upload(LOOPBACK, relayed["smtp"], 2, 50_000, "x@external.example",
+                            "y@external.example", None, None, None)
+    assert sent["messages"] == 2
+
+
+def test_relay_carries_sessions_and_bulk(relayed: dict) -> None:
+    result = load.run_sessions(LOOPBACK, relayed["relay_smtp"], [LOOPBACK], concurrency=4,
+                               duration=0.3, warmup=0.05)
+    assert result["sessions_total"] > 0 and not result["errors"]
+    assert result["command"]["n"] > 0
+    got = load.pop3_retrieve(LOOPBACK, relayed["relay_pop3"], "bob", "pw")
+    assert got["messages"] == 3
+    # The POP3 login above lets this address relay: row 2 of the table.
+    sent = load.smtp_upload(LOOPBACK, relayed["relay_smtp"], 1, 100_000, "alice@lab.example",
+                            "dave@external.example", None, None, None)
+    assert sent["bytes"] == 100_000
+
+
+def test_relay_refuses_what_the_table_fails(relayed: dict) -> None:
+    with pytest.raises(load.BenchError, match="550"):
+        load.smtp_upload(LOOPBACK, relayed["relay_smtp"], 1, 1000, "mallory@external.example",
+                         "dave@external.example", None, None, None)
+    assert relayed["relay"].refused == 1
+
+
+def test_hold_opens_sessions(relayed: dict) -> None:
+    held: list = []
+    opened = load.open_sessions(LOOPBACK, relayed["smtp"], [LOOPBACK], 20, held)
+    assert opened == {"open": 20, "errors": {}}
+    for sock in held:
+        sock.close()
+
+
+def test_results_summary_and_plot(tmp_path: Path) -> None:
+    plan = run.Plan.quick()
+
+    def bulk(mb: float) -> dict:
+        return {"bytes": int(mb * 1e6), "seconds": 1.0, "path_cpu_ms_per_mb": 1.0}
+
+    def sessions(rate: float) -> dict:
+        return {"sessions_per_s": rate, "command": {"p50_ms": 1.0, "p99_ms": 2.0},
+                "path_cpu_us_per_session": 100.0, "errors": {}}
+
+    raw = {"pop3": {p: [bulk(100)] for p in run.PATHS},
+           "upload": {p: [bulk(50), {"error": "x"}] for p in run.PATHS},
+           "memory": {"sapd": [{"flows": f, "rss_mb": 20 + f / 1000} for f in plan.flows]},
+           "scaling": {"sapd": {"1": [sessions(100)], "2": [sessions(150)]}}}
+    for c in plan.concurrency:
+        raw[f"sessions_{c}"] = {p: [sessions(1000)] for p in run.PATHS}
+    summary = run.summarise(raw, plan)
+    assert summary["upload_mb_s"]["sapd"]["n"] == 1  # the failed run is left out
+    ratios = run.headline(summary, raw, plan)
+    assert ratios["pop3_retr_ratio_vs_nofilter"] == 1.0
+    assert ratios["workers2_speedup"] == 1.5
+    checked = run.targets(ratios)
+    assert checked["rss_mb_10k_flows"] == {"value": 30.0, "target": "<= 64", "met": True}
+    results = {"summary": summary, "raw": raw, "targets": checked, "failures": [],
+               "plan": {"paths": run.PATHS, "concurrency": plan.concurrency,
+                        "scaling_concurrency": 64},
+               "mode": "quick", "date": "today",
+               "machine": {"cpus": 2, "cpu_model": "cpu", "kernel": "k", "python": "3"}}
+    assert "| POP3 RETR, MB/s" in run.format_table(results)
+    json.dumps(results)
+    plot = pytest.importorskip("bench.plot")
+    plot.plot(results, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes().startswith(b"\x89PNG")
