@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import socket
 import struct
 import time
@@ -31,6 +30,8 @@ from sapd_nfq.policy import Fail, RelayPolicy
 from sapd_nfq.pop3 import POP3Machine
 from sapd_nfq.smtp import SMTPMachine
 from sapd_nfq.virtusertable import VirtUserTable
+
+from .serving import serve_until_stopped
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 AUTH_TTL = 1800
@@ -270,15 +271,7 @@ def _address(text: str) -> Address:
 async def _main(args: argparse.Namespace) -> None:
     relay = make_relay(args.virtusertable, args.upstream_smtp, args.upstream_pop3)
     servers = await relay.listen(args.host, args.smtp_port, args.pop3_port)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    ports = [s.sockets[0].getsockname()[1] for s in servers]
-    print(f"relay listening: smtp {ports[0]}, pop3 {ports[1]}", flush=True)
-    await stop.wait()
-    for server in servers:
-        server.close()
+    await serve_until_stopped("relay", servers)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

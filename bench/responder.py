@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
+
+from .serving import serve_until_stopped
 
 MAX_LINE = 4096  # a longer line is answered with an error and dropped
 
@@ -154,15 +155,7 @@ async def serve(host: str, smtp_port: int, pop3_port: int, messages: int = 4,
 
 async def _main(args: argparse.Namespace) -> None:
     servers = await serve(args.host, args.smtp_port, args.pop3_port, args.messages, args.size)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    ports = [s.sockets[0].getsockname()[1] for s in servers]
-    print(f"responder listening: smtp {ports[0]}, pop3 {ports[1]}", flush=True)
-    await stop.wait()
-    for server in servers:
-        server.close()
+    await serve_until_stopped("responder", servers)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
