@@ -31,6 +31,7 @@ from sapd_nfq.pop3 import POP3Machine
 from sapd_nfq.smtp import SMTPMachine
 from sapd_nfq.virtusertable import VirtUserTable
 
+from . import serving
 from .serving import serve_until_stopped
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
@@ -287,11 +288,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .load import raise_fd_limit
-
-    raise_fd_limit()
-    asyncio.run(_main(parse_args(argv)))
-    return 0
+    return serving.run(_main, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from . import serving
 from .serving import serve_until_stopped
 
 MAX_LINE = 4096  # a longer line is answered with an error and dropped
@@ -170,11 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .load import raise_fd_limit
-
-    raise_fd_limit()
-    asyncio.run(_main(parse_args(argv)))
-    return 0
+    return serving.run(_main, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 
 async def serve_until_stopped(name: str, servers: list[asyncio.AbstractServer]) -> None:
@@ -17,3 +19,12 @@ async def serve_until_stopped(name: str, servers: list[asyncio.AbstractServer]) 
     await stop.wait()
     for server in servers:
         server.close()
+
+
+def run(main: Callable[[Any], Awaitable[None]], args: Any) -> int:
+    """Run a server's async main with room for many connections."""
+    from .load import raise_fd_limit
+
+    raise_fd_limit()
+    asyncio.run(main(args))
+    return 0
