@@ -20,7 +20,6 @@ Safe verdicts, in one place:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 
 from . import craft
 from .config import Config

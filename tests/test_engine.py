@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
-from scapy.layers.inet6 import IPv6
 
 from engine_helpers import CLIENT6, SERVER6, Conn, make_engine
 from sapd_nfq.logins import StoreError
