@@ -370,3 +370,16 @@ def test_a_failing_login_store_loses_the_login_not_the_session():
     d = Conn(engine, sport=110).pop3_login()
     assert d.verdict is BYPASS
     assert [n.event for n in d.notices] == ["error"] and "disk full" in d.notices[0].reason
+
+
+def test_a_client_refused_once_can_reconnect_from_the_same_port():
+    engine = make_engine()
+    conn = Conn(engine)
+    conn.smtp_greeting()
+    assert conn.client(RELAY).verdict is DROP
+    again = Conn(engine)  # same addresses and ports, a new ISN
+    again.cseq = 900000
+    assert [d.verdict for d in again.handshake()] == [ACCEPT, ACCEPT, ACCEPT]
+    again.server(b"220 mx ESMTP\r\n")
+    assert again.client(b"EHLO c\r\n").verdict is ACCEPT
+    assert_refused(again.client(RELAY), again, b"550")
