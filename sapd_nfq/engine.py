@@ -118,9 +118,10 @@ class Engine:
             key = (seg.dst, seg.dport, seg.src, seg.sport)
         flow = self.flows.get(key)
         opening = from_client and seg.flags & (SYN | ACK | RST) == SYN
-        if flow is None or (opening and (flow.state is State.CLOSED or flow.fate is FAILED)):
+        if flow is None or (opening and (flow.state is State.CLOSED or flow.fate is not None)):
             # A client may reuse its port once the old connection is closed,
-            # or was reset by us; the new one is inspected from its start.
+            # refused or let go: the new one is inspected from its start (a
+            # settled flow's fate must never pass on to a new connection).
             if not opening:
                 return self._untracked(seg, smtp, now)
             flow = self.flows.open(key, seg, now)

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
 
-from engine_helpers import CLIENT6, SERVER6, Conn, make_engine
+from engine_helpers import CLIENT4, CLIENT6, SERVER6, Conn, make_engine
 from sapd_nfq.logins import StoreError
 from sapd_nfq.packet import FIN, RST, parse, tcp_checksum_ok
 from sapd_nfq.policy import ROW_LOGGED_IN, ROW_NOT_LOCAL, ROW_NOT_LOGGED_IN, ROW_RECIPIENT_LOCAL
@@ -382,4 +382,23 @@ def test_a_client_refused_once_can_reconnect_from_the_same_port():
     assert [d.verdict for d in again.handshake()] == [ACCEPT, ACCEPT, ACCEPT]
     again.server(b"220 mx ESMTP\r\n")
     assert again.client(b"EHLO c\r\n").verdict is ACCEPT
+    assert_refused(again.client(RELAY), again, b"550")
+
+
+def test_a_new_connection_on_a_settled_flows_ports_is_inspected_again():
+    engine = make_engine(smtp_starttls="relay-clients")
+    engine.logins.add(CLIENT4, "alice", 1000.0, 60)
+    tls = Conn(engine, now=1000.0)
+    tls.handshake()
+    tls.server(b"220 mx ESMTP\r\n")
+    tls.client(b"EHLO c\r\n")
+    tls.server(b"250-mx\r\n250 STARTTLS\r\n")
+    tls.client(b"STARTTLS\r\n")
+    assert tls.server(b"220 2.0.0 Ready to start TLS\r\n").verdict is BYPASS
+    # The login window closes; the client reconnects from the same port.
+    again = Conn(engine, now=1100.0)
+    again.cseq = 900000
+    assert again.handshake()[0].verdict is ACCEPT
+    again.server(b"220 mx ESMTP\r\n")
+    again.client(b"EHLO c\r\n")
     assert_refused(again.client(RELAY), again, b"550")
