@@ -14,16 +14,13 @@ it, inside the client namespace here and on the client VM of vagrant/. Like
 from __future__ import annotations
 
 import re
-import subprocess
-import time
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sapd_nfq.lab.topology import LabError
+from sapd_nfq.lab.remote import HostLog, run_script
 
 SCRIPT = Path(__file__).with_name("provision") / "client-mta.sh"
 DELIVERY_TIMEOUT = 15.0  # seconds for Postfix to log a delivery attempt's outcome
-_POLL = 0.05
 
 
 class ClientMTA:
@@ -36,6 +33,7 @@ class ClientMTA:
         self.relayhost = relayhost or lab.server.ipv4
         self.state_dir = PurePosixPath(state_dir or PurePosixPath(lab.state_dir) / "client-mta")
         self.script = PurePosixPath(script or SCRIPT)
+        self._log = HostLog(lab, lab.client, self.log_path, missing_ok=True)
 
     def __repr__(self) -> str:
         return f"ClientMTA(state_dir={str(self.state_dir)!r}, relayhost={self.relayhost!r})"
@@ -73,34 +71,17 @@ class ClientMTA:
         """The first log line after byte `since` that gives a status for `recipient`
         (sent, bounced, deferred, ...). LabError if none comes within `timeout`."""
         pattern = re.compile(rf" to=<{re.escape(recipient)}>,.* status=\w+")
-        deadline = time.monotonic() + timeout
-        while True:
-            lines = self.log_since(since)
-            for line in lines:
-                if pattern.search(line):
-                    return line
-            if time.monotonic() > deadline:
-                raise LabError(f"no delivery status for {recipient} within {timeout}s; "
-                               "the client MTA logged:\n" + "\n".join(lines))
-            time.sleep(_POLL)
+        return self._log.wait_for(
+            lambda lines: next((line for line in lines if pattern.search(line)), None),
+            since, timeout, f"the client MTA logged no delivery status for {recipient}")
 
     def log_size(self) -> int:
         """The log's length in bytes: an offset for `log_since` and `wait_for_status`."""
-        return len(self._log())
+        return self._log.size()
 
     def log_since(self, offset: int) -> list[str]:
         """The log's lines from byte `offset` on."""
-        return self._log()[offset:].decode(errors="replace").splitlines()
-
-    def _log(self) -> bytes:
-        # Postfix creates its log with the first line it writes.
-        done = self.lab.run(self.lab.client, ["cat", str(self.log_path)], check=False,
-                            capture_output=True)
-        return done.stdout if done.returncode == 0 else b""
+        return self._log.since(offset)
 
     def _script(self, *args: str) -> None:
-        done = self.lab.run(self.lab.client, [str(self.script), *args], check=False,
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True)
-        if done.returncode:
-            raise LabError(f"client-mta.sh {args[0]} failed ({done.returncode}): "
-                           f"{(done.stdout + done.stderr).strip()}")
+        run_script(self.lab, self.lab.client, self.script, args)

@@ -15,18 +15,17 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from sapd_nfq.lab.remote import HostLog, run_script
 from sapd_nfq.lab.topology import LabError
 
 SCRIPT = Path(__file__).with_name("provision") / "gateway.sh"
 #: where clients come in: the gw's link to the client, in the lab and on the VMs
 CLIENT_INTERFACE = "to-client"
 LOG_TIMEOUT = 5.0  # seconds for a log line to appear after the packet that caused it
-_POLL = 0.05
 
 
 def local_command() -> tuple[str, ...]:
@@ -54,6 +53,7 @@ class Gate:
         self.state_dir = PurePosixPath(state_dir or PurePosixPath(lab.state_dir) / "gate")
         self.sapd_nfq = tuple(sapd_nfq or local_command())
         self.script = PurePosixPath(script or SCRIPT)
+        self._log = HostLog(lab, lab.gw, self.log_path)
         if any(" " in word for word in self.sapd_nfq):
             raise LabError(f"gateway.sh cannot run {shlex.join(self.sapd_nfq)}: "
                            "a path in it contains a space")
@@ -102,36 +102,19 @@ class Gate:
 
     def log_size(self) -> int:
         """The log's length in bytes: an offset for `log_since` and `wait_for_log`."""
-        return len(self._read_log(0))
+        return self._log.size()
 
     def log_since(self, offset: int) -> list[str]:
         """The log's lines from byte `offset` on."""
-        return self._read_log(offset).decode(errors="replace").splitlines()
+        return self._log.since(offset)
 
     def wait_for_log(self, event: str, since: int = 0, timeout: float = LOG_TIMEOUT) -> list[str]:
         """Wait until a line for `event` (PASS, FAIL, LOGIN, ...) follows byte `since`;
         return every line from there. LabError if none comes within `timeout`."""
-        deadline = time.monotonic() + timeout
-        while True:
-            lines = self.log_since(since)
-            if any(f" {event} client=" in line for line in lines):
-                return lines
-            if time.monotonic() > deadline:
-                raise LabError(f"sapd-nfq logged no {event} within {timeout}s; since then:\n"
-                               + "\n".join(lines))
-            time.sleep(_POLL)
-
-    def _read_log(self, offset: int) -> bytes:
-        done = self.lab.run(self.lab.gw, ["tail", "-c", f"+{offset + 1}", str(self.log_path)],
-                            check=False, capture_output=True)
-        if done.returncode:
-            raise LabError(f"cannot read {self.log_path}: {done.stderr.decode(errors='replace')}")
-        return done.stdout
+        return self._log.wait_for(
+            lambda lines: lines if any(f" {event} client=" in line for line in lines) else None,
+            since, timeout, f"sapd-nfq logged no {event}")
 
     def _script(self, *args: str) -> None:
-        argv = ["env", f"SAPD_NFQ={' '.join(self.sapd_nfq)}", str(self.script), *args]
-        done = self.lab.run(self.lab.gw, argv, check=False, stdin=subprocess.DEVNULL,
-                            capture_output=True, text=True)
-        if done.returncode:
-            raise LabError(f"gateway.sh {args[0]} failed ({done.returncode}): "
-                           f"{(done.stdout + done.stderr).strip()}")
+        run_script(self.lab, self.lab.gw, self.script, args,
+                   env=[f"SAPD_NFQ={' '.join(self.sapd_nfq)}"])
