@@ -197,15 +197,23 @@ class ClientSide(_Side):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        if self.inspector is not None:
-            try:
-                data = self.inspector.client(data)
-            except Refused as refused:
-                self.refuse(refused.reply)
-                return
-            if self.inspector.done:
-                self.inspector = None
-        self.peer.transport.write(data)
+        passed = self.inspect(data, from_client=True)
+        if passed is not None:
+            self.peer.transport.write(passed)
+
+    def inspect(self, data: bytes, *, from_client: bool) -> bytes | None:
+        """`data` as the inspector passes it on; None if the session was refused."""
+        inspector = self.inspector
+        if inspector is None:
+            return data
+        try:
+            data = inspector.client(data) if from_client else inspector.server(data)
+        except Refused as refused:
+            self.refuse(refused.reply)
+            return None
+        if inspector.done:
+            self.inspector = None
+        return data
 
     def refuse(self, reply: bytes) -> None:
         self.relay.refused += 1
@@ -228,15 +236,9 @@ class ServerSide(_Side):
         client = self.peer
         if client is None:
             return
-        if client.inspector is not None:
-            try:
-                data = client.inspector.server(data)
-            except Refused as refused:
-                client.refuse(refused.reply)
-                return
-            if client.inspector.done:
-                client.inspector = None
-        client.transport.write(data)
+        passed = client.inspect(data, from_client=False)
+        if passed is not None:
+            client.transport.write(passed)
 
 
 class Relay:
