@@ -18,10 +18,10 @@ import fnfqueue
 
 from bench.floor import open_fnfqueue
 from sapd_nfq.config import load_config
-from sapd_nfq.engine import Engine
+from sapd_nfq.engine.core import Engine
+from sapd_nfq.engine.verdicts import ACCEPT, BYPASS
 from sapd_nfq.rules import BYPASS_MARK
 from sapd_nfq.runtime import load_policy, open_logins
-from sapd_nfq.verdicts import ACCEPT, BYPASS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import matplotlib.pyplot as plt
 
 COLOURS = {"nofilter": "#7f7f7f", "floor": "#1f77b4", "sapd": "#d62728", "relay": "#2ca02c"}
 LABELS = {"nofilter": "no filter", "floor": "accept-only\nNFQUEUE", "sapd": "sapd-nfq",

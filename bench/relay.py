@@ -23,13 +23,20 @@ import struct
 import time
 from pathlib import Path
 
-from sapd_nfq.errors import ProtocolError
-from sapd_nfq.events import LoginSucceeded, MailFrom, RcptTo, SessionReset, StartTLSRequested, TLSOffered
-from sapd_nfq.logins import MemoryLoginStore
-from sapd_nfq.policy import Fail, RelayPolicy
-from sapd_nfq.pop3 import POP3Machine
-from sapd_nfq.smtp import SMTPMachine
-from sapd_nfq.virtusertable import VirtUserTable
+from sapd_nfq.engine.errors import ProtocolError
+from sapd_nfq.engine.events import (
+    LoginSucceeded,
+    MailFrom,
+    RcptTo,
+    SessionReset,
+    StartTLSRequested,
+    TLSOffered,
+)
+from sapd_nfq.engine.logins import MemoryLoginStore
+from sapd_nfq.engine.policy import Fail, RelayPolicy
+from sapd_nfq.engine.pop3 import POP3Machine
+from sapd_nfq.engine.smtp import SMTPMachine
+from sapd_nfq.engine.virtusertable import VirtUserTable
 
 from . import serving
 from .serving import serve_until_stopped

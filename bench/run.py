@@ -432,7 +432,7 @@ class Bench:
                 except DaemonNotRunning:
                     if proc.poll() is not None or time.monotonic() > deadline:
                         raise RuntimeError("sapd-nfq run did not come up:\n"
-                                           + (self.tmp / "sapd-nfq.log").read_text()[-2000:])
+                                           + (self.tmp / "sapd-nfq.log").read_text()[-2000:]) from None
                     time.sleep(0.1)
             self.run("gw", self.python("-m", "sapd_nfq", "up", "--config", str(config)),
                      sapd=True)
@@ -568,7 +568,7 @@ def run_all(bench: Bench, plan: Plan, progress: Progress) -> dict:
                 for c in plan.concurrency:
                     attempt(bench, progress, f"{tag}: short SMTP sessions, {c} client(s)",
                             raw[f"sessions_{c}"].setdefault(name, []),
-                            lambda: bench.sessions(run, c), _sessions)
+                            lambda c=c: bench.sessions(run, c), _sessions)
     for name in ("sapd", "relay"):
         if name in plan.paths:
             raw["memory"][name] = memory(bench, plan, progress, name)
@@ -644,7 +644,7 @@ def alternatives(bench: Bench, plan: Plan, progress: Progress) -> dict:
     offloads off (MTU segments) and on (TSO at the senders, GRO at the gateway)."""
     out: dict = {}
     try:
-        for rep in range(plan.reps):
+        for _ in range(plan.reps):
             for offloads, name, binding in ALTERNATIVES:
                 bench.offloads(offloads)
                 key = f"offloads {'on' if offloads else 'off'}: {SHORT[name]}" + (
@@ -698,7 +698,7 @@ def summarise(raw: dict, plan: Plan) -> dict:
         runs = raw[f"sessions_{c}"]
         summary[f"sessions_{c}_per_s"] = _figures(runs, lambda r: r["sessions_per_s"])
         for q in ("p50", "p99"):
-            summary[f"sessions_{c}_{q}_ms"] = _figures(runs, lambda r: r["command"].get(f"{q}_ms"))
+            summary[f"sessions_{c}_{q}_ms"] = _figures(runs, lambda r, q=q: r["command"].get(f"{q}_ms"))
         summary[f"sessions_{c}_cpu_us_per_session"] = _figures(
             runs, lambda r: r.get("path_cpu_us_per_session"))
         summary[f"sessions_{c}_cpu_us_per_packet"] = _figures(

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 from .config import DEFAULT_CONFIG_PATH, Config, load_config
-from .errors import SapdError
+from .engine.errors import SapdError
+from .engine.logins import MemoryLoginStore
+from .engine.policy import Fail
 from .labcli import add_commands as add_lab_commands
-from .logins import MemoryLoginStore
-from .policy import Fail
 from .runtime import load_policy, open_logins
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -78,7 +78,7 @@ def cmd_auth(args: argparse.Namespace) -> int:
 # -- replay --------------------------------------------------------------------
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .engine import Engine
+    from .engine.core import Engine
     from .pcap import read_packets
 
     config = _config(args)

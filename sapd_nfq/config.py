@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .addresses import IPNetwork, parse_network
-from .errors import ConfigError
+from .engine.addresses import IPNetwork, parse_network
+from .engine.errors import ConfigError
 from .interfaces import check_name
 from .logins import store_kind
 

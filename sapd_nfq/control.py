@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import Config
-from .errors import SapdError
+from .engine.errors import SapdError
 from .logsetup import LOGGER
 
 MAX_REQUEST = 4096

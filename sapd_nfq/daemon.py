@@ -19,13 +19,13 @@ from netfilterqueue import NetfilterQueue
 
 from .config import Config, load_config
 from .control import ControlServer
-from .engine import Engine
-from .errors import SapdError
+from .engine.core import Engine
+from .engine.errors import SapdError
+from .engine.verdicts import ACCEPT, BYPASS
 from .inject import Injector
 from .logsetup import LOGGER
 from .rules import BYPASS_MARK
 from .runtime import load_policy, open_logins
-from .verdicts import ACCEPT, BYPASS
 
 WATCH_INTERVAL = 2.0
 #: how often expired logins are deleted from the store (every address that

@@ -14,7 +14,7 @@ import socket
 from collections.abc import Collection, Iterable
 from typing import Any
 
-from sapd_nfq.errors import ConfigError
+from sapd_nfq.engine.errors import ConfigError
 
 # Linux allows up to 15 bytes (IFNAMSIZ - 1); iptables adds a trailing `+` to
 # mean "every interface whose name starts with this". The character set is

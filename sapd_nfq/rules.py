@@ -33,7 +33,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from sapd_nfq.errors import ConfigError, SapdError
+from sapd_nfq.engine.errors import ConfigError, SapdError
 from sapd_nfq.interfaces import check_name
 
 # --- Marks shared with the daemon -------------------------------------------

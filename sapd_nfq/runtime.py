@@ -6,9 +6,9 @@ Shared by the CLI and the daemon so both judge exactly alike.
 from __future__ import annotations
 
 from .config import Config
+from .engine.policy import RelayPolicy
+from .engine.virtusertable import VirtUserTable
 from .logins import LoginStore, open_store
-from .policy import RelayPolicy
-from .virtusertable import VirtUserTable
 
 
 def load_policy(config: Config, logins: LoginStore) -> RelayPolicy:

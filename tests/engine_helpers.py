@@ -11,11 +11,11 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
 from sapd_nfq.config import Config
-from sapd_nfq.engine import Engine
-from sapd_nfq.logins import MemoryLoginStore
-from sapd_nfq.policy import RelayPolicy
-from sapd_nfq.verdicts import DROP, Decision
-from sapd_nfq.virtusertable import VirtUserTable
+from sapd_nfq.engine.core import Engine
+from sapd_nfq.engine.logins import MemoryLoginStore
+from sapd_nfq.engine.policy import RelayPolicy
+from sapd_nfq.engine.verdicts import DROP, Decision
+from sapd_nfq.engine.virtusertable import VirtUserTable
 
 VIRTUSERTABLE = """\
 # the lab's mail domain

@@ -9,7 +9,7 @@ from __future__ import annotations
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
-from sapd_nfq.packet import Segment
+from sapd_nfq.engine.packet import Segment
 
 CLIENT4, SERVER4 = "198.18.0.1", "198.18.0.2"
 CLIENT6, SERVER6 = "2001:db8::1", "2001:db8::2"

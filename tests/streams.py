@@ -74,7 +74,7 @@ def conversation_splits(
     yield cut_each(lambda data: [data[i:i + 1] for i in range(len(data))])
     longest = max((len(data) for _, data in steps), default=0)
     for k in range(1, longest):
-        yield cut_each(lambda data: split_at(data, [k]) if 0 < k < len(data) else [data])
+        yield cut_each(lambda data, k=k: split_at(data, [k]) if 0 < k < len(data) else [data])
     rng = random.Random(seed)
     for _ in range(random_runs):
         yield cut_each(lambda data: random_chunks(data, rng))

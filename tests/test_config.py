@@ -6,7 +6,7 @@ import pytest
 
 from sapd_nfq import config as config_module
 from sapd_nfq.config import Config, load_config
-from sapd_nfq.errors import ConfigError
+from sapd_nfq.engine.errors import ConfigError
 
 
 def write(tmp_path, text, name="sapd-nfq.toml"):

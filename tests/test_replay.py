@@ -11,13 +11,13 @@ import pytest
 
 from sapd_nfq import cli
 from sapd_nfq.config import Config
-from sapd_nfq.engine import Engine
+from sapd_nfq.engine.core import Engine
+from sapd_nfq.engine.logins import MemoryLoginStore
+from sapd_nfq.engine.policy import ROW_LOGGED_IN, ROW_NOT_LOCAL, ROW_NOT_LOGGED_IN, ROW_RECIPIENT_LOCAL
+from sapd_nfq.engine.verdicts import DROP
 from sapd_nfq.lab.mail import VIRTUSERTABLE
-from sapd_nfq.logins import MemoryLoginStore
 from sapd_nfq.pcap import read_packets
-from sapd_nfq.policy import ROW_LOGGED_IN, ROW_NOT_LOCAL, ROW_NOT_LOGGED_IN, ROW_RECIPIENT_LOCAL
 from sapd_nfq.runtime import load_policy
-from sapd_nfq.verdicts import DROP
 
 CAPTURES = Path(__file__).parent / "captures"
 CLIENT4, CLIENT6 = "198.18.1.2", "2001:db8:1::2"
@@ -177,6 +177,6 @@ def test_replay_command_prints_json_lines(tmp_path, capsys):
                      "--config", str(config)])
     assert code == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [(l["event"], l["client"]) for l in lines] == [("login", CLIENT4), ("pass", CLIENT4)]
+    assert [(line["event"], line["client"]) for line in lines] == [("login", CLIENT4), ("pass", CLIENT4)]
     assert lines[0]["user"] == "alice"
     assert (lines[1]["sender"], lines[1]["recipient"]) == ("alice@lab.example", "dave@external.example")

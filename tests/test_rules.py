@@ -10,10 +10,21 @@ from hypothesis import strategies as st
 
 from sapd_nfq import interfaces, rules
 from sapd_nfq.config import Config
-from sapd_nfq.errors import ConfigError
+from sapd_nfq.engine.errors import ConfigError
 from sapd_nfq.rules import (
-    BYPASS_MARK, CHAINS, FROM_SERVER, INJECT_MARK, INJECT_MASK, IPV4, IPV6, POP3_CHAIN,
-    SMTP_CHAIN, TO_SERVER, Hook, RuleSpec, RulesError,
+    BYPASS_MARK,
+    CHAINS,
+    FROM_SERVER,
+    INJECT_MARK,
+    INJECT_MASK,
+    IPV4,
+    IPV6,
+    POP3_CHAIN,
+    SMTP_CHAIN,
+    TO_SERVER,
+    Hook,
+    RulesError,
+    RuleSpec,
 )
 
 EXPECTED_RULES = """\

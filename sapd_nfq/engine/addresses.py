@@ -20,7 +20,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_add
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
 
-_MAPPED = ip_network("::ffff:0:0/96")
+_MAPPED = IPv6Network("::ffff:0:0/96")
 _ROUTING = frozenset("@%!")
 
 

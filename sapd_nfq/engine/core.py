@@ -20,21 +20,28 @@ Safe verdicts, in one place:
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
+from typing import Protocol
 
 from . import craft
-from .config import Config
 from .errors import MalformedPacket, ProtocolError
 from .events import (
-    LoginFailed, LoginSucceeded, MailFrom, RcptTo, SessionReset,
-    StartTLSRequested, TLSOffered, TLSStarted,
+    LoginFailed,
+    LoginSucceeded,
+    MailFrom,
+    RcptTo,
+    SessionReset,
+    StartTLSRequested,
+    TLSOffered,
+    TLSStarted,
 )
-from .flows import FlowTable, State
+from .flows import Flow, FlowTable, State
 from .logins import LoginStore, StoreError
 from .packet import ACK, RST, SYN, Segment, Truncated, parse, with_payload_bytes
 from .policy import Fail, RelayPolicy
 from .pop3 import POP3Machine
 from .smtp import SMTPMachine
-from .stream import Outcome
+from .stream import Outcome, Stream
 from .verdicts import ACCEPT, BYPASS, DROP, Decision, Notice
 
 SMTP_RELAY_DENIED = b"550 5.7.1 Relaying denied: log in by POP3 first\r\n"
@@ -46,6 +53,26 @@ POP3_REFUSED = b"-ERR Session refused by the relay gate\r\n"
 _MASK = 0xFFFFFFFF
 FAILED = "failed"
 BYPASSED = "bypassed"
+
+
+class Settings(Protocol):
+    """The configuration keys the engine reads (sapd_nfq.config.Config has
+    them all; tests may pass anything that has these)."""
+
+    @property
+    def smtp_ports(self) -> Sequence[int]: ...
+    @property
+    def pop3_ports(self) -> Sequence[int]: ...
+    @property
+    def max_flows(self) -> int: ...
+    @property
+    def auth_ttl(self) -> int: ...
+    @property
+    def smtp_auth_relays(self) -> bool: ...
+    @property
+    def smtp_starttls(self) -> str: ...
+    @property
+    def pop3_stls(self) -> str: ...
 
 
 class Session:
@@ -65,7 +92,7 @@ class Session:
 
 
 class Engine:
-    def __init__(self, config: Config, policy: RelayPolicy, logins: LoginStore) -> None:
+    def __init__(self, config: Settings, policy: RelayPolicy, logins: LoginStore) -> None:
         self.config = config
         self.policy = policy
         self.logins = logins
@@ -75,7 +102,7 @@ class Engine:
         self._pop3_ports = frozenset(config.pop3_ports)
         self._next_expiry = 0.0
 
-    def reconfigure(self, config: Config, policy: RelayPolicy) -> None:
+    def reconfigure(self, config: Settings, policy: RelayPolicy) -> None:
         """Take a new config and table; tracked flows and logins stay."""
         self.config = config
         self.policy = policy
@@ -149,7 +176,7 @@ class Engine:
             self._feed(flow, session, seg, data, from_client, now, decision)
             if decision.verdict is DROP:
                 return decision
-        if session.hidden and not from_client and seg.payload:
+        if session.hidden and not from_client and seg.payload and flow.server is not None:
             decision.packet = self._hide(session, flow.server, seg, packet)
         if decision.verdict is BYPASS:
             flow.fate = BYPASSED
@@ -158,7 +185,7 @@ class Engine:
 
     # -- protocol events ----------------------------------------------------
 
-    def _feed(self, flow, session: Session, seg: Segment, data: bytes,
+    def _feed(self, flow: Flow, session: Session, seg: Segment, data: bytes,
               from_client: bool, now: float, decision: Decision) -> None:
         machine = session.machine
         client, server = flow.key[0], flow.key[2]
@@ -170,7 +197,8 @@ class Engine:
                 self._refuse(flow, seg, from_client, now, exc.hint, into=decision)
             else:
                 decision.verdict = BYPASS
-                decision.notices.append(Notice("error", client, server, reason=f"POP3: {exc.hint}; not followed further", time=now))
+                decision.notices.append(Notice("error", client, server, time=now,
+                                               reason=f"POP3: {exc.hint}; not followed further"))
             return
 
         for event in events:
@@ -212,7 +240,7 @@ class Engine:
                 decision.verdict = BYPASS
                 decision.notices.append(Notice("tls", client, server,
                                                reason="TLS started; session no longer inspected", time=now))
-        if not session.smtp and session.machine.settled:
+        if isinstance(session.machine, POP3Machine) and session.machine.settled:
             decision.verdict = BYPASS
 
     def _login(self, session: Session, client: str, server: str,
@@ -242,7 +270,7 @@ class Engine:
 
     # -- refusing -----------------------------------------------------------
 
-    def _refuse(self, flow, seg: Segment, from_client: bool, now: float, hint: str | None, *,
+    def _refuse(self, flow: Flow, seg: Segment, from_client: bool, now: float, hint: str | None, *,
                 into: Decision | None = None, reply: bytes | None = None,
                 event: str = "reset") -> Decision:
         """Drop `seg`, tell the client why, and reset both ends.
@@ -286,7 +314,7 @@ class Engine:
     # -- hiding TLS offers --------------------------------------------------
 
     @staticmethod
-    def _hide(session: Session, stream, seg: Segment, packet: bytes) -> bytes | None:
+    def _hide(session: Session, stream: Stream, seg: Segment, packet: bytes) -> bytes | None:
         """Overwrite hidden keywords with X in this server segment, if any."""
         start = (seg.seq - stream.isn - 1) & _MASK
         end = start + len(seg.payload)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
+from scapy.packet import Packet
 
 from .packet import ACK, FIN, SYN, Segment
 
 _MASK = 0xFFFFFFFF
 
 
-def _ip(version: int, src: str, dst: str):
+def _ip(version: int, src: str, dst: str) -> Packet:
     return IP(src=src, dst=dst) if version == 4 else IPv6(src=src, dst=dst)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 # --- SMTP: client commands -------------------------------------------------
 
 @dataclass(frozen=True, slots=True)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
+from typing import Any
 
 from .packet import ACK, FIN, RST, SYN, URG, Segment
 from .stream import Outcome, RetainBudget, Stream, seq_diff
@@ -86,7 +87,8 @@ class Flow:
         self.reset = False  # closed by a RST
         self.created = now
         self.last_seen = now
-        self.app: object = None
+        #: the protocol layer's state for this connection, opaque here
+        self.app: Any = None
         self.fate: object = None
         self._queue: OrderedDict[FlowKey, Flow] | None = None
 

@@ -36,7 +36,13 @@ from typing import ClassVar
 
 from .errors import ProtocolError
 from .events import (
-    Event, LoginFailed, LoginSucceeded, Quit, StartTLSRequested, TLSOffered, TLSStarted,
+    Event,
+    LoginFailed,
+    LoginSucceeded,
+    Quit,
+    StartTLSRequested,
+    TLSOffered,
+    TLSStarted,
 )
 from .linebuffer import LineBuffer
 from .sasl import SaslLogin, login_name
@@ -244,8 +250,9 @@ class POP3Machine:
     def _client_line(self, line: bytes, crlf: bool, out: list[Event]) -> None:
         if _CONTROL.search(line):
             raise ProtocolError("control character in a client line")
-        if self._pending and isinstance(self._pending[-1], _Challenge):
-            sasl = self._pending.pop().sasl
+        if self._pending and isinstance(challenge := self._pending[-1], _Challenge):
+            self._pending.pop()
+            sasl = challenge.sasl
             cancelled = line == b"*"
             if not cancelled:
                 sasl.client_response(line)

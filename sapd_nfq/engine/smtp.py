@@ -35,8 +35,18 @@ from dataclasses import dataclass
 from . import smtp_grammar as grammar
 from .errors import ProtocolError
 from .events import (
-    DataStarted, Event, LoginFailed, LoginSucceeded, MailFrom, MessageEnded, Quit,
-    RcptTo, SessionReset, StartTLSRequested, TLSOffered, TLSStarted,
+    DataStarted,
+    Event,
+    LoginFailed,
+    LoginSucceeded,
+    MailFrom,
+    MessageEnded,
+    Quit,
+    RcptTo,
+    SessionReset,
+    StartTLSRequested,
+    TLSOffered,
+    TLSStarted,
 )
 from .linebuffer import LineBuffer
 from .sasl import SaslLogin

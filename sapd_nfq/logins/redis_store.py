@@ -14,12 +14,17 @@ appears in a repr or an error.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.typing import EncodableT, FieldT
 
-from .addresses import normalize_ip
-from .logins import Login, LoginStore, StoreError, address_order, new_login, renewed
+from ..engine.addresses import normalize_ip
+from ..engine.logins import Login, LoginStore, StoreError, address_order, new_login, renewed
+
+T = TypeVar("T")
 
 PREFIX = "sapd-nfq:login:"
 SCHEMES = ("redis", "rediss", "unix")
@@ -50,14 +55,15 @@ class RedisLoginStore(LoginStore):
     def __repr__(self) -> str:
         return f"RedisLoginStore({self._shown!r})"
 
-    def _call(self, what: str, func, *args):
+    def _call(self, what: str, func: Callable[..., T], *args: Any) -> T:
         try:
             return func(*args)
         except redis.RedisError as e:
             raise StoreError(f"{self._shown}: {what}: {e}") from None
 
     @staticmethod
-    def _login(address: str, fields: dict[str, str]) -> Login | None:
+    def _login(address: str, fields: Mapping[Any, Any]) -> Login | None:
+        # decode_responses=True: keys and values arrive as str
         try:
             return Login(address, fields.get("user") or None, float(fields["expires"]),
                          fields.get("source") or "pop3")
@@ -69,7 +75,8 @@ class RedisLoginStore(LoginStore):
         new = new_login(address, user, now, ttl, source)
         key = PREFIX + new.address
         login = renewed(self.get(new.address, now), new)
-        fields = {"user": login.user or "", "source": login.source, "expires": repr(login.expires)}
+        fields: dict[FieldT, EncodableT] = {"user": login.user or "", "source": login.source,
+                                            "expires": repr(login.expires)}
 
         def write() -> None:
             pipe = self._redis.pipeline()
@@ -91,7 +98,7 @@ class RedisLoginStore(LoginStore):
 
     def _all(self) -> list[Login]:
         def scan() -> list[Login]:
-            found = []
+            found: list[Login] = []
             for key in self._redis.scan_iter(match=PREFIX + "*", count=500):
                 login = self._login(key[len(PREFIX):], self._redis.hgetall(key))
                 if login is not None:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from engine_helpers import CLIENT4, CLIENT6, SERVER6, Conn, make_engine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
 
-from engine_helpers import CLIENT4, CLIENT6, SERVER6, Conn, make_engine
-from sapd_nfq.logins import StoreError
-from sapd_nfq.packet import FIN, RST, parse, tcp_checksum_ok
-from sapd_nfq.policy import ROW_LOGGED_IN, ROW_NOT_LOCAL, ROW_NOT_LOGGED_IN, ROW_RECIPIENT_LOCAL
-from sapd_nfq.verdicts import ACCEPT, BYPASS, DROP
+from sapd_nfq.engine.logins import StoreError
+from sapd_nfq.engine.packet import FIN, RST, parse, tcp_checksum_ok
+from sapd_nfq.engine.policy import ROW_LOGGED_IN, ROW_NOT_LOCAL, ROW_NOT_LOGGED_IN, ROW_RECIPIENT_LOCAL
+from sapd_nfq.engine.verdicts import ACCEPT, BYPASS, DROP
 
 RELAY = b"MAIL FROM:<alice@lab.example>\r\nRCPT TO:<dave@external.example>\r\n"
 

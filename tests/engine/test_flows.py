@@ -6,9 +6,9 @@ import tracemalloc
 import pytest
 from helpers_tcp import CLIENT4, SERVER4, segment
 
-from sapd_nfq.flows import Flow, FlowTable, State
-from sapd_nfq.packet import ACK, FIN, PSH, RST, SYN, URG
-from sapd_nfq.stream import Outcome
+from sapd_nfq.engine.flows import Flow, FlowTable, State
+from sapd_nfq.engine.packet import ACK, FIN, PSH, RST, SYN, URG
+from sapd_nfq.engine.stream import Outcome
 
 NEW, DUPLICATE, GAP, CONFLICT = Outcome.NEW, Outcome.DUPLICATE, Outcome.GAP, Outcome.CONFLICT
 NOTHING = (DUPLICATE, b"")

@@ -3,19 +3,31 @@ from __future__ import annotations
 import struct
 
 import pytest
+from helpers_tcp import CLIENT4, CLIENT6, SERVER4, SERVER6, v4, v6
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP, IPOption_NOP
 from scapy.layers.inet6 import (
-    IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
 )
 
-from sapd_nfq.errors import MalformedPacket
-from sapd_nfq.packet import (
-    ACK, FIN, PSH, RST, SYN, URG, Truncated, parse, tcp_checksum_ok, with_payload_bytes,
+from sapd_nfq.engine.errors import MalformedPacket
+from sapd_nfq.engine.packet import (
+    ACK,
+    FIN,
+    PSH,
+    RST,
+    SYN,
+    URG,
+    Truncated,
+    parse,
+    tcp_checksum_ok,
+    with_payload_bytes,
 )
-
-from helpers_tcp import CLIENT4, CLIENT6, SERVER4, SERVER6, v4, v6
 
 TCP_OPTIONS = {"options": [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1, 2)),
                            ("NOP", None), ("WScale", 7)]}

@@ -2,13 +2,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sapd_nfq import policy
-from sapd_nfq.logins import Login, MemoryLoginStore, StoreError
-from sapd_nfq.policy import (
-    ROW_LOGGED_IN, ROW_NOT_LOCAL, ROW_NOT_LOGGED_IN, ROW_RECIPIENT_LOCAL, ROW_TRUSTED,
-    Fail, Pass, RelayPolicy,
+from sapd_nfq.engine import policy
+from sapd_nfq.engine.logins import Login, MemoryLoginStore, StoreError
+from sapd_nfq.engine.policy import (
+    ROW_LOGGED_IN,
+    ROW_NOT_LOCAL,
+    ROW_NOT_LOGGED_IN,
+    ROW_RECIPIENT_LOCAL,
+    ROW_TRUSTED,
+    Fail,
+    Pass,
+    RelayPolicy,
 )
-from sapd_nfq.virtusertable import VirtUserTable
+from sapd_nfq.engine.virtusertable import VirtUserTable
 
 NOW = 1_700_000_000.0
 TABLE = VirtUserTable.parse("""\

@@ -17,11 +17,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from streams import conversation_splits
 
-from sapd_nfq.errors import ProtocolError
-from sapd_nfq.events import (
-    LoginFailed, LoginSucceeded, Quit, StartTLSRequested, TLSOffered, TLSStarted,
+from sapd_nfq.engine.errors import ProtocolError
+from sapd_nfq.engine.events import (
+    LoginFailed,
+    LoginSucceeded,
+    Quit,
+    StartTLSRequested,
+    TLSOffered,
+    TLSStarted,
 )
-from sapd_nfq.pop3 import MAX_COMMAND, POP3Machine
+from sapd_nfq.engine.pop3 import MAX_COMMAND, POP3Machine
 
 C, S = "client", "server"
 

@@ -7,14 +7,23 @@ import base64
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from sapd_nfq.errors import ProtocolError
-from sapd_nfq.events import (
-    DataStarted, LoginFailed, LoginSucceeded, MailFrom, MessageEnded, Quit, RcptTo,
-    SessionReset, StartTLSRequested, TLSOffered, TLSStarted,
-)
-from sapd_nfq.smtp import SMTPMachine
 from streams import conversation_splits, splits
+
+from sapd_nfq.engine.errors import ProtocolError
+from sapd_nfq.engine.events import (
+    DataStarted,
+    LoginFailed,
+    LoginSucceeded,
+    MailFrom,
+    MessageEnded,
+    Quit,
+    RcptTo,
+    SessionReset,
+    StartTLSRequested,
+    TLSOffered,
+    TLSStarted,
+)
+from sapd_nfq.engine.smtp import SMTPMachine
 
 C, S = "client", "server"
 

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from streams import splits
 
-from sapd_nfq.stream import Outcome, Stream, seq_diff
+from sapd_nfq.engine.stream import Outcome, Stream, seq_diff
 
 MASK = 0xFFFFFFFF
 NEW, DUPLICATE, GAP, CONFLICT, OVERFLOW = (
@@ -263,7 +263,7 @@ def test_modified_retransmission_is_conflict(draw) -> None:
 
 
 def test_streams_share_one_retain_budget():
-    from sapd_nfq.stream import RetainBudget
+    from sapd_nfq.engine.stream import RetainBudget
 
     budget = RetainBudget(100)
     a, b = Stream(1000, budget=budget), Stream(5000, budget=budget)

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sapd_nfq.errors import MapError
-from sapd_nfq.virtusertable import VirtUserTable
+from sapd_nfq.engine.errors import MapError
+from sapd_nfq.engine.virtusertable import VirtUserTable
 
 # One key per lookup step, each naming itself, so a lookup shows which step hit.
 EVERY_STEP = """\

@@ -24,8 +24,17 @@ from socket import AF_INET, AF_INET6
 
 import pytest
 from lab_gate import (
-    RELAY_DENIED, Gate, PostfixLog, curl_pop3_plain, mangle_rules, pop3_login, send_mail,
-    smtp_session, swaks, try_rcpt, wait_until,
+    RELAY_DENIED,
+    Gate,
+    PostfixLog,
+    curl_pop3_plain,
+    mangle_rules,
+    pop3_login,
+    send_mail,
+    smtp_session,
+    swaks,
+    try_rcpt,
+    wait_until,
 )
 
 from sapd_nfq.daemon import WATCH_INTERVAL

@@ -23,9 +23,17 @@ import pytest
 from pyroute2 import IPRoute, netns
 
 from sapd_nfq import interfaces, rules
-from sapd_nfq.errors import ConfigError
+from sapd_nfq.engine.errors import ConfigError
 from sapd_nfq.rules import (
-    BYPASS_MARK, FROM_SERVER, INJECT_MARK, IPV4, IPV6, POP3_CHAIN, SMTP_CHAIN, TO_SERVER, RuleSpec,
+    BYPASS_MARK,
+    FROM_SERVER,
+    INJECT_MARK,
+    IPV4,
+    IPV6,
+    POP3_CHAIN,
+    SMTP_CHAIN,
+    TO_SERVER,
+    RuleSpec,
 )
 
 pytestmark = pytest.mark.lab

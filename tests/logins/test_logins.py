@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from sapd_nfq.logins import (
-    Login, MemoryLoginStore, SQLiteLoginStore, StoreError, open_store, store_kind,
-)
+from sapd_nfq.engine.logins import Login, MemoryLoginStore, StoreError
+from sapd_nfq.logins import open_store, store_kind
+from sapd_nfq.logins.sqlite_store import SQLiteLoginStore
 
 NOW = 1_700_000_000.0
 TTL = 1800
@@ -38,7 +38,7 @@ def redis_url(tmp_path_factory):
 
 
 def _redis_store(url):
-    from sapd_nfq.logins_redis import RedisLoginStore
+    from sapd_nfq.logins.redis_store import RedisLoginStore
 
     s = RedisLoginStore(url)
     s._redis.flushdb()
@@ -168,11 +168,11 @@ def test_sqlite_another_process_writes_while_open(tmp_path):
     path = tmp_path / "l.sqlite"
     with SQLiteLoginStore(path) as daemon:
         assert daemon.entries(NOW) == []
-        script = ("import sys; from sapd_nfq.logins import SQLiteLoginStore as S; "
+        script = ("import sys; from sapd_nfq.logins.sqlite_store import SQLiteLoginStore as S; "
                   "s = S(sys.argv[1]); s.add('198.18.0.7', None, float(sys.argv[2]), 60, "
                   "source='manual'); s.close()")
         subprocess.run([sys.executable, "-c", script, str(path), str(NOW)], check=True,
-                       cwd=os.path.dirname(os.path.dirname(__file__)))
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
         assert daemon.get("198.18.0.7", NOW) == Login("198.18.0.7", None, NOW + 60, "manual")
 
 
@@ -281,7 +281,7 @@ def test_redis_drops_the_key_when_the_window_closes(redis_url):
 
 
 def test_redis_password_never_shown(redis_url):
-    from sapd_nfq.logins_redis import RedisLoginStore, redacted
+    from sapd_nfq.logins.redis_store import RedisLoginStore, redacted
 
     assert redacted("redis://:s3cret@198.18.0.9:6379/0") == "redis://:***@198.18.0.9:6379/0"
     with pytest.raises(StoreError) as e:
