@@ -52,7 +52,8 @@ def _lab_session() -> Iterator[tuple]:
     require_lab()
     from sapd_nfq.lab import Lab, MailServer
 
-    with Lab() as lab, MailServer(lab) as mail:
+    # SAPD_LAB_PREFIX names the namespaces, so that two runs can share a host
+    with Lab(prefix=os.environ.get("SAPD_LAB_PREFIX", "sapd")) as lab, MailServer(lab) as mail:
         yield lab, mail
 
 
