@@ -37,7 +37,7 @@ from .events import (
 )
 from .flows import Flow, FlowTable, State
 from .logins import LoginStore, StoreError
-from .packet import ACK, RST, SYN, Segment, Truncated, parse, with_payload_bytes
+from .packet import ACK, RST, SYN, URG, Segment, Truncated, parse, with_payload_bytes, without_urgent
 from .policy import Fail, RelayPolicy
 from .pop3 import POP3Machine
 from .smtp import SMTPMachine
@@ -138,6 +138,11 @@ class Engine:
         else:
             counters["foreign"] += 1
             return Decision(ACCEPT)
+        normalised = None
+        if seg.flags & URG:  # the receiver must read the urgent byte in line, as we do
+            counters["urgent_cleared"] += 1
+            packet = normalised = without_urgent(packet, seg)
+            seg = parse(packet)
 
         if from_client:
             key = (seg.src, seg.sport, seg.dst, seg.dport)
@@ -178,6 +183,8 @@ class Engine:
                 return decision
         if session.hidden and not from_client and seg.payload and flow.server is not None:
             decision.packet = self._hide(session, flow.server, seg, packet)
+        if decision.packet is None:
+            decision.packet = normalised
         if decision.verdict is BYPASS:
             flow.fate = BYPASSED
             flow.release()  # what follows is no longer compared

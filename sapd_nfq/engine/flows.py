@@ -9,8 +9,11 @@ Outcomes as a Stream, adding what only the connection knows:
 - no data is accepted from the client before it has acknowledged the
   server's SYN-ACK, nor from a side whose SYN we did not see (GAP), nor in a
   segment without ACK, which every receiver's TCP discards (CONFLICT);
-- URG is CONFLICT: the receiver's TCP takes the urgent byte out of the
-  stream, so the server would read other bytes than we inspected;
+- URG means nothing here: its bytes are judged in line like any others.
+  That is only true for the receiver because the engine clears the flag and
+  the urgent pointer of every segment it lets through (README, "Urgent
+  data"): a receiver that saw them would take the urgent byte out of the
+  stream it hands the MTA;
 - a RST closes the flow only at the exact sequence number the receiver's TCP
   accepts outright (RFC 5961), or, before the server's SYN-ACK, when it
   acknowledges the client's SYN. Either way it is DUPLICATE: forward it, the
@@ -50,7 +53,7 @@ import enum
 from collections import OrderedDict
 from typing import Any
 
-from .packet import ACK, FIN, RST, SYN, URG, Segment
+from .packet import ACK, FIN, RST, SYN, Segment
 from .stream import Outcome, RetainBudget, Stream, seq_diff
 
 FlowKey = tuple[str, int, str, int]  # client addr, client port, server addr, server port
@@ -102,7 +105,7 @@ class Flow:
             self._rst(seg, from_client)
             return _NOTHING
         carries = bool(seg.payload or flags & (SYN | FIN))
-        if flags & URG or (flags & SYN and flags & FIN):
+        if flags & SYN and flags & FIN:
             return _CONFLICT
         if self.reset:
             return _CONFLICT if carries else _NOTHING

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
 
 from sapd_nfq.engine.logins import StoreError
-from sapd_nfq.engine.packet import FIN, RST, parse, tcp_checksum_ok
+from sapd_nfq.engine.packet import FIN, RST, URG, parse, tcp_checksum_ok
 from sapd_nfq.engine.policy import ROW_LOGGED_IN, ROW_NOT_LOCAL, ROW_NOT_LOGGED_IN, ROW_RECIPIENT_LOCAL
 from sapd_nfq.engine.verdicts import ACCEPT, BYPASS, DROP
 
@@ -200,6 +200,58 @@ def test_starttls_offer_is_hidden_in_place_by_default():
     seg = parse(d.packet)
     assert seg.payload == b"250-mx\r\n250-XXXXXXXX\r\n250 8BITMIME\r\n"
     assert tcp_checksum_ok(d.packet)
+
+
+def assert_urgent_cleared(decision, sent: bytes) -> None:
+    """The verdict's packet is `sent` without URG and urgent pointer."""
+    assert decision.verdict is ACCEPT and decision.packet is not None
+    out, original = parse(decision.packet), parse(sent)
+    assert not out.flags & URG and out.flags == original.flags & ~URG
+    assert decision.packet[out.tcp_offset + 18:out.tcp_offset + 20] == b"\0\0"
+    assert tcp_checksum_ok(decision.packet)
+
+
+def test_urgent_data_reaches_the_server_in_line():
+    # The MTA's TCP would take the urgent byte 'X' out of the stream and hand
+    # Postfix "RCPT TO:..." while we read "XRCPT": cleared, it reads "XRCPT" too.
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    hidden = b"XRCPT TO:<dave@external.example>\r\n"
+    sent = conn.packet(True, hidden, flags="PAU", urgptr=1)
+    d = conn.feed(sent)
+    assert_urgent_cleared(d, sent)
+    assert parse(d.packet).payload == hidden and not d.notices
+    conn.cseq += len(hidden)
+    assert conn.server(b"502 5.5.2 Error: command not recognized\r\n").verdict is ACCEPT
+    assert conn.engine.counters["urgent_cleared"] == 1
+    assert_refused(conn.client(RELAY), conn, b"550 5.7.1")
+
+
+def test_urgent_pointer_aiming_at_later_data_is_cleared_too():
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    sent = conn.packet(True, flags="AU", urgptr=40)
+    assert_urgent_cleared(conn.feed(sent), sent)
+
+
+def test_urgent_flag_on_a_hidden_starttls_offer():
+    conn = Conn(make_engine())
+    conn.handshake()
+    conn.server(b"220 mx ESMTP\r\n")
+    conn.client(b"EHLO c\r\n")
+    reply = b"250-mx\r\n250-STARTTLS\r\n250 8BITMIME\r\n"
+    sent = conn.packet(False, reply, flags="PAU", urgptr=3)
+    d = conn.feed(sent)
+    assert_urgent_cleared(d, sent)
+    assert parse(d.packet).payload == reply.replace(b"STARTTLS", b"XXXXXXXX")
+
+
+def test_urgent_data_on_pop3_is_read_in_line():
+    conn = Conn(make_engine(), sport=110)
+    conn.handshake()
+    conn.server(b"+OK Dovecot ready.\r\n")
+    sent = conn.packet(True, b"USER alice\r\n", flags="PAU", urgptr=5)
+    assert_urgent_cleared(conn.feed(sent), sent)
 
 
 def test_starttls_offer_split_over_segments_is_hidden_where_it_completes():

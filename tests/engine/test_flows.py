@@ -127,13 +127,20 @@ def test_fast_open_data_is_judged() -> None:
     (PSH, b"RCPT TO:<x>\r\n", CONFLICT),   # no ACK: the receiver discards it
     (FIN, b"", CONFLICT),
     (0, b"", DUPLICATE),
-    (ACK | URG, b"XRCPT TO:<x>\r\n", CONFLICT),
-    (ACK | URG, b"", CONFLICT),            # the urgent pointer can aim at later data
 ])
 def test_flags(flags: int, payload: bytes, outcome: Outcome) -> None:
     conn = established()
     assert conn.client(flags, payload) == (outcome, b"")
     assert conn.flow.client.offset == 0
+
+
+def test_urgent_bytes_are_judged_in_line() -> None:
+    # The engine clears URG before the segment goes on, so the receiver reads
+    # the urgent byte where the stream does.
+    conn = established()
+    assert conn.say(True, b"XRCPT TO:<x>\r\n", flags=ACK | PSH | URG) == (NEW, b"XRCPT TO:<x>\r\n")
+    assert conn.client(ACK | URG) == NOTHING
+    assert conn.say(True, b"QUIT\r\n") == (NEW, b"QUIT\r\n")
 
 
 # --- RST ------------------------------------------------------------------------
