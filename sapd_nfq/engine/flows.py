@@ -6,6 +6,12 @@ Outcomes as a Stream, adding what only the connection knows:
 - the client's SYN and the server's SYN-ACK create the streams; a resent
   SYN with the same ISN is DUPLICATE, another ISN is CONFLICT; a SYN may
   carry data (TCP Fast Open), which is judged like any other data;
+- except on a live connection: there a client SYN with another ISN changes
+  nothing and is passed on (DUPLICATE), as RFC 5961 has the server answer it
+  with a challenge ACK and keep the connection. A blind SYN on a client's
+  ports therefore cannot end its session. Data or FIN on such a SYN is
+  CONFLICT: a server that had lost the connection would take it for a new
+  one's and read the data uninspected;
 - no data is accepted from the client before it has acknowledged the
   server's SYN-ACK, nor from a side whose SYN we did not see (GAP), nor in a
   segment without ACK, which every receiver's TCP discards (CONFLICT);
@@ -112,6 +118,8 @@ class Flow:
 
         opened = False
         if flags & SYN:
+            if from_client and self._live_elsewhere(seg):
+                return _CONFLICT if seg.payload or flags & FIN else _NOTHING
             stream, opened = self._syn(seg, from_client)
             if stream is None:
                 return _CONFLICT
@@ -146,6 +154,11 @@ class Flow:
         for stream in (self.client, self.server):
             if stream is not None:
                 stream.release()
+
+    def _live_elsewhere(self, seg: Segment) -> bool:
+        """A client's SYN (no ACK) with another ISN while the connection is established."""
+        return (not seg.flags & ACK and self.state in (State.ESTABLISHED, State.CLOSING)
+                and self.client is not None and seg.seq != self.client.isn)
 
     def _syn(self, seg: Segment, from_client: bool) -> tuple[Stream | None, bool]:
         """The stream a SYN belongs to and whether it just opened it; None if bogus."""

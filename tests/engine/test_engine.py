@@ -383,6 +383,19 @@ def test_a_closed_connection_can_be_reopened_from_the_same_port():
     assert again.client(b"EHLO x\r\n").verdict is ACCEPT
 
 
+def test_a_blind_syn_on_a_live_sessions_ports_does_not_end_it():
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    conn.client(b"MAIL FROM:<alice@lab.example>\r\n")
+    conn.server(b"250 2.1.0 Ok\r\n")
+    d = conn.feed(conn.packet(True, flags="S", seq=conn.cseq + 99999, ack=0))
+    assert d.verdict is ACCEPT and not d.inject  # the server answers with a challenge ACK
+    assert conn.client(b"RCPT TO:<bob@lab.example>\r\n").verdict is ACCEPT
+    conn.server(b"250 2.1.5 Ok\r\n")
+    assert_refused(conn.client(b"RCPT TO:<dave@external.example>\r\n"), conn, b"550 5.7.1")
+    assert conn.engine.counters["conflicts"] == 0
+
+
 def test_reconfigure_keeps_flows_and_logins():
     engine = make_engine()
     Conn(engine, sport=110).pop3_login()
