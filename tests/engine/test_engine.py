@@ -42,6 +42,18 @@ def test_inbound_mail_to_a_local_recipient_passes():
         conn.client_addr, "dave@external.example", "Alice@LAB.example", ROW_RECIPIENT_LOCAL)
 
 
+def test_spellings_postfix_delivers_to_a_local_user_pass_as_local():
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    conn.client(b"MAIL FROM:<dave@external.example>\r\n")
+    for spelled in (b'<"alice"@lab.example>', b'<"al\\ice"@lab.example>', b"<alice@lab.example.>"):
+        d = conn.client(b"RCPT TO:" + spelled + b"\r\n")
+        assert d.verdict is ACCEPT
+        [n] = notices(d, "pass")
+        assert (n.recipient, n.row) == ("alice@lab.example", ROW_RECIPIENT_LOCAL)
+    assert_refused(conn.client(b'RCPT TO:<"dave"@external.example.>\r\n'), conn, b"550 5.7.1")
+
+
 def test_relay_without_login_is_refused_with_550_and_resets():
     conn = Conn(make_engine())
     conn.smtp_greeting()
