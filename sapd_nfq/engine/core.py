@@ -284,7 +284,8 @@ class Engine:
 
         The reply goes to the client with FIN, so it reads a definite answer
         before the connection ends; the server is reset at the seq of the
-        dropped segment, so the offending bytes never reach it.
+        dropped segment, so the offending bytes never reach it (and after
+        the bytes we passed, where that differs).
         """
         session: Session = flow.app
         decision = into if into is not None else Decision(DROP)
@@ -296,6 +297,12 @@ class Engine:
             reply = SMTP_REFUSED if session.smtp else POP3_REFUSED
         if from_client:
             decision.inject += [craft.reply_and_close(seg, reply), craft.reset_receiver(seg)]
+            # The server expects the seq after the bytes we passed (a resend that
+            # overlaps them starts before it), or this segment's if those were lost
+            # after us; only the exact one resets it (RFC 5961), so send both.
+            passed = None if flow.client is None else (flow.client.next_seq - flow.client.added) & _MASK
+            if passed is not None and passed != seg.seq:
+                decision.inject.append(craft.reset_receiver(seg, passed))
         else:
             decision.inject += [craft.reset_receiver(seg), craft.reset_sender(seg)]
         if hint is not None:

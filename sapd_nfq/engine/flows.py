@@ -105,7 +105,14 @@ class Flow:
         return f"Flow({self.key!r}, {self.state.name})"
 
     def handle(self, seg: Segment, from_client: bool) -> tuple[Outcome, bytes]:
-        """Judge one segment; NEW comes with the bytes to inspect."""
+        """Judge one segment; NEW comes with the bytes to inspect.
+
+        Afterwards the sender's stream's `added` says how far this segment
+        moved it (0 unless NEW).
+        """
+        sender = self.client if from_client else self.server
+        if sender is not None:
+            sender.added = 0
         flags = seg.flags
         if flags & RST:
             self._rst(seg, from_client)
@@ -127,7 +134,7 @@ class Flow:
         else:
             if not flags & ACK:
                 return _CONFLICT if carries else _NOTHING
-            stream = self.client if from_client else self.server
+            stream = sender
             if stream is None:
                 return _GAP if carries else _NOTHING
             if from_client and self.state is State.SYN_SENT:

@@ -347,6 +347,35 @@ def test_a_retransmission_with_different_bytes_is_refused():
     assert conn.engine.counters["conflicts"] == 1
 
 
+def resets_to_server(decision, conn) -> list[int]:
+    """The seqs of the RSTs the refusal sends the server."""
+    return sorted(seg.seq for seg in map(parse, decision.inject)
+                  if seg.flags & RST and seg.dst == conn.server_addr)
+
+
+def test_a_conflict_resets_the_server_where_it_may_stand():
+    # The server may hold what we let through (it starts a resend that differs) or
+    # have lost it after us: only the exact seq resets it, so both go.
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    start = conn.cseq
+    assert conn.client(b"RCPT TO:<bo").verdict is ACCEPT
+    d = conn.feed(conn.packet(True, b"RCPT TO:<dave@external.example>\r\n", seq=start))
+    assert d.verdict is DROP and conn.engine.counters["conflicts"] == 1
+    assert resets_to_server(d, conn) == [start, start + 11]
+
+
+def test_a_refused_resend_that_overlaps_resets_the_server_after_what_passed():
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    start = conn.cseq
+    mail = b"MAIL FROM:<alice@lab.example>\r\n"
+    assert conn.client(mail).verdict is ACCEPT  # passed; its ACK not seen yet
+    d = conn.feed(conn.packet(True, mail + b"RCPT TO:<dave@external.example>\r\n", seq=start))
+    assert d.verdict is DROP and notices(d, "fail")
+    assert resets_to_server(d, conn) == [start, start + len(mail)]
+
+
 def test_data_beyond_a_gap_waits_for_the_gap():
     conn = Conn(make_engine())
     conn.smtp_greeting()
