@@ -10,7 +10,9 @@ Safe verdicts, in one place:
 - an SMTP packet of a connection we did not see open (sapd-nfq restarted, or
   the flow was evicted): DROP and reset both ends, since we cannot know
   whether it carries an uninspected RCPT; the client reconnects and is
-  inspected from the start;
+  inspected from the start. A SYN-ACK is only dropped: carrying nothing,
+  it is not worth the two crafted packets that a SYN flood evicting
+  half-open flows would make us send for each one;
 - an SMTP stream that breaks the protocol or rewrites inspected bytes: the
   session is refused like a relay attempt;
 - POP3 trouble never opens a relay (it can only lose a login), so POP3 flows
@@ -321,7 +323,7 @@ class Engine:
         if not smtp:
             return Decision(BYPASS)
         decision = Decision(DROP)
-        if not seg.flags & RST:
+        if not seg.flags & (RST | SYN):
             decision.inject += [craft.reset_sender(seg), craft.reset_receiver(seg)]
         return decision
 

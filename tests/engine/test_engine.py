@@ -331,6 +331,23 @@ def test_untracked_smtp_connection_is_reset_both_ways():
     assert b.flags & RST and b.dst == conn.server_addr
 
 
+def test_a_syn_flood_that_overflows_the_table_costs_no_crafted_packets():
+    # Half-open flows are evicted first; their SYN-ACKs are dropped, never answered.
+    engine = make_engine(max_flows=8)
+    conns = [Conn(engine, cport=41000 + i) for i in range(20)]
+    for conn in conns:
+        assert not conn.feed(conn.packet(True, flags="S", ack=0)).inject
+    for conn in conns:
+        conn.cseq += 1
+        d = conn.feed(conn.packet(False, flags="SA"))
+        assert d.inject == [] and (d.verdict is DROP) is (conn.cport < 41012)
+    assert engine.flows.evicted == 12 and len(engine.flows) == 8
+    # the client whose SYN-ACK was dropped sends its SYN again and gets through
+    again = conns[0]
+    again.cseq -= 1
+    assert again.handshake()[1].verdict is ACCEPT
+
+
 def test_untracked_pop3_connection_leaves_the_queue():
     conn = Conn(make_engine(), sport=110)
     assert conn.client(b"RETR 1\r\n").verdict is BYPASS
