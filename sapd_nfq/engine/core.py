@@ -295,6 +295,7 @@ class Engine:
         decision.packet = None
         flow.fate = FAILED
         flow.release()
+        self.flows.close(flow, now)
         if reply is None:
             reply = SMTP_REFUSED if session.smtp else POP3_REFUSED
         if from_client:

@@ -348,6 +348,20 @@ def test_a_syn_flood_that_overflows_the_table_costs_no_crafted_packets():
     assert again.handshake()[1].verdict is ACCEPT
 
 
+def test_refused_sessions_give_their_slots_up_before_live_ones():
+    # A relay flood leaves a refused flow per attempt: it must not push out the
+    # idle sessions nor the handshakes that come after it.
+    engine = make_engine(max_flows=4)
+    idle = Conn(engine, cport=40100)
+    idle.smtp_greeting()
+    for i in range(10):
+        attempt = Conn(engine, cport=40200 + i, now=idle.now)
+        attempt.smtp_greeting()
+        assert_refused(attempt.client(RELAY), attempt, b"550 5.7.1")
+    assert engine.flows.get((idle.client_addr, idle.cport, idle.server_addr, idle.sport)) is not None
+    assert idle.client(b"QUIT\r\n").verdict is ACCEPT
+
+
 def test_untracked_pop3_connection_leaves_the_queue():
     conn = Conn(make_engine(), sport=110)
     assert conn.client(b"RETR 1\r\n").verdict is BYPASS
