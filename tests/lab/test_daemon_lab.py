@@ -32,6 +32,7 @@ from lab_gate import (
     pop3_login,
     send_mail,
     smtp_session,
+    stop_and_check,
     swaks,
     try_rcpt,
     wait_until,
@@ -77,20 +78,7 @@ def make_gate(lab, mail_server, tmp_path):
         return gate
 
     yield make
-    problems = []
-    for gate in gates:
-        if gate.running:
-            code = gate.stop()
-            if code != 0:
-                problems.append(f"sapd-nfq run exited {code} on SIGTERM")
-        gate.down()
-        if mangle_rules(lab, gate.host) != gate.rules_before:
-            problems.append(f"`down` left rules behind in {gate.host}")
-        log = gate.log()
-        if "Traceback" in log:
-            problems.append("the daemon logged a traceback")
-        if any(password in log for password in mail_server.users.values()):
-            problems.append("a password reached the daemon's log")
+    problems = [problem for gate in gates for problem in stop_and_check(gate, mail_server)]
     assert not problems, "\n".join(problems) + "\n" + "\n".join(g.log() for g in gates)
 
 
