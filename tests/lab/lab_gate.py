@@ -32,6 +32,7 @@ from pathlib import Path
 
 from sapd_nfq.config import load_config
 from sapd_nfq.control import DaemonNotRunning, request
+from sapd_nfq.daemon import SETTLE_INTERVAL, WATCH_INTERVAL
 from sapd_nfq.lab import Lab, MailServer
 from sapd_nfq.lab.mail import VIRTUSERTABLE
 
@@ -40,6 +41,9 @@ START_TIMEOUT = 10.0  # seconds for `run` to answer on its control socket
 CLI_TIMEOUT = 30.0
 CLIENT_TIMEOUT = 10.0  # seconds a mail client waits for the server
 POLL = 0.05
+#: seconds from writing a watched file to its reload: the next watch sees the
+#: change, the one after reads it once it has held still; plus a busy machine
+FILE_RELOAD_TIMEOUT = 2 * WATCH_INTERVAL + SETTLE_INTERVAL + 10.0
 RELAY_DENIED = "550 5.7.1"
 # This checkout's sapd_nfq, for the commands run inside the lab's namespaces.
 _ENV = {**os.environ, "PYTHONPATH": str(REPO)}
