@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
 
 from sapd_nfq.engine.logins import StoreError
-from sapd_nfq.engine.packet import FIN, RST, parse, tcp_checksum_ok
+from sapd_nfq.engine.packet import ACK, FIN, RST, parse, tcp_checksum_ok
 from sapd_nfq.engine.policy import ROW_LOGGED_IN, ROW_NOT_LOCAL, ROW_NOT_LOGGED_IN, ROW_RECIPIENT_LOCAL
 from sapd_nfq.engine.verdicts import ACCEPT, BYPASS, DROP
 
@@ -262,9 +262,26 @@ def test_untracked_smtp_connection_is_reset_both_ways():
     conn = Conn(make_engine())
     d = conn.client(b"RCPT TO:<dave@external.example>\r\n")
     assert d.verdict is DROP
-    a, b = (parse(p) for p in d.inject)
-    assert a.flags & RST and a.dst == conn.client_addr
-    assert b.flags & RST and b.dst == conn.server_addr
+    to_client, probe, to_server = (parse(p) for p in d.inject)
+    assert to_client.flags & RST and to_client.dst == conn.client_addr
+    assert to_server.flags & RST and to_server.dst == conn.server_addr
+    # a server already past this seq ignores that RST; the probe makes it answer
+    assert probe.flags == ACK and probe.dst == conn.server_addr and not probe.payload
+    assert (probe.seq, probe.ack) == (to_server.seq, conn.sseq)
+
+
+def test_the_answer_to_the_probe_draws_a_reset_that_lands():
+    # The server's duplicate ACK, untracked too: its ack is where a RST to it lands.
+    conn = Conn(make_engine())
+    d = conn.server(b"", flags="A")
+    to_server = parse(d.inject[0])
+    assert d.verdict is DROP and to_server.flags & RST and to_server.dst == conn.server_addr
+    assert to_server.seq == conn.cseq
+
+
+def test_an_untracked_reset_is_dropped_and_answered_with_nothing():
+    d = Conn(make_engine()).client(b"", flags="RA")
+    assert d.verdict is DROP and d.inject == []
 
 
 def test_untracked_pop3_connection_leaves_the_queue():
