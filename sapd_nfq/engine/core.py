@@ -287,6 +287,11 @@ class Engine:
         decision.packet = None
         flow.fate = FAILED
         flow.release()
+        # Both ends are reset: the flow is kept only to reset stragglers, as
+        # long as a closed one (a flood of refusals would otherwise hold its
+        # flows for the idle timeout).
+        flow.state = State.CLOSED
+        self.flows.touch(flow, now)
         if reply is None:
             reply = SMTP_REFUSED if session.smtp else POP3_REFUSED
         if from_client:

@@ -402,6 +402,18 @@ def test_a_client_refused_once_can_reconnect_from_the_same_port():
     assert_refused(again.client(RELAY), again, b"550")
 
 
+def test_a_refused_flow_is_kept_as_long_as_a_closed_one():
+    engine = make_engine()
+    conn = Conn(engine)
+    conn.smtp_greeting()
+    assert conn.client(RELAY).verdict is DROP
+    # its stragglers are still reset meanwhile
+    assert conn.client(b"QUIT\r\n").inject and len(engine.flows) == 1
+    assert engine.flows.expire(conn.now + engine.flows.closed_timeout - 1) == []
+    assert engine.flows.expire(conn.now + engine.flows.closed_timeout) != []
+    assert len(engine.flows) == 0
+
+
 def test_a_new_connection_on_a_settled_flows_ports_is_inspected_again():
     engine = make_engine(smtp_starttls="relay-clients")
     engine.logins.add(CLIENT4, "alice", 1000.0, 60)
