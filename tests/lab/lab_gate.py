@@ -265,10 +265,11 @@ class SourcePOP3(poplib.POP3):
                                         source_address=(self.source, 0))
 
 
-def pop3_login(lab: Lab, mail: MailServer, source: str, server: str, user: str = "alice") -> int:
+def pop3_login(lab: Lab, mail: MailServer, source: str, server: str, user: str = "alice",
+               timeout: float = CLIENT_TIMEOUT) -> int:
     """Log in by USER/PASS from `source` and return the message count."""
     with lab.inside("client"):
-        pop = SourcePOP3(server, source)
+        pop = SourcePOP3(server, source, timeout=timeout)
     try:
         pop.user(user)
         pop.pass_(mail.users[user])
