@@ -23,6 +23,7 @@ from .engine.core import Engine
 from .engine.errors import SapdError
 from .engine.verdicts import ACCEPT, BYPASS
 from .inject import Injector
+from .interfaces import ClientSide
 from .logsetup import LOGGER
 from .rules import BYPASS_MARK
 from .runtime import load_policy, open_logins
@@ -57,6 +58,7 @@ class Daemon:
         self.logins = open_logins(config)
         self.engine = Engine(config, load_policy(config, self.logins), self.logins)
         self.injector = Injector()
+        self.client_side = ClientSide(config.mode, config.interfaces)
         self.started = time.time()
         self.reloads = 0
         self.last_reload_error: str | None = None
@@ -68,7 +70,9 @@ class Daemon:
 
     def on_packet(self, pkt) -> None:
         try:
-            decision = self.engine.handle(pkt.get_payload(), time.time())
+            # Where the packet came in decides its direction, never its ports.
+            decision = self.engine.handle(pkt.get_payload(), time.time(),
+                                          from_client_side=self.client_side(pkt.indev))
         except Exception:  # a bug must not hold the packet or open a relay
             log.exception("engine failure; packet dropped")
             self.engine.counters["engine_errors"] += 1
@@ -123,6 +127,7 @@ class Daemon:
                         ", ".join(changed))
         self.config = config
         self.engine.reconfigure(config, policy)
+        self.client_side = ClientSide(config.mode, config.interfaces)
         self.reloads += 1
         self.last_reload_error = None
         log.info("reloaded (%s): virtusertable %s, %d entries", why, config.virtusertable,
@@ -199,6 +204,7 @@ class Daemon:
                     self.reload("SIGHUP")
                 if time.monotonic() >= next_watch:
                     next_watch = time.monotonic() + WATCH_INTERVAL
+                    self.client_side.forget()
                     if self._watch_state() != self._watched:
                         self.reload("file changed")
                 if time.monotonic() >= next_purge:

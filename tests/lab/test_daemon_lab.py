@@ -14,7 +14,6 @@ it read, and no log line names the recipient).
 
 from __future__ import annotations
 
-import itertools
 import re
 import signal
 import socket
@@ -46,52 +45,6 @@ FAMILIES = [pytest.param(AF_INET, id="ipv4"), pytest.param(AF_INET6, id="ipv6")]
 MODES = [pytest.param("forward", id="forward"), pytest.param("input", id="input")]
 EXTERNAL = "ext@external.example"
 LOCAL = "alice@lab.example"
-
-
-@pytest.fixture(scope="session")
-def _pools(lab):
-    # Every test's login store is a file of its own, so even a reused address
-    # could not inherit a login; fresh addresses also keep conntrack apart.
-    return {AF_INET: itertools.cycle(lab.client.pool_ipv4),
-            AF_INET6: itertools.cycle(lab.client.pool_ipv6)}
-
-
-@pytest.fixture
-def fresh(_pools):
-    """The next client pool address of a family."""
-    return lambda family=AF_INET: next(_pools[family])
-
-
-@pytest.fixture
-def make_gate(lab, mail_server, tmp_path):
-    """Start sapd-nfq (up, then run) with a config of its own; stop and check it after."""
-    gates: list[Gate] = []
-
-    def make(mode: str = "forward", **settings: object) -> Gate:
-        workdir = tmp_path / f"gate-{len(gates)}"
-        workdir.mkdir()
-        gate = Gate(lab, workdir, mode, **settings)
-        gates.append(gate)
-        gate.up()
-        gate.start()
-        return gate
-
-    yield make
-    problems = []
-    for gate in gates:
-        if gate.running:
-            code = gate.stop()
-            if code != 0:
-                problems.append(f"sapd-nfq run exited {code} on SIGTERM")
-        gate.down()
-        if mangle_rules(lab, gate.host) != gate.rules_before:
-            problems.append(f"`down` left rules behind in {gate.host}")
-        log = gate.log()
-        if "Traceback" in log:
-            problems.append("the daemon logged a traceback")
-        if any(password in log for password in mail_server.users.values()):
-            problems.append("a password reached the daemon's log")
-    assert not problems, "\n".join(problems) + "\n" + "\n".join(g.log() for g in gates)
 
 
 @pytest.fixture
