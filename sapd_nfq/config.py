@@ -9,7 +9,9 @@ against the directory of the config file.
 | `mode` | `"input"` or `"forward"` | `"input"` | the MTA runs on this host (INPUT chain) or behind it (FORWARD chain) |
 | `smtp_ports` | list of ports 1..65535, at least one | `[25]` | server ports whose flows are SMTP |
 | `pop3_ports` | list of ports 1..65535 | `[110]` | server ports whose flows are POP3; none may be in `smtp_ports` |
-| `virtusertable` | path | `"/etc/mail/virtusertable"` | sendmail virtusertable (text form) that says which addresses are local |
+| `virtusertable` | path, or `""` for none | `"/etc/mail/virtusertable"` | sendmail virtusertable (text form) that says which addresses are local |
+| `postfix_maps` | list of `type:name` (hash, btree, lmdb, cdb, texthash) | `[]` | Postfix maps whose keys are local recipients too, looked up in virtual(5)'s order |
+| `postfix_config_directory` | path | `"/etc/postfix"` | the Postfix configuration `postmap -c` and `postconf -c` read (its `recipient_delimiter`) |
 | `auth_ttl` | seconds, integer > 0 | `1800` | how long a POP3 login lets its address relay |
 | `state` | path, `"memory"`, or a `redis://`, `rediss://`, `unix://` URL | `"/var/lib/sapd-nfq/logins.sqlite"` | the login store; an SQLite file survives restarts and is shared with the CLI; Redis shares one table between gateways |
 | `trusted_networks` | list of CIDRs | `[]` | clients that always relay |
@@ -41,6 +43,7 @@ from .engine.addresses import IPNetwork, parse_network
 from .engine.errors import ConfigError
 from .interfaces import check_name
 from .logins import store_kind
+from .postfix_maps import split_spec
 
 DEFAULT_CONFIG_PATH = "/etc/sapd-nfq/sapd-nfq.toml"
 
@@ -52,7 +55,9 @@ class Config:
     mode: str = "input"
     smtp_ports: tuple[int, ...] = (25,)
     pop3_ports: tuple[int, ...] = (110,)
-    virtusertable: Path = Path("/etc/mail/virtusertable")
+    virtusertable: Path | None = Path("/etc/mail/virtusertable")
+    postfix_maps: tuple[str, ...] = ()
+    postfix_config_directory: Path = Path("/etc/postfix")
     auth_ttl: int = 1800
     state: str = "/var/lib/sapd-nfq/logins.sqlite"
     trusted_networks: tuple[IPNetwork, ...] = ()
@@ -175,6 +180,24 @@ def _path(value: Any, base: Path) -> Path:
     return base / value
 
 
+def _optional_path(value: Any, base: Path) -> Path | None:
+    return None if value == "" else _path(value, base)
+
+
+def _postfix_maps(value: Any, base: Path) -> tuple[str, ...]:
+    what = 'a list of Postfix maps ("hash:/etc/postfix/virtual")'
+    specs = []
+    for item in _list(value, what):
+        try:
+            kind, name = split_spec(item) if isinstance(item, str) else ("", "")
+        except ValueError as e:
+            raise _Bad(what, item, why=f"{e}: {item!r}") from None
+        if not name:
+            raise _Bad(what, item)
+        specs.append(f"{kind}:{base / name}")
+    return _unique(specs, "Postfix maps")
+
+
 def _state(value: Any, base: Path) -> str:
     if not isinstance(value, str):
         raise _Bad('"memory" or a file path', value)
@@ -189,7 +212,9 @@ _CHECKS: dict[str, Check] = {
     "mode": _choice("input", "forward"),
     "smtp_ports": _ports(at_least=1),
     "pop3_ports": _ports(at_least=0),
-    "virtusertable": _path,
+    "virtusertable": _optional_path,
+    "postfix_maps": _postfix_maps,
+    "postfix_config_directory": _path,
     "auth_ttl": _int(1),
     "state": _state,
     "trusted_networks": _networks,
@@ -247,6 +272,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     if config.queue + config.workers - 1 > 65535:
         raise ConfigError(f"{name}: workers: expected queues {config.queue}.. to end by 65535; "
                           f"got {config.workers} workers")
+    if config.virtusertable is None and not config.postfix_maps:
+        raise ConfigError(f'{name}: virtusertable: expected a file path ("" needs postfix_maps); '
+                          "got no map that says which addresses are local")
     overlap = sorted(set(config.smtp_ports) & set(config.pop3_ports))
     if overlap:
         raise ConfigError(f"{name}: pop3_ports: expected ports not in smtp_ports; "

@@ -26,7 +26,7 @@ from .inject import Injector
 from .interfaces import ClientSide
 from .logsetup import LOGGER
 from .rules import BYPASS_MARK
-from .runtime import load_policy, open_logins
+from .runtime import load_policy, map_files, open_logins
 
 WATCH_INTERVAL = 2.0
 #: how often expired logins are deleted from the store (every address that
@@ -101,7 +101,7 @@ class Daemon:
     # -- reload ------------------------------------------------------------
 
     def _watch_state(self) -> tuple:
-        paths = [self.config.virtusertable]
+        paths: list[str | Path] = [*map_files(self.config)]
         if self.config_path is not None:
             paths.append(self.config_path)
         return tuple(_stamp(p) for p in paths)
@@ -130,8 +130,8 @@ class Daemon:
         self.client_side = ClientSide(config.mode, config.interfaces)
         self.reloads += 1
         self.last_reload_error = None
-        log.info("reloaded (%s): virtusertable %s, %d entries", why, config.virtusertable,
-                 len(policy.table))
+        log.info("reloaded (%s): %s, %d entries", why,
+                 ", ".join(map(str, map_files(config))), len(policy.table))
         return {"ok": True, "entries": len(policy.table)}
 
     # -- control -----------------------------------------------------------
@@ -146,7 +146,8 @@ class Daemon:
             "queue": self.queue,
             "mode": self.config.mode,
             "config": str(self.config_path) if self.config_path else None,
-            "virtusertable": str(self.config.virtusertable),
+            "virtusertable": str(self.config.virtusertable or ""),
+            "postfix_maps": list(self.config.postfix_maps),
             "virtusertable_entries": len(self.engine.policy.table),
             "flows_tracked": len(self.engine.flows),
             "flows_evicted": self.engine.flows.evicted,
