@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from .access import config_warnings
 from .config import DEFAULT_CONFIG_PATH, Config, load_config
 from .engine.errors import SapdError
 from .engine.logins import MemoryLoginStore
@@ -19,11 +20,17 @@ from .runtime import load_policy, open_logins
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-def _config(args: argparse.Namespace) -> Config:
+def _config(args: argparse.Namespace, warn: bool = True) -> Config:
+    """The config `--config` names; with `warn`, says on stderr if others
+    may read its secret or write it."""
     path = Path(args.config)
     if args.config == DEFAULT_CONFIG_PATH and not path.exists():
         return Config.default()
-    return load_config(path)
+    config = load_config(path)
+    if warn:
+        for warning in config_warnings(path, config):
+            print(f"sapd-nfq: warning: {warning}", file=sys.stderr)
+    return config
 
 
 def _address(text: str) -> str:
@@ -132,9 +139,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import run_workers
     from .logsetup import setup_logging
 
-    config = _config(args)
+    config = _config(args, warn=False)
     path = Path(args.config)
-    setup_logging(config.log_level)
+    log = setup_logging(config.log_level)
+    for warning in config_warnings(path, config):
+        log.warning("%s", warning)
     return run_workers(config, path if path.exists() else None)
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import postfix_maps
+from .access import check_state, denied
 from .config import Config
 from .engine.policy import AnyOf, LocalAddresses, RelayPolicy
 from .engine.virtusertable import VirtUserTable
-from .logins import LoginStore, open_store
+from .logins import LoginStore, StoreError, open_store
 
 
 def load_locals(config: Config) -> AnyOf:
@@ -45,4 +46,12 @@ def load_policy(config: Config, logins: LoginStore) -> RelayPolicy:
 
 
 def open_logins(config: Config) -> LoginStore:
-    return open_store(config.state)
+    """The login store; refuses an SQLite file a local user could reach
+    (AccessError), since writing it would open the relay."""
+    check_state(config.state)
+    try:
+        return open_store(config.state)
+    except StoreError as e:
+        if isinstance(e.__cause__, PermissionError):
+            raise denied("login store", Path(config.state)) from None
+        raise
