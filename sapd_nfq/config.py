@@ -27,11 +27,13 @@ against the directory of the config file.
 | `pop3_fail_open` | `true` or `false` | `true` | with no daemon bound, POP3 packets pass (learning stops, mail still flows); SMTP always fails closed |
 | `run_dir` | path | `"/run/sapd-nfq"` | where the daemon's control sockets live |
 | `log_level` | `"debug"`, `"info"`, `"warning"`, `"error"` | `"info"` | log verbosity |
+| `metrics_listen` | `""` or `ADDRESS:PORT` (`[::1]:9925` for IPv6) | `""` | the Prometheus endpoint, off by default; meant for loopback or a management network |
 """
 
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable
@@ -73,6 +75,7 @@ class Config:
     pop3_fail_open: bool = True
     run_dir: Path = Path("/run/sapd-nfq")
     log_level: str = "info"
+    metrics_listen: str = ""
 
     @classmethod
     def default(cls) -> Config:
@@ -198,6 +201,30 @@ def _postfix_maps(value: Any, base: Path) -> tuple[str, ...]:
     return _unique(specs, "Postfix maps")
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """("127.0.0.1", 9925) of "127.0.0.1:9925", ("::1", 9925) of "[::1]:9925"."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("expected ADDRESS:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("expected ADDRESS:PORT, an IPv6 address in brackets ([::1]:9925)")
+    ipaddress.ip_address(host)  # an address, never a name to resolve
+    return host, int(port)
+
+
+def _listen(value: Any, base: Path) -> str:
+    what = 'ADDRESS:PORT ("127.0.0.1:9925", "[::1]:9925") or "" for none'
+    if value == "":
+        return value
+    try:
+        parse_listen(value if isinstance(value, str) else "")
+    except ValueError as e:
+        raise _Bad(what, value, why=f"{e}: {value!r}") from None
+    return str(value)
+
+
 def _state(value: Any, base: Path) -> str:
     if not isinstance(value, str):
         raise _Bad('"memory" or a file path', value)
@@ -230,6 +257,7 @@ _CHECKS: dict[str, Check] = {
     "pop3_fail_open": _bool,
     "run_dir": _path,
     "log_level": _choice("debug", "info", "warning", "error"),
+    "metrics_listen": _listen,
 }
 
 
