@@ -34,7 +34,7 @@ def test_recent_keeps_decisions_and_logins_per_client():
 
 def test_recent_is_bounded():
     recent = Recent(clients=3)
-    for i in range(DECISIONS_KEPT + 5):
+    for _ in range(DECISIONS_KEPT + 5):
         recent.note(PASS, auth_ttl=1)
     assert len(recent.about("198.18.3.10")["decisions"]) == DECISIONS_KEPT
     for i in range(10):
