@@ -13,6 +13,7 @@ import selectors
 import signal
 import socket
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from netfilterqueue import NetfilterQueue
@@ -23,9 +24,12 @@ from .engine.core import Engine
 from .engine.errors import SapdError
 from .engine.verdicts import ACCEPT, BYPASS
 from .inject import Injector
+from .interfaces import ClientSide
 from .logsetup import LOGGER
+from .recent import Recent
 from .rules import BYPASS_MARK
-from .runtime import load_policy, open_logins
+from .runtime import load_policy, map_files, open_logins
+from .stats import Stats
 
 WATCH_INTERVAL = 2.0
 #: a changed file is read only once its stamp has held still this long: a
@@ -96,8 +100,12 @@ class Daemon:
         self.logins = open_logins(config)
         self.engine = Engine(config, load_policy(config, self.logins), self.logins)
         self.injector = Injector()
+        self.client_side = ClientSide(config.mode, config.interfaces)
+        self.stats = Stats()
+        self.recent = Recent()
         self.started = time.time()
         self.reloads = 0
+        self.reload_errors = 0
         self.last_reload_error: str | None = None
         self._watch = FileWatch(self._watch_state())
         self._stop = False
@@ -106,8 +114,12 @@ class Daemon:
     # -- packets -----------------------------------------------------------
 
     def on_packet(self, pkt) -> None:
+        started = time.perf_counter()
         try:
-            decision = self.engine.handle(pkt.get_payload(), time.time())
+            # Where the packet came in decides its direction, never its ports.
+            decision = self.engine.handle(pkt.get_payload(), time.time(),
+                                          from_client_side=self.client_side(pkt.indev))
+            self.stats.record(decision, time.perf_counter() - started)
         except Exception:  # a bug must not hold the packet or open a relay
             log.exception("engine failure; packet dropped")
             self.engine.counters["engine_errors"] += 1
@@ -120,6 +132,7 @@ class Daemon:
                 log.error("cannot inject a packet: %s", exc)
         for notice in decision.notices:
             (log.error if notice.event == "error" else log.info)("%s", notice)
+            self.recent.note(notice, self.config.auth_ttl)
         if decision.packet is not None:
             pkt.set_payload(decision.packet)
         verdict = decision.verdict
@@ -136,7 +149,7 @@ class Daemon:
     # -- reload ------------------------------------------------------------
 
     def _watch_state(self) -> tuple:
-        paths = [self.config.virtusertable]
+        paths: list[str | Path] = [*map_files(self.config)]
         if self.config_path is not None:
             paths.append(self.config_path)
         return tuple(_stamp(p) for p in paths)
@@ -164,6 +177,7 @@ class Daemon:
         except SapdError as exc:
             self._watch.seen = watched
             self.last_reload_error = str(exc)
+            self.reload_errors += 1
             log.error("reload (%s) failed, keeping the running config and table: %s", why, exc)
             return {"ok": False, "error": str(exc)}
         lost = self.engine.policy.table.local_keys() - policy.table.local_keys()
@@ -181,9 +195,10 @@ class Daemon:
                         ", ".join(changed))
         self.config = config
         self.engine.reconfigure(config, policy)
+        self.client_side = ClientSide(config.mode, config.interfaces)
         self.reloads += 1
         self.last_reload_error = None
-        log.info("reloaded (%s): virtusertable %s, %d entries%s", why, config.virtusertable,
+        log.info("reloaded (%s): %s, %d entries%s", why, ", ".join(map(str, map_files(config))),
                  len(policy.table), f", {len(lost)} no longer local" if lost else "")
         return {"ok": True, "entries": len(policy.table)}
 
@@ -199,22 +214,40 @@ class Daemon:
             "queue": self.queue,
             "mode": self.config.mode,
             "config": str(self.config_path) if self.config_path else None,
-            "virtusertable": str(self.config.virtusertable),
+            "virtusertable": str(self.config.virtusertable or ""),
+            "postfix_maps": list(self.config.postfix_maps),
             "virtusertable_entries": len(self.engine.policy.table),
             "flows_tracked": len(self.engine.flows),
             "flows_evicted": self.engine.flows.evicted,
             "logins_held": len(self.logins.entries(now)),
             "decisions": {"pass": counters.get("pass", 0), "fail": counters.get("fail", 0)},
             "counters": counters,
+            "retained_bytes": self.engine.flows.budget.used,
             "reloads": self.reloads,
+            "reload_errors": self.reload_errors,
             "last_reload_error": self.last_reload_error,
+            **self.stats.as_dict(),
         }
+
+    def why(self, address: str) -> dict:
+        """What this worker remembers of a client, and its open window now."""
+        try:
+            login = self.logins.get(address, time.time())
+        except ValueError:
+            return {"ok": False, "error": f"not an IP address: {address!r}"}
+        except SapdError as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": True, "queue": self.queue, "login": None if login is None else asdict(login),
+                **self.recent.about(address)}
 
     def control(self, command: str) -> dict:
         if command == "status":
             return self.status()
         if command == "reload":
             return self.reload("control request")
+        verb, _, argument = command.partition(" ")
+        if verb == "why":
+            return self.why(argument)
         return {"ok": False, "error": f"unknown command {command!r}"}
 
     # -- the loop ----------------------------------------------------------
@@ -258,6 +291,7 @@ class Daemon:
                 now = time.monotonic()
                 if now >= next_watch:
                     next_watch = now + WATCH_INTERVAL
+                    self.client_side.forget()
                     self.watch(now)
                 if time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + PURGE_INTERVAL
@@ -298,8 +332,12 @@ def run_workers(config: Config, config_path: Path | None) -> int:
     Signals reach every worker; if one dies, the others are stopped and the
     exit status says so (systemd then restarts the service).
     """
+    from .metrics import serve as serve_metrics
+
     if config.workers == 1:
-        return Daemon(config, config_path).run()
+        daemon = Daemon(config, config_path)
+        serve_metrics(config)
+        return daemon.run()
     children: dict[int, int] = {}
     for worker in range(config.workers):
         pid = os.fork()
@@ -312,6 +350,7 @@ def run_workers(config: Config, config_path: Path | None) -> int:
             finally:
                 os._exit(code)
         children[pid] = worker
+    serve_metrics(config)  # here, not before: a fork must not copy its thread
 
     def forward(signum: int, _frame) -> None:
         for pid in children:

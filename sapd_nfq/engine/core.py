@@ -16,7 +16,11 @@ Safe verdicts, in one place:
 - an SMTP stream that breaks the protocol or rewrites inspected bytes: the
   session is refused like a relay attempt;
 - POP3 trouble never opens a relay (it can only lose a login), so POP3 flows
-  we cannot follow leave the queue instead.
+  we cannot follow leave the queue instead;
+- a packet whose ports say one direction while the binding says it came in
+  from the other side (a client forging the server's replies on its own
+  link): DROP, counted as `wrong_direction`. Where the binding tells where a
+  packet came in, that decides its direction, never its ports.
 """
 
 from __future__ import annotations
@@ -100,21 +104,31 @@ class Engine:
         self.logins = logins
         self.flows = FlowTable(max_flows=config.max_flows)
         self.counters: Counter[str] = Counter()
-        self._smtp_ports = frozenset(config.smtp_ports)
-        self._pop3_ports = frozenset(config.pop3_ports)
+        self._set_ports(config)
         self._next_expiry = 0.0
 
     def reconfigure(self, config: Settings, policy: RelayPolicy) -> None:
         """Take a new config and table; tracked flows and logins stay."""
         self.config = config
         self.policy = policy
+        self._set_ports(config)
+        self.flows.max_flows = config.max_flows
+
+    def _set_ports(self, config: Settings) -> None:
         self._smtp_ports = frozenset(config.smtp_ports)
         self._pop3_ports = frozenset(config.pop3_ports)
-        self.flows.max_flows = config.max_flows
+        self._mail_ports = self._smtp_ports | self._pop3_ports
 
     # -- the per-packet path ------------------------------------------------
 
-    def handle(self, packet: bytes, now: float, wire_len: int | None = None) -> Decision:
+    def handle(self, packet: bytes, now: float, wire_len: int | None = None,
+               from_client_side: bool | None = None) -> Decision:
+        """The Decision for one queued packet.
+
+        `from_client_side` is where the packet came in, as the binding tells:
+        True from a client interface, False from the server side (or sent by
+        this host), None when unknown (a replay): then the ports decide.
+        """
         counters = self.counters
         counters["packets"] += 1
         if now >= self._next_expiry:
@@ -129,14 +143,29 @@ class Engine:
             counters["malformed"] += 1
             return Decision(DROP)
 
-        if seg.dport in self._smtp_ports:
-            smtp, from_client = True, True
-        elif seg.sport in self._smtp_ports:
-            smtp, from_client = True, False
-        elif seg.dport in self._pop3_ports:
-            smtp, from_client = False, True
-        elif seg.sport in self._pop3_ports:
-            smtp, from_client = False, False
+        if from_client_side is None:  # by ports, SMTP's first: a client picks its own port
+            if seg.dport in self._smtp_ports:
+                from_client = True
+            elif seg.sport in self._smtp_ports:
+                from_client = False
+            elif seg.dport in self._pop3_ports:
+                from_client = True
+            elif seg.sport in self._pop3_ports:
+                from_client = False
+            else:
+                counters["foreign"] += 1
+                return Decision(ACCEPT)
+        else:
+            from_client = from_client_side
+        port = seg.dport if from_client else seg.sport
+        if port in self._smtp_ports:
+            smtp = True
+        elif port in self._pop3_ports:
+            smtp = False
+        elif (seg.sport if from_client else seg.dport) in self._mail_ports:
+            # e.g. "from the server" by its ports, but it came in on a client interface
+            counters["wrong_direction"] += 1
+            return Decision(DROP)
         else:
             counters["foreign"] += 1
             return Decision(ACCEPT)
