@@ -37,7 +37,7 @@ its state calls for, so each queue's head is its next flow to time out, and
 per flow otherwise.
 
 Eviction, when a new flow finds the table full: first the closed flow idle
-longest (a refused session counts as closed: `close`), then the half-open
+longest (the engine makes a refused session one), then the half-open
 flow idle longest, and only when neither exists the established flow idle
 longest. A SYN flood therefore evicts its own
 half-open flows: it cannot grow memory past `max_flows` and cannot push out
@@ -253,14 +253,6 @@ class FlowTable:
             del queue[flow.key]
             target[flow.key] = flow
             flow._queue = target
-
-    def close(self, flow: Flow, now: float) -> None:
-        """The caller ended the connection (refused it, both ends reset): from
-        now on the flow times out, and is evicted, as a closed one. A refused
-        session kept as established would hold its slot for idle_timeout and,
-        once the table fills with them, push out handshakes in progress."""
-        flow.state = State.CLOSED
-        self.touch(flow, now)
 
     def remove(self, key: FlowKey) -> Flow | None:
         for queue in (self._live, self._half, self._closed):

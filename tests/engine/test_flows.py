@@ -316,20 +316,6 @@ def test_established_evicted_least_recently_seen_first() -> None:
     assert len(table) == 1 and table.get(key(4))
 
 
-def test_a_closed_by_the_caller_flow_goes_first_and_times_out_as_closed() -> None:
-    table = FlowTable(max_flows=3, closed_timeout=10.0)
-    idle = open_flow(table, 0, 0.0, "established")
-    refused = open_flow(table, 1, 1.0, "established")
-    table.close(refused, 2.0)
-    assert refused.state is State.CLOSED
-    assert table.expire(11.0) == [] and table.expire(12.0) == [refused] and table.get(key(0)) is idle
-    refused = open_flow(table, 2, 12.0, "established")
-    table.close(refused, 12.0)
-    open_flow(table, 3, 13.0)
-    open_flow(table, 4, 14.0)                 # the table is full: the refused one goes
-    assert table.get(key(2)) is None and table.get(key(0)) is idle
-
-
 def test_timeouts() -> None:
     table = FlowTable(syn_timeout=30.0, idle_timeout=900.0, closed_timeout=10.0)
     half = open_flow(table, 0, 0.0)

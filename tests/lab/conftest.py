@@ -8,12 +8,15 @@ a missing capability fails them instead, so CI never passes by skipping.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from socket import AF_INET, AF_INET6
 
 import pytest
+from lab_gate import Gate, stop_and_check
 
 REQUIRED_BINARIES = ("ip", "iptables-restore", "ip6tables-restore", "tcpdump", "postfix",
                      "dovecot", "openssl", "swaks", "curl")
@@ -67,3 +70,38 @@ def lab(_lab_session):
 def mail_server(_lab_session):
     """The lab's MailServer: log paths, maildirs, users, wait_for_mail()."""
     return _lab_session[1]
+
+
+@pytest.fixture(scope="session")
+def _pools(lab):
+    # Every test's login store is a file of its own, so even a reused address
+    # could not inherit a login; fresh addresses also keep conntrack apart.
+    return {AF_INET: itertools.cycle(lab.client.pool_ipv4),
+            AF_INET6: itertools.cycle(lab.client.pool_ipv6)}
+
+
+@pytest.fixture
+def fresh(_pools):
+    """The next client pool address of a family."""
+    return lambda family=AF_INET: next(_pools[family])
+
+
+@pytest.fixture
+def make_gate(lab, mail_server, tmp_path):
+    """Start sapd-nfq (up, then run) with a config of its own; stop and check it after:
+    it stopped cleanly on SIGTERM, logged no traceback and no password, and `down`
+    left the mangle table as it was before `up`."""
+    gates: list[Gate] = []
+
+    def make(mode: str = "forward", **settings: object) -> Gate:
+        workdir = tmp_path / f"gate-{len(gates)}"
+        workdir.mkdir()
+        gate = Gate(lab, workdir, mode, **settings)
+        gates.append(gate)
+        gate.up()
+        gate.start()
+        return gate
+
+    yield make
+    problems = [problem for gate in gates for problem in stop_and_check(gate, mail_server)]
+    assert not problems, "\n".join(problems) + "\n" + "\n".join(g.log() for g in gates)

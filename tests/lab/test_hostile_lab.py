@@ -36,7 +36,7 @@ from pathlib import Path
 from socket import AF_INET, AF_INET6
 
 import pytest
-from lab_gate import REPO, Gate, PostfixLog, stop_and_check, wait_until
+from lab_gate import REPO, Gate, PostfixLog, external, stop_and_check, wait_until
 from rawtcp import RawTCP, silence_kernel
 from scapy.layers.inet import IPOption_NOP
 from scapy.layers.inet6 import HBHOptUnknown, IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop, PadN
@@ -57,13 +57,13 @@ GATE_SETTINGS = {"max_flows": MAX_FLOWS, "smtp_ports": [25, IDLE_PORT]}
 RAW, TALK, INBOUND, RELAY_FLOOD, IDLE, SYN_FLOOD = (0,), (1,), (2,), (3, 4, 5), (6, 7), (8, 9)
 
 
-def external() -> bytes:
-    """A recipient no other attempt names."""
-    return f"relay-{uuid.uuid4().hex[:10]}@external.example".encode()
+def recipient() -> bytes:
+    """An external recipient no other attempt names."""
+    return external().encode()
 
 
-def rcpt_line(recipient: bytes) -> bytes:
-    return b"RCPT TO:<" + recipient + b">\r\n"
+def rcpt_line(address: bytes) -> bytes:
+    return b"RCPT TO:<" + address + b">\r\n"
 
 
 def pool(lab, family: int, which: tuple[int, ...]) -> list[str]:
@@ -158,7 +158,7 @@ class Attempt:
     lab: object
     target: Target
     family: int
-    recipient: bytes = field(default_factory=external)
+    recipient: bytes = field(default_factory=recipient)
     sessions: list[RawTCP] = field(default_factory=list)
 
     @property
@@ -530,14 +530,9 @@ LOCAL_SPELLINGS = [
 ]
 
 
-# pyroute2 keeps the namespaces that pushns() saved in one list for all threads: the
-# threads here make their sockets one at a time. A socket stays in the namespace it
-# was made in, so only its making needs the lock.
-_NETNS = threading.Lock()
-
-
 def client_socket(lab, family: int, kind: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:
-    with _NETNS, lab.inside("client"):
+    """A socket of the client host (it stays in the namespace it was made in)."""
+    with lab.inside("client"):
         return socket.socket(family, kind, proto)
 
 
@@ -598,10 +593,10 @@ def test_grammar_postfix_accepts_hides_no_relay(lab, mail_server, where):
     src, dst = pool(lab, AF_INET, TALK)[0], lab.server.ipv4
     refused = {}
     for spelling in RELAY_SPELLINGS:
-        recipient = external()
+        address = recipient()
         client = Talk(lab, src, dst)
         try:
-            reply = client.relay(spelling.replace(b"%s", recipient) + b"\r\n")
+            reply = client.relay(spelling.replace(b"%s", address) + b"\r\n")
         finally:
             client.close()
         refused[spelling] = reply[:3]
@@ -634,7 +629,7 @@ def test_slow_drip_relays_are_judged_and_stall_nobody(lab, mail_server, where):
             client = Talk(lab, src, dst, nodelay=True)
             try:
                 client.relay(b"NOOP\r\n")  # greeting, EHLO, MAIL, one command
-                for byte in rcpt_line(external()):
+                for byte in rcpt_line(recipient()):
                     client.sock.sendall(bytes([byte]))
                     time.sleep(DRIP_INTERVAL)
                 replies.append(client.reply())
@@ -750,7 +745,7 @@ class RelayFlood:
             try:
                 client = Talk(self.lab, src, dst, timeout=30.0)
                 try:
-                    code = client.relay(rcpt_line(external()))[:3]
+                    code = client.relay(rcpt_line(recipient()))[:3]
                     if code == b"250":
                         client.command(b"QUIT\r\n")
                 finally:
