@@ -8,10 +8,12 @@ a missing capability fails them instead, so CI never passes by skipping.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from socket import AF_INET, AF_INET6
 
 import pytest
 
@@ -67,3 +69,53 @@ def lab(_lab_session):
 def mail_server(_lab_session):
     """The lab's MailServer: log paths, maildirs, users, wait_for_mail()."""
     return _lab_session[1]
+
+
+@pytest.fixture(scope="session")
+def _pools(lab):
+    # Every test's login store is a file of its own, so even a reused address
+    # could not inherit a login; fresh addresses also keep conntrack apart.
+    return {AF_INET: itertools.cycle(lab.client.pool_ipv4),
+            AF_INET6: itertools.cycle(lab.client.pool_ipv6)}
+
+
+@pytest.fixture
+def fresh(_pools):
+    """The next client pool address of a family."""
+    return lambda family=AF_INET: next(_pools[family])
+
+
+@pytest.fixture
+def make_gate(lab, mail_server, tmp_path):
+    """Start sapd-nfq (up, then run) with a config of its own; stop and check it after:
+    it stopped cleanly on SIGTERM, logged no traceback and no password, and `down`
+    left the mangle table as it was before `up`."""
+    from lab_gate import Gate, mangle_rules
+
+    gates: list[Gate] = []
+
+    def make(mode: str = "forward", **settings: object) -> Gate:
+        workdir = tmp_path / f"gate-{len(gates)}"
+        workdir.mkdir()
+        gate = Gate(lab, workdir, mode, **settings)
+        gates.append(gate)
+        gate.up()
+        gate.start()
+        return gate
+
+    yield make
+    problems = []
+    for gate in gates:
+        if gate.running:
+            code = gate.stop()
+            if code != 0:
+                problems.append(f"sapd-nfq run exited {code} on SIGTERM")
+        gate.down()
+        if mangle_rules(lab, gate.host) != gate.rules_before:
+            problems.append(f"`down` left rules behind in {gate.host}")
+        log = gate.log()
+        if "Traceback" in log:
+            problems.append("the daemon logged a traceback")
+        if any(password in log for password in mail_server.users.values()):
+            problems.append("a password reached the daemon's log")
+    assert not problems, "\n".join(problems) + "\n" + "\n".join(g.log() for g in gates)

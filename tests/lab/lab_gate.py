@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ CLI_TIMEOUT = 30.0
 CLIENT_TIMEOUT = 10.0  # seconds a mail client waits for the server
 POLL = 0.05
 RELAY_DENIED = "550 5.7.1"
+EXTERNAL = "ext@external.example"
+LOCAL = "alice@lab.example"
 # This checkout's sapd_nfq, for the commands run inside the lab's namespaces.
 _ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -242,10 +245,11 @@ def swaks(lab: Lab, source: str, server: str, sender: str, recipient: str,
                    capture_output=True, text=True, check=False)
 
 
-def smtp_session(lab: Lab, source: str, server: str) -> smtplib.SMTP:
+def smtp_session(lab: Lab, source: str, server: str,
+                 timeout: float = CLIENT_TIMEOUT) -> smtplib.SMTP:
     """An SMTP connection from `source` after EHLO; the socket stays in the client host."""
     with lab.inside("client"):
-        smtp = smtplib.SMTP(server, 25, source_address=(source, 0), timeout=CLIENT_TIMEOUT)
+        smtp = smtplib.SMTP(server, 25, source_address=(source, 0), timeout=timeout)
     smtp.ehlo("client.lab.example")
     return smtp
 
@@ -262,9 +266,9 @@ class Refused:
 
 
 def send_mail(lab: Lab, source: str, server: str, sender: str, recipient: str,
-              subject: str) -> Refused | None:
+              subject: str, timeout: float = CLIENT_TIMEOUT) -> Refused | None:
     """Send one message with smtplib; None if the server took it, else the refusal."""
-    smtp = smtp_session(lab, source, server)
+    smtp = smtp_session(lab, source, server, timeout)
     message = f"From: <{sender}>\r\nTo: <{recipient}>\r\nSubject: {subject}\r\n\r\n{subject}\r\n"
     try:
         smtp.sendmail(sender, [recipient], message)
@@ -320,3 +324,30 @@ class PostfixLog:
     def disconnect(self, client: str, timeout: float = 5.0) -> str:
         """smtpd's closing line for `client`: it counts the commands it received."""
         return self.wait_for(rf"disconnect from \S+\[{re.escape(client)}\]", timeout)
+
+
+# --- relaying, judged from both ends -----------------------------------------------
+
+def external() -> str:
+    """A recipient no other test names, so the Postfix log can be searched for it."""
+    return f"relay-{uuid.uuid4().hex[:10]}@external.example"
+
+
+def assert_relay_refused(lab: Lab, mail_server: MailServer, gate: Gate, source: str, server: str,
+                         sender: str, recipient: str) -> None:
+    postfix = PostfixLog(mail_server)
+    refused = send_mail(lab, source, server, sender, recipient, "refused")
+    assert refused is not None and str(refused).startswith(RELAY_DENIED), refused
+    closing = postfix.disconnect(source)
+    assert "rcpt=" not in closing, closing  # smtpd counts each RCPT it read
+    assert postfix.mentions(recipient) == []
+    gate.wait_for_log(rf"FAIL client={re.escape(source)} .*recipient='{re.escape(recipient)}'")
+
+
+def assert_relayed(lab: Lab, mail_server: MailServer, source: str, server: str, sender: str,
+                   recipient: str) -> None:
+    postfix = PostfixLog(mail_server)
+    refused = send_mail(lab, source, server, sender, recipient, "relayed")
+    assert refused is None, f"refused: {refused}"
+    # The lab's Postfix takes mail for other domains and discards it.
+    postfix.wait_for(rf"to=<{re.escape(recipient)}>.*status=sent")

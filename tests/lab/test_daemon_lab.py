@@ -14,7 +14,6 @@ it read, and no log line names the recipient).
 
 from __future__ import annotations
 
-import itertools
 import re
 import signal
 import socket
@@ -24,13 +23,17 @@ from socket import AF_INET, AF_INET6
 
 import pytest
 from lab_gate import (
+    EXTERNAL,
+    LOCAL,
     RELAY_DENIED,
     Gate,
     PostfixLog,
+    assert_relay_refused,
+    assert_relayed,
     curl_pop3_plain,
+    external,
     mangle_rules,
     pop3_login,
-    send_mail,
     smtp_session,
     swaks,
     try_rcpt,
@@ -44,64 +47,11 @@ pytestmark = pytest.mark.lab
 
 FAMILIES = [pytest.param(AF_INET, id="ipv4"), pytest.param(AF_INET6, id="ipv6")]
 MODES = [pytest.param("forward", id="forward"), pytest.param("input", id="input")]
-EXTERNAL = "ext@external.example"
-LOCAL = "alice@lab.example"
-
-
-@pytest.fixture(scope="session")
-def _pools(lab):
-    # Every test's login store is a file of its own, so even a reused address
-    # could not inherit a login; fresh addresses also keep conntrack apart.
-    return {AF_INET: itertools.cycle(lab.client.pool_ipv4),
-            AF_INET6: itertools.cycle(lab.client.pool_ipv6)}
-
-
-@pytest.fixture
-def fresh(_pools):
-    """The next client pool address of a family."""
-    return lambda family=AF_INET: next(_pools[family])
-
-
-@pytest.fixture
-def make_gate(lab, mail_server, tmp_path):
-    """Start sapd-nfq (up, then run) with a config of its own; stop and check it after."""
-    gates: list[Gate] = []
-
-    def make(mode: str = "forward", **settings: object) -> Gate:
-        workdir = tmp_path / f"gate-{len(gates)}"
-        workdir.mkdir()
-        gate = Gate(lab, workdir, mode, **settings)
-        gates.append(gate)
-        gate.up()
-        gate.start()
-        return gate
-
-    yield make
-    problems = []
-    for gate in gates:
-        if gate.running:
-            code = gate.stop()
-            if code != 0:
-                problems.append(f"sapd-nfq run exited {code} on SIGTERM")
-        gate.down()
-        if mangle_rules(lab, gate.host) != gate.rules_before:
-            problems.append(f"`down` left rules behind in {gate.host}")
-        log = gate.log()
-        if "Traceback" in log:
-            problems.append("the daemon logged a traceback")
-        if any(password in log for password in mail_server.users.values()):
-            problems.append("a password reached the daemon's log")
-    assert not problems, "\n".join(problems) + "\n" + "\n".join(g.log() for g in gates)
 
 
 @pytest.fixture
 def gate(request, make_gate):
     return make_gate(getattr(request, "param", "forward"))
-
-
-def external() -> str:
-    """A recipient no other test names, so the Postfix log can be searched for it."""
-    return f"relay-{uuid.uuid4().hex[:10]}@external.example"
 
 
 def settled_packets(gate: Gate, family: int) -> int:
@@ -110,26 +60,6 @@ def settled_packets(gate: Gate, family: int) -> int:
     rule = f"-m connmark --mark {BYPASS_MARK:#x}/{BYPASS_MARK:#x} -j RETURN"
     table = status["rules"]["ipv6" if family == AF_INET6 else "ipv4"]
     return sum(r["packets"] for r in table["rules"] if r["chain"] == POP3_CHAIN and r["rule"] == rule)
-
-
-def assert_relay_refused(lab, mail_server, gate: Gate, source: str, server: str,
-                         sender: str, recipient: str) -> None:
-    postfix = PostfixLog(mail_server)
-    refused = send_mail(lab, source, server, sender, recipient, "refused")
-    assert refused is not None and str(refused).startswith(RELAY_DENIED), refused
-    closing = postfix.disconnect(source)
-    assert "rcpt=" not in closing, closing  # smtpd counts each RCPT it read
-    assert postfix.mentions(recipient) == []
-    gate.wait_for_log(rf"FAIL client={re.escape(source)} .*recipient='{re.escape(recipient)}'")
-
-
-def assert_relayed(lab, mail_server, source: str, server: str, sender: str,
-                   recipient: str) -> None:
-    postfix = PostfixLog(mail_server)
-    refused = send_mail(lab, source, server, sender, recipient, "relayed")
-    assert refused is None, f"refused: {refused}"
-    # The lab's Postfix takes mail for other domains and discards it.
-    postfix.wait_for(rf"to=<{re.escape(recipient)}>.*status=sent")
 
 
 # --- the relay table ------------------------------------------------------------------
