@@ -1,5 +1,4 @@
 import os
-import shutil
 import sqlite3
 import stat
 import subprocess
@@ -14,27 +13,6 @@ from sapd_nfq.logins.sqlite_store import SQLiteLoginStore
 
 NOW = 1_700_000_000.0
 TTL = 1800
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory):
-    """A real redis-server on a unix socket (no TCP port), for the whole session."""
-    server = shutil.which("redis-server")
-    if server is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server not found (CI=true: a missing capability is a failure)")
-        pytest.skip("redis-server not found (apt-get install redis-server)")
-    pytest.importorskip("redis")
-    sock = tmp_path_factory.mktemp("redis") / "redis.sock"
-    proc = subprocess.Popen([server, "--port", "0", "--unixsocket", str(sock), "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    for _ in range(100):
-        if sock.exists():
-            break
-        time.sleep(0.05)
-    yield f"unix://{sock}"
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def _redis_store(url):
