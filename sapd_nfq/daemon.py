@@ -3,6 +3,10 @@
 The loop is the only place that touches netfilterqueue. It also watches the
 config file and the virtusertable for changes, answers the control socket,
 and reloads on SIGHUP. A reload that fails keeps what is running.
+
+The loop never waits on the login store: the engine is handed a replica that
+answers from memory, and a thread of its own does the store's I/O
+(logins/replica.py).
 """
 
 from __future__ import annotations
@@ -23,13 +27,14 @@ from .engine.core import Engine
 from .engine.errors import SapdError
 from .engine.verdicts import ACCEPT, BYPASS
 from .inject import Injector
+from .logins.replica import ReplicaLoginStore
 from .logsetup import LOGGER
 from .rules import BYPASS_MARK
-from .runtime import load_policy, open_logins
+from .runtime import daemon_logins, load_policy
 
 WATCH_INTERVAL = 2.0
-#: how often expired logins are deleted from the store (every address that
-#: ever logged in would otherwise keep a row)
+#: how often expired logins are deleted from memory and the store (every
+#: address that ever logged in would otherwise keep a row)
 PURGE_INTERVAL = 300.0
 #: keys that change the installed rules: a reload cannot apply them
 RULE_KEYS = ("mode", "smtp_ports", "pop3_ports", "interfaces", "queue", "workers")
@@ -54,7 +59,7 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.queue = config.queue + worker
-        self.logins = open_logins(config)
+        self.logins = daemon_logins(config, log)
         self.engine = Engine(config, load_policy(config, self.logins), self.logins)
         self.injector = Injector()
         self.started = time.time()
@@ -146,22 +151,36 @@ class Daemon:
             "flows_tracked": len(self.engine.flows),
             "flows_evicted": self.engine.flows.evicted,
             "logins_held": len(self.logins.entries(now)),
+            "store": self.store_status(),
             "decisions": {"pass": counters.get("pass", 0), "fail": counters.get("fail", 0)},
             "counters": counters,
             "reloads": self.reloads,
             "last_reload_error": self.last_reload_error,
         }
 
+    def store_status(self) -> dict:
+        if isinstance(self.logins, ReplicaLoginStore):
+            return self.logins.stats()
+        return {"backend": "memory", "connected": True, "pending_writes": 0}
+
     def control(self, command: str) -> dict:
         if command == "status":
             return self.status()
         if command == "reload":
             return self.reload("control request")
+        if command == "logins-changed":
+            # `auth add/del` wrote the store: read it now, not at the next look;
+            # the ticket tells the command when that is done (status: store.reloaded)
+            if isinstance(self.logins, ReplicaLoginStore):
+                return {"ok": True, "ticket": self.logins.request_reload()}
+            return {"ok": True}
         return {"ok": False, "error": f"unknown command {command!r}"}
 
     # -- the loop ----------------------------------------------------------
 
     def run(self) -> int:
+        if isinstance(self.logins, ReplicaLoginStore):
+            self.logins.start()  # the table loaded (or the store found out) before packets flow
         nfq = NetfilterQueue()
         nfq.bind(self.queue, self.on_packet, max_len=self.config.queue_maxlen)
         control = ControlServer(self.config, self.queue, self.control)
