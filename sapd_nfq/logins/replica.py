@@ -100,6 +100,7 @@ class ReplicaLoginStore(MemoryLoginStore):
         self._reload_asked = 0
         self._reloaded = 0
         self._down_since: float | None = None
+        self._delay = BACKOFF[0]
         # for status
         self.connected = False
         self.mode: str | None = None
@@ -192,7 +193,6 @@ class ReplicaLoginStore(MemoryLoginStore):
     # -- the thread -------------------------------------------------------------
 
     def _run(self) -> None:
-        delay = BACKOFF[0]
         while not self._stopping.is_set():
             backend: Followed | None = None
             feed: ChangeFeed | None = None
@@ -201,7 +201,6 @@ class ReplicaLoginStore(MemoryLoginStore):
                 feed = backend.changes()
                 self._reload(backend)
                 self._tried.set()
-                delay = BACKOFF[0]
                 self._follow(backend, feed)
             except StoreError as exc:
                 self._lost(str(exc))
@@ -216,8 +215,8 @@ class ReplicaLoginStore(MemoryLoginStore):
                             thing.close()
                         except Exception:  # closing a broken connection may fail too
                             pass
-            self._stopping.wait(delay)
-            delay = min(delay * 2, BACKOFF[1])
+            self._stopping.wait(self._delay)
+            self._delay = min(self._delay * 2, BACKOFF[1])
 
     def _follow(self, backend: Followed, feed: ChangeFeed) -> None:
         """Write, read, repeat; returns when stopping, raises StoreError."""
@@ -234,6 +233,7 @@ class ReplicaLoginStore(MemoryLoginStore):
                 next_reload = time.monotonic() + RELOAD_INTERVAL
                 self._reload(backend)
             written = self._flush(backend)
+            self._delay = BACKOFF[0]  # read and written: a whole cycle went through
             if self._down_since is not None:
                 self._back(written)
             if self._purge_due:

@@ -70,7 +70,8 @@ class SQLiteLoginStore(LoginStore):
                                      f"this sapd-nfq understands ({_SCHEMA_VERSION})")
                 for statement in _SCHEMA.split(";"):
                     self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                if version != _SCHEMA_VERSION:  # written only once: a full disk can still be read
+                    self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:
