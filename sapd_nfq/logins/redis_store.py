@@ -113,11 +113,17 @@ class RedisLoginStore(LoginStore):
 
     def _all(self) -> list[Login]:
         def scan() -> list[Login]:
+            keys = list(self._redis.scan_iter(match=PREFIX + "*", count=500))
             found: list[Login] = []
-            for key in self._redis.scan_iter(match=PREFIX + "*", count=500):
-                login = self._login(key[len(PREFIX):], self._redis.hgetall(key))
-                if login is not None:
-                    found.append(login)
+            for start in range(0, len(keys), 500):  # a round trip per 500 keys, not per key
+                batch = keys[start:start + 500]
+                pipe = self._redis.pipeline(transaction=False)
+                for key in batch:
+                    pipe.hgetall(key)
+                for key, fields in zip(batch, pipe.execute()):
+                    login = self._login(key[len(PREFIX):], fields) if fields else None
+                    if login is not None:
+                        found.append(login)
             return found
 
         return self._call("list", scan)

@@ -273,3 +273,13 @@ def test_open_store_picks_redis_for_redis_urls():
     assert store_kind("redis://:pw@198.18.0.9:6379/0") == "redis"
     assert store_kind("rediss://198.18.0.9/1") == "redis"
     assert store_kind("unix:///run/redis/redis.sock") == "redis"
+
+
+def test_redis_reads_a_table_larger_than_one_batch(redis_url):
+    with _redis_store(redis_url) as s:
+        pipe = s._redis.pipeline()
+        for i in range(1200):
+            pipe.hset(f"sapd-nfq:login:198.18.{i // 250}.{i % 250}",
+                      mapping={"user": "", "source": "pop3", "expires": repr(NOW + TTL)})
+        pipe.execute()
+        assert len(s.entries(NOW)) == 1200
