@@ -94,3 +94,41 @@ def validate(names: Iterable[str], available: Collection[str] | None = None,
                 f"interfaces: no interface named {name!r} "
                 f"(present: {', '.join(sorted(available)) or 'none'})"
             )
+
+
+class ClientSide:
+    """Whether a queued packet came in through a client interface, from the
+    in-interface index the queue binding gives (0: sent by this host).
+
+    Mode "input" with no `interfaces` counts every interface but lo; else
+    the names decide (`prefix+` as iptables reads it). Names are looked up
+    by index once and kept: `forget()` drops them (interfaces come and go).
+    """
+
+    def __init__(self, mode: str, names: Iterable[str]) -> None:
+        names = tuple(names)
+        self._every = mode == "input" and not names
+        self._exact = frozenset(n for n in names if not n.endswith("+"))
+        self._prefixes = tuple(n[:-1] for n in names if n.endswith("+"))
+        self._known: dict[int, bool] = {}
+
+    def __call__(self, index: int) -> bool:
+        known = self._known.get(index)
+        if known is not None:
+            return known
+        if index == 0:
+            return False
+        try:
+            name = socket.if_indextoname(index)
+        except OSError:  # gone already: not a client interface we know
+            return False
+        if self._every:
+            client = name != "lo"
+        else:
+            client = name in self._exact or name.startswith(self._prefixes)
+        self._known[index] = client
+        return client
+
+    def forget(self) -> None:
+        self._known.clear()
+

@@ -14,6 +14,13 @@ rules/README.md gives the full listing and the reasons; the short version:
 - Directions are told apart by hook, not by port alone: a client's packets
   are picked by destination port, the server's by source port, so the MTA's
   own outgoing deliveries (to some remote port 25) are never queued.
+- A packet is taken for the server's only if it did not come in from the
+  client side. Input mode gets that from the hook (OUTPUT sees only what
+  this host sends); on a gateway a client can put a packet with the server's
+  address and port on its own link, so mode "forward" never queues as the
+  server's what came in on a client interface, and drops such spoofs before
+  routing (rpfilter in PREROUTING), where the kernel would otherwise also
+  answer them with an ICMPv6 redirect to the real server.
 
 Each family goes in as one iptables-restore --noflush transaction, built from
 the templates in rules/ and from what iptables-save shows is there already, so
@@ -52,7 +59,8 @@ TO_SERVER = "SAPD_NFQ_TO_SERVER"
 FROM_SERVER = "SAPD_NFQ_FROM_SERVER"
 SMTP_CHAIN = "SAPD_NFQ_SMTP"
 POP3_CHAIN = "SAPD_NFQ_POP3"
-CHAINS = (TO_SERVER, FROM_SERVER, SMTP_CHAIN, POP3_CHAIN)
+GUARD = "SAPD_NFQ_GUARD"
+CHAINS = (TO_SERVER, FROM_SERVER, SMTP_CHAIN, POP3_CHAIN, GUARD)
 MODES = ("input", "forward")
 
 # A source checkout (or editable install) reads rules/ beside the package; a
@@ -168,17 +176,19 @@ class Hook:
 
 def hooks(spec: RuleSpec) -> list[Hook]:
     """The jumps the configuration asks for, in order."""
+    guards: list[Hook] = []
     if spec.mode == "forward":
         pairs = [(("FORWARD", f"-i {name}"), ("FORWARD", f"-o {name}"))
                  for name in spec.interfaces]
+        guards = [Hook("PREROUTING", f"-i {name} -j {GUARD}") for name in spec.interfaces]
     elif spec.interfaces:
         pairs = [(("INPUT", f"-i {name}"), ("OUTPUT", f"-o {name}"))
                  for name in spec.interfaces]
     else:
         pairs = [(("INPUT", "! -i lo"), ("OUTPUT", "! -o lo"))]
-    return [Hook(chain, f"{match} -j {target}")
-            for pair in pairs
-            for (chain, match), target in zip(pair, (TO_SERVER, FROM_SERVER))]
+    return guards + [Hook(chain, f"{match} -j {target}")
+                     for pair in pairs
+                     for (chain, match), target in zip(pair, (TO_SERVER, FROM_SERVER))]
 
 
 def _template(name: str) -> Template:
@@ -199,13 +209,31 @@ def _queue_chain(chain: str, target: str) -> str:
         inject_mask=hex(INJECT_MASK), bypass=hex(BYPASS_MARK))
 
 
-def _dispatch(chain: str, option: str, spec: RuleSpec) -> str:
+def _dispatch(chain: str, option: str, spec: RuleSpec, skip: str | None = None) -> str:
+    """Port dispatch into the protocol chains; in mode "forward", packets whose
+    `skip` interface (-o for TO_SERVER, -i for FROM_SERVER) is a client one
+    go back first: they travel between clients, not to or from our servers,
+    and a "server" packet from a client interface is a spoof."""
     lines = []
+    if skip is not None and spec.mode == "forward":
+        lines += [f"-A {chain} {skip} {name} -j RETURN" for name in spec.interfaces]
     for ports, target in ((spec.smtp_ports, SMTP_CHAIN), (spec.pop3_ports, POP3_CHAIN)):
         for start in range(0, len(ports), MULTIPORT_MAX):
             listed = ",".join(map(str, ports[start:start + MULTIPORT_MAX]))
             lines.append(f"-A {chain} -p tcp -m multiport --{option} {listed} -j {target}")
     return "\n".join(lines)
+
+
+def _guard(spec: RuleSpec) -> str:
+    """Mode "forward": a packet from a mail server's port that came in on a
+    client interface, from an address not routed back through it, is a spoof."""
+    if spec.mode != "forward":
+        return ""
+    ports = (*spec.smtp_ports, *spec.pop3_ports)
+    return "\n".join(
+        f"-A {GUARD} -p tcp -m multiport --sports {','.join(map(str, ports[i:i + MULTIPORT_MAX]))} "
+        "-m rpfilter --invert -j DROP"
+        for i in range(0, len(ports), MULTIPORT_MAX))
 
 
 def _hook_changes(wanted: Sequence[Hook], present: Sequence[Hook]) -> list[str]:
@@ -234,8 +262,9 @@ def render(spec: RuleSpec, family: Family = IPV4, present: Sequence[Hook] = ()) 
     text = _template("sapd-nfq.rules.in").substitute(
         family=family.name, restore=family.restore,
         to_server=TO_SERVER, from_server=FROM_SERVER, smtp=SMTP_CHAIN, pop3=POP3_CHAIN,
-        to_server_rules=_dispatch(TO_SERVER, "dports", spec),
-        from_server_rules=_dispatch(FROM_SERVER, "sports", spec),
+        to_server_rules=_dispatch(TO_SERVER, "dports", spec, skip="-o"),
+        from_server_rules=_dispatch(FROM_SERVER, "sports", spec, skip="-i"),
+        guard=GUARD, guard_rules=_guard(spec),
         smtp_rules=_queue_chain(SMTP_CHAIN, _queue_target(spec, bypass=False)),
         pop3_policy=pop3_policy,
         pop3_rules=_queue_chain(POP3_CHAIN, _queue_target(spec, bypass=spec.pop3_fail_open)),

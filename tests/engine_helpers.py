@@ -40,13 +40,16 @@ def make_engine(**config) -> Engine:
 
 class Conn:
     def __init__(self, engine: Engine, *, client: str = CLIENT4, server: str = SERVER4,
-                 cport: int = 40000, sport: int = 25, now: float = 1000.0) -> None:
+                 cport: int = 40000, sport: int = 25, now: float = 1000.0,
+                 ingress: bool = False) -> None:
         self.engine = engine
         self.client_addr, self.server_addr = client, server
         self.cport, self.sport = cport, sport
         self.cseq, self.sseq = 1000, 500000
         self.now = now
         self.v6 = ":" in client
+        #: tell the engine where each packet came in, as the daemon does
+        self.ingress = ingress
 
     def packet(self, from_client: bool, payload: bytes = b"", flags: str = "PA",
                seq: int | None = None, ack: int | None = None) -> bytes:
@@ -62,26 +65,36 @@ class Conn:
         return bytes(ip(src=src, dst=dst) / TCP(sport=sp, dport=dp, seq=seq & 0xFFFFFFFF,
                                                 ack=ack & 0xFFFFFFFF, flags=flags) / payload)
 
-    def feed(self, packet: bytes) -> Decision:
+    def feed(self, packet: bytes, from_client_side: bool | None = None) -> Decision:
         self.now += 0.01
-        return self.engine.handle(packet, self.now)
+        return self.engine.handle(packet, self.now, from_client_side=from_client_side)
+
+    def _feed_side(self, from_client: bool, data: bytes, flags: str) -> Decision:
+        return self.feed(self.packet(from_client, data, flags),
+                         from_client if self.ingress else None)
+
+    def forge(self, data: bytes, flags: str = "PA") -> Decision:
+        """A segment with the server's addresses, ports and next sequence
+        number, put on the client's link: it comes in from the client side."""
+        return self.feed(self.packet(False, data, flags), from_client_side=True)
 
     def handshake(self) -> list[Decision]:
-        d1 = self.feed(self.packet(True, flags="S", ack=0))
+        side = (lambda c: c) if self.ingress else (lambda c: None)
+        d1 = self.feed(self.packet(True, flags="S", ack=0), side(True))
         self.cseq += 1
-        d2 = self.feed(self.packet(False, flags="SA"))
+        d2 = self.feed(self.packet(False, flags="SA"), side(False))
         self.sseq += 1
-        d3 = self.feed(self.packet(True, flags="A"))
+        d3 = self.feed(self.packet(True, flags="A"), side(True))
         return [d1, d2, d3]
 
     def client(self, data: bytes, flags: str = "PA") -> Decision:
-        decision = self.feed(self.packet(True, data, flags))
+        decision = self._feed_side(True, data, flags)
         if decision.verdict is not DROP:
             self.cseq += len(data) + ("F" in flags)
         return decision
 
     def server(self, data: bytes, flags: str = "PA") -> Decision:
-        decision = self.feed(self.packet(False, data, flags))
+        decision = self._feed_side(False, data, flags)
         if decision.verdict is not DROP:
             self.sseq += len(data) + ("F" in flags)
         return decision

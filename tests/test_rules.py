@@ -15,6 +15,7 @@ from sapd_nfq.rules import (
     BYPASS_MARK,
     CHAINS,
     FROM_SERVER,
+    GUARD,
     INJECT_MARK,
     INJECT_MASK,
     IPV4,
@@ -33,6 +34,7 @@ EXPECTED_RULES = """\
 :SAPD_NFQ_FROM_SERVER - [0:0]
 :SAPD_NFQ_SMTP - [0:0]
 :SAPD_NFQ_POP3 - [0:0]
+:SAPD_NFQ_GUARD - [0:0]
 -A SAPD_NFQ_TO_SERVER -p tcp -m multiport --dports 25,587 -j SAPD_NFQ_SMTP
 -A SAPD_NFQ_TO_SERVER -p tcp -m multiport --dports 110 -j SAPD_NFQ_POP3
 -A SAPD_NFQ_FROM_SERVER -p tcp -m multiport --sports 25,587 -j SAPD_NFQ_SMTP
@@ -113,9 +115,13 @@ def test_rule_set_structure(spec, family):
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
 def test_dispatch_picks_client_packets_by_dport_and_server_packets_by_sport(spec):
     text = rules.render(spec)
-    for chain, option in ((TO_SERVER, "--dports"), (FROM_SERVER, "--sports")):
+    for chain, option, skip in ((TO_SERVER, "--dports", "-o"), (FROM_SERVER, "--sports", "-i")):
         by_target = {SMTP_CHAIN: [], POP3_CHAIN: []}
-        for rule in chain_rules(text, chain):
+        found = chain_rules(text, chain)
+        # Mode "forward": first, what goes between client interfaces goes back.
+        returns = [f"{skip} {name} -j RETURN" for name in spec.interfaces] if spec.mode == "forward" else []
+        assert found[:len(returns)] == returns
+        for rule in found[len(returns):]:
             words = rule.split()
             assert words[:5] == ["-p", "tcp", "-m", "multiport", option]
             ports = words[5].split(",")
@@ -167,7 +173,8 @@ def test_hooks_always_keep_loopback_out(spec):
     ("input", (), [("INPUT", "! -i lo", TO_SERVER), ("OUTPUT", "! -o lo", FROM_SERVER)]),
     ("input", ("eth0", "eth1"), [("INPUT", "-i eth0", TO_SERVER), ("OUTPUT", "-o eth0", FROM_SERVER),
                                  ("INPUT", "-i eth1", TO_SERVER), ("OUTPUT", "-o eth1", FROM_SERVER)]),
-    ("forward", ("wan0",), [("FORWARD", "-i wan0", TO_SERVER), ("FORWARD", "-o wan0", FROM_SERVER)]),
+    ("forward", ("wan0",), [("PREROUTING", "-i wan0", GUARD),
+                            ("FORWARD", "-i wan0", TO_SERVER), ("FORWARD", "-o wan0", FROM_SERVER)]),
 ])
 def test_hooks_per_mode(mode, ifaces, expected):
     got = rules.hooks(RuleSpec(mode=mode, interfaces=ifaces))
@@ -180,6 +187,7 @@ def test_missing_hooks_go_on_top_in_the_order_asked_for():
     assert inserted == [
         "-I FORWARD 1 -o b0 -j SAPD_NFQ_FROM_SERVER", "-I FORWARD 1 -i b0 -j SAPD_NFQ_TO_SERVER",
         "-I FORWARD 1 -o a0 -j SAPD_NFQ_FROM_SERVER", "-I FORWARD 1 -i a0 -j SAPD_NFQ_TO_SERVER",
+        "-I PREROUTING 1 -i b0 -j SAPD_NFQ_GUARD", "-I PREROUTING 1 -i a0 -j SAPD_NFQ_GUARD",
     ]  # each goes in at position 1, so the last written ends up first: a0 in, a0 out, b0 ...
 
 
@@ -198,7 +206,29 @@ def test_a_changed_configuration_converges():
         "-D INPUT ! -i lo -j SAPD_NFQ_TO_SERVER",
         "-I FORWARD 1 -o eth0 -j SAPD_NFQ_FROM_SERVER",
         "-I FORWARD 1 -i eth0 -j SAPD_NFQ_TO_SERVER",
+        "-I PREROUTING 1 -i eth0 -j SAPD_NFQ_GUARD",
     ]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+def test_forward_mode_drops_spoofed_server_packets_before_routing(spec):
+    """A client can send packets with a server's address and port; on a
+    gateway they are dropped in PREROUTING (rpfilter: the source is routed
+    elsewhere), before the kernel forwards or answers them."""
+    guard = chain_rules(rules.render(spec), GUARD)
+    if spec.mode == "input":
+        assert guard == []  # OUTPUT sees only what this host sends
+        return
+    ports = [*spec.smtp_ports, *spec.pop3_ports]
+    listed = []
+    for rule in guard:
+        words = rule.split()
+        assert words[:5] == ["-p", "tcp", "-m", "multiport", "--sports"]
+        assert words[6:] == ["-m", "rpfilter", "--invert", "-j", "DROP"]
+        listed += map(int, words[5].split(","))
+    assert listed == ports
+    assert [h.spec for h in rules.hooks(spec) if h.chain == "PREROUTING"] == [
+        f"-i {name} -j {GUARD}" for name in spec.interfaces]
 
 
 def test_a_duplicated_hook_is_reduced_to_one():

@@ -10,11 +10,17 @@ Safe verdicts, in one place:
 - an SMTP packet of a connection we did not see open (sapd-nfq restarted, or
   the flow was evicted): DROP and reset both ends, since we cannot know
   whether it carries an uninspected RCPT; the client reconnects and is
-  inspected from the start;
+  inspected from the start. A receiver ahead of the packet's seq ignores
+  that RST, so it also gets an ACK probe: its duplicate ACK, untracked in
+  turn, draws a RST at its own ack;
 - an SMTP stream that breaks the protocol or rewrites inspected bytes: the
   session is refused like a relay attempt;
 - POP3 trouble never opens a relay (it can only lose a login), so POP3 flows
-  we cannot follow leave the queue instead.
+  we cannot follow leave the queue instead;
+- a packet whose ports say one direction while the binding says it came in
+  from the other side (a client forging the server's replies on its own
+  link): DROP, counted as `wrong_direction`. Where the binding tells where a
+  packet came in, that decides its direction, never its ports.
 """
 
 from __future__ import annotations
@@ -98,21 +104,31 @@ class Engine:
         self.logins = logins
         self.flows = FlowTable(max_flows=config.max_flows)
         self.counters: Counter[str] = Counter()
-        self._smtp_ports = frozenset(config.smtp_ports)
-        self._pop3_ports = frozenset(config.pop3_ports)
+        self._set_ports(config)
         self._next_expiry = 0.0
 
     def reconfigure(self, config: Settings, policy: RelayPolicy) -> None:
         """Take a new config and table; tracked flows and logins stay."""
         self.config = config
         self.policy = policy
+        self._set_ports(config)
+        self.flows.max_flows = config.max_flows
+
+    def _set_ports(self, config: Settings) -> None:
         self._smtp_ports = frozenset(config.smtp_ports)
         self._pop3_ports = frozenset(config.pop3_ports)
-        self.flows.max_flows = config.max_flows
+        self._mail_ports = self._smtp_ports | self._pop3_ports
 
     # -- the per-packet path ------------------------------------------------
 
-    def handle(self, packet: bytes, now: float, wire_len: int | None = None) -> Decision:
+    def handle(self, packet: bytes, now: float, wire_len: int | None = None,
+               from_client_side: bool | None = None) -> Decision:
+        """The Decision for one queued packet.
+
+        `from_client_side` is where the packet came in, as the binding tells:
+        True from a client interface, False from the server side (or sent by
+        this host), None when unknown (a replay): then the ports decide.
+        """
         counters = self.counters
         counters["packets"] += 1
         if now >= self._next_expiry:
@@ -127,14 +143,29 @@ class Engine:
             counters["malformed"] += 1
             return Decision(DROP)
 
-        if seg.dport in self._smtp_ports:
-            smtp, from_client = True, True
-        elif seg.sport in self._smtp_ports:
-            smtp, from_client = True, False
-        elif seg.dport in self._pop3_ports:
-            smtp, from_client = False, True
-        elif seg.sport in self._pop3_ports:
-            smtp, from_client = False, False
+        if from_client_side is None:  # by ports, SMTP's first: a client picks its own port
+            if seg.dport in self._smtp_ports:
+                from_client = True
+            elif seg.sport in self._smtp_ports:
+                from_client = False
+            elif seg.dport in self._pop3_ports:
+                from_client = True
+            elif seg.sport in self._pop3_ports:
+                from_client = False
+            else:
+                counters["foreign"] += 1
+                return Decision(ACCEPT)
+        else:
+            from_client = from_client_side
+        port = seg.dport if from_client else seg.sport
+        if port in self._smtp_ports:
+            smtp = True
+        elif port in self._pop3_ports:
+            smtp = False
+        elif (seg.sport if from_client else seg.dport) in self._mail_ports:
+            # e.g. "from the server" by its ports, but it came in on a client interface
+            counters["wrong_direction"] += 1
+            return Decision(DROP)
         else:
             counters["foreign"] += 1
             return Decision(ACCEPT)
@@ -285,6 +316,11 @@ class Engine:
         decision.packet = None
         flow.fate = FAILED
         flow.release()
+        # Both ends are reset: the flow is kept only to reset stragglers, as
+        # long as a closed one (a flood of refusals would otherwise hold its
+        # flows for the idle timeout).
+        flow.state = State.CLOSED
+        self.flows.touch(flow, now)
         if reply is None:
             reply = SMTP_REFUSED if session.smtp else POP3_REFUSED
         if from_client:
@@ -308,7 +344,13 @@ class Engine:
             return Decision(BYPASS)
         decision = Decision(DROP)
         if not seg.flags & RST:
-            decision.inject += [craft.reset_sender(seg), craft.reset_receiver(seg)]
+            decision.inject.append(craft.reset_sender(seg))
+            if seg.flags & ACK:
+                # Its answer, if the receiver is ahead of seg (say, a client
+                # retransmitting data whose ACKs died with the old daemon), is
+                # untracked too and brings it a RST that lands.
+                decision.inject.append(craft.probe_receiver(seg))
+            decision.inject.append(craft.reset_receiver(seg))
         return decision
 
     # -- hiding TLS offers --------------------------------------------------

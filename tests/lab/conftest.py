@@ -16,6 +16,7 @@ from pathlib import Path
 from socket import AF_INET, AF_INET6
 
 import pytest
+from lab_gate import Gate, mangle_rules
 
 REQUIRED_BINARIES = ("ip", "iptables-restore", "ip6tables-restore", "tcpdump", "postfix",
                      "dovecot", "openssl", "swaks", "curl")
@@ -90,8 +91,6 @@ def make_gate(lab, mail_server, tmp_path):
     """Start sapd-nfq (up, then run) with a config of its own; stop and check it after:
     it stopped cleanly on SIGTERM, logged no traceback and no password, and `down`
     left the mangle table as it was before `up`."""
-    from lab_gate import Gate, mangle_rules
-
     gates: list[Gate] = []
 
     def make(mode: str = "forward", **settings: object) -> Gate:
@@ -106,6 +105,7 @@ def make_gate(lab, mail_server, tmp_path):
     yield make
     problems = []
     for gate in gates:
+        gate.unsupervise()
         if gate.running:
             code = gate.stop()
             if code != 0:

@@ -24,6 +24,7 @@ from socket import AF_INET, AF_INET6
 import pytest
 from lab_gate import (
     EXTERNAL,
+    FILE_RELOAD_TIMEOUT,
     LOCAL,
     RELAY_DENIED,
     Gate,
@@ -40,7 +41,6 @@ from lab_gate import (
     wait_until,
 )
 
-from sapd_nfq.daemon import WATCH_INTERVAL
 from sapd_nfq.rules import BYPASS_MARK, POP3_CHAIN
 
 pytestmark = pytest.mark.lab
@@ -167,7 +167,7 @@ def test_reload_keeps_flows_and_logins_and_a_broken_table_changes_nothing(
     original = gate.virtusertable.read_text()
     mark = len(gate.log_lines())
     gate.write_virtusertable(original + f"{carol}\talice\n")
-    gate.wait_for_log(r"reloaded \(file changed\)", timeout=3 * WATCH_INTERVAL, after=mark)
+    gate.wait_for_log(r"reloaded \(file changed\)", timeout=FILE_RELOAD_TIMEOUT, after=mark)
     assert_relayed(lab, mail_server, source, server, carol, external())  # row 2: login kept
 
     mark = len(gate.log_lines())
@@ -175,7 +175,7 @@ def test_reload_keeps_flows_and_logins_and_a_broken_table_changes_nothing(
     gate.write_virtusertable(original + f"{carol}\n")  # a key without a value
     where = f"{gate.virtusertable}:{broken_line}"
     gate.wait_for_log(rf"ERROR reload \(file changed\) failed, keeping .*{re.escape(where)}",
-                      timeout=3 * WATCH_INTERVAL, after=mark)
+                      timeout=FILE_RELOAD_TIMEOUT, after=mark)
     assert where in gate.control("status")["last_reload_error"]
     assert_relayed(lab, mail_server, source, server, carol, external())  # the old table
     done = gate.cli("reload", check=False)

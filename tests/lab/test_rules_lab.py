@@ -27,6 +27,7 @@ from sapd_nfq.engine.errors import ConfigError
 from sapd_nfq.rules import (
     BYPASS_MARK,
     FROM_SERVER,
+    GUARD,
     INJECT_MARK,
     IPV4,
     IPV6,
@@ -189,7 +190,7 @@ def test_installed_reports_what_is_there(ns):
     report = rules.installed(runner)
     for family in ("ipv4", "ipv6"):
         assert report[family]["installed"] is True
-        assert report[family]["chains"] == [TO_SERVER, FROM_SERVER, SMTP_CHAIN, POP3_CHAIN]
+        assert report[family]["chains"] == [TO_SERVER, FROM_SERVER, SMTP_CHAIN, POP3_CHAIN, GUARD]
         assert [(h["chain"], h["position"], h["rule"]) for h in report[family]["hooks"]] == [
             ("INPUT", 1, "! -i lo -j SAPD_NFQ_TO_SERVER"),
             ("OUTPUT", 1, "! -o lo -j SAPD_NFQ_FROM_SERVER")]

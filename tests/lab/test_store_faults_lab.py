@@ -347,7 +347,7 @@ def test_sqlite_read_only_at_start(lab, mail_server, small_disk, make_gate, fres
         mark = len(gate.log_lines())
         subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
     # `ip netns exec` gave the daemon a copy of the mount, with a read-only flag of its own
-    subprocess.run(["nsenter", "-t", str(gate.control("status")["pid"]), "-m", "mount", "-o", "remount,bind,rw",
+    subprocess.run(["nsenter", "-t", str(gate.pid), "-m", "mount", "-o", "remount,bind,rw",
                     str(small_disk)], check=True)
     wait_until_written(gate, mark, learned)
     # the file's own logins count again once it can be read
