@@ -307,17 +307,20 @@ class ReplicaLoginStore(MemoryLoginStore):
     def _lost(self, error: str) -> None:
         self.connected = False
         self.last_error = error
+        # a backend's errors start with its name: said once is enough
+        error = error.removeprefix(f"{self.name}: ").rstrip(".")
         if self._down_since is None:
             self._down_since = time.monotonic()
-            self._log.error("login store %s unavailable: %s; deciding from the %d logins in "
-                            "memory, new logins kept there until it is back",
+            self._log.error("login store %s unavailable: %s; deciding from memory (%d logins), "
+                            "keeping new logins there until it is back",
                             self.name, error, len(self._logins))
         else:
             self._log.debug("login store %s still unavailable: %s", self.name, error)
 
     def _back(self, written: int) -> None:
         assert self._down_since is not None
-        self._log.warning("login store %s is back after %.1f s: %d changes written, %d logins held",
+        self._log.warning("login store %s is back after %.1f s: %d pending changes written, "
+                          "%d logins held",
                           self.name, time.monotonic() - self._down_since, written, len(self._logins))
         self._down_since = None
         self.last_error = None
