@@ -50,7 +50,7 @@ DURATION = float(os.environ.get("SAPD_SOAK_SECONDS", "600"))
 WARMUP = min(120.0, DURATION / 2)
 SAMPLE_EVERY = 5.0
 #: KiB a minute. The property is "does not grow without bound"; the bound
-#: sits far above what a flat daemon shows (+14 KiB/min over the 600 s run)
+#: sits far above what a flat daemon shows (+14 and +39 KiB/min in 600 s runs)
 #: and far below a leak of anything per session: at the ~50 sessions a
 #: second of this load, keeping even 1 KiB per session is 3000 KiB/min (as
 #: refused flows kept for the 15-minute idle timeout once did).
