@@ -18,6 +18,9 @@ from .labcli import add_commands as add_lab_commands
 from .runtime import load_policy, open_logins
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+#: seconds `auth add/del` waits for a running daemon to have read the change
+#: (without the wait it would see it at its next look, within about a second)
+SEEN_TIMEOUT = 3.0
 
 
 def _config(args: argparse.Namespace, warn: bool = True) -> Config:
@@ -136,7 +139,29 @@ def cmd_auth(args: argparse.Namespace) -> int:
             print(f"removed {args.address}")
     finally:
         logins.close()
+    if args.action != "list":
+        _tell_daemons(config)
     return 0
+
+
+def _tell_daemons(config: Config) -> None:
+    """Have the running daemons read the store now, and wait until they have,
+    so that the next session is judged with the change."""
+    from .control import DaemonNotRunning, request, worker_queues
+
+    for queue in worker_queues(config):
+        try:
+            ticket = request(config, queue, "logins-changed").get("ticket")
+            deadline = time.monotonic() + SEEN_TIMEOUT
+            while ticket is not None and request(config, queue, "status")["store"]["reloaded"] < ticket:
+                if time.monotonic() > deadline:
+                    print(f"queue {queue}: the daemon has not read the change yet "
+                          f"(its store: {request(config, queue, 'status')['store'].get('last_error')})",
+                          file=sys.stderr)
+                    break
+                time.sleep(0.02)
+        except DaemonNotRunning:
+            continue  # nothing to tell; it reads the store when it starts
 
 
 # -- replay --------------------------------------------------------------------
@@ -219,6 +244,18 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return EXIT_FAIL if failed else 0
 
 
+def _store_line(store: dict) -> str:
+    line = f"{store['backend']} {'connected' if store['connected'] else 'UNAVAILABLE'}"
+    if store.get("last_sync"):
+        line += f", read {int(time.time() - store['last_sync'])} s ago"
+    line += f", {store['pending_writes']} writes pending"
+    if store.get("write_errors") or store.get("dropped_writes"):
+        line += f", {store['write_errors']} write errors, {store['dropped_writes']} dropped"
+    if store.get("last_error"):
+        line += f": {store['last_error']}"
+    return line
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .status import gather_status
 
@@ -243,6 +280,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                       f"packets {worker['counters'].get('packets', 0)}")
                 if worker.get("last_reload_error"):
                     print(f"          last reload FAILED: {worker['last_reload_error']}")
+                print("store:    " + _store_line(worker["store"]))
             else:
                 print(f"daemon:   queue {queue} NOT running"
                       + (" (SMTP is blocked: the rules fail closed)" if all(families.values()) and families else ""))

@@ -3,6 +3,10 @@
 The loop is the only place that touches netfilterqueue. It also watches the
 config file and the virtusertable for changes, answers the control socket,
 and reloads on SIGHUP. A reload that fails keeps what is running.
+
+The loop never waits on the login store: the engine is handed a replica that
+answers from memory, and a thread of its own does the store's I/O
+(logins/replica.py).
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ from .engine.errors import SapdError
 from .engine.verdicts import ACCEPT, BYPASS
 from .inject import Injector
 from .interfaces import ClientSide
+from .logins.replica import ReplicaLoginStore
 from .logsetup import LOGGER
 from .recent import Recent
 from .rules import BYPASS_MARK
-from .runtime import load_policy, map_files, open_logins
+from .runtime import daemon_logins, load_policy, map_files
 from .stats import Stats
 
 WATCH_INTERVAL = 2.0
@@ -41,8 +46,8 @@ SETTLE_INTERVAL = WATCH_INTERVAL
 #: refused; a removal that takes effect late costs nothing. SIGHUP and
 #: `sapd-nfq reload` apply at once: the administrator says the file is whole.
 REMOVAL_SETTLE = 30.0
-#: how often expired logins are deleted from the store (every address that
-#: ever logged in would otherwise keep a row)
+#: how often expired logins are deleted from memory and the store (every
+#: address that ever logged in would otherwise keep a row)
 PURGE_INTERVAL = 300.0
 #: keys that change the installed rules: a reload cannot apply them
 RULE_KEYS = ("mode", "smtp_ports", "pop3_ports", "interfaces", "queue", "workers")
@@ -97,7 +102,7 @@ class Daemon:
         self.config = config
         self.config_path = config_path
         self.queue = config.queue + worker
-        self.logins = open_logins(config)
+        self.logins = daemon_logins(config, log)
         self.engine = Engine(config, load_policy(config, self.logins), self.logins)
         self.injector = Injector()
         self.client_side = ClientSide(config.mode, config.interfaces)
@@ -220,6 +225,7 @@ class Daemon:
             "flows_tracked": len(self.engine.flows),
             "flows_evicted": self.engine.flows.evicted,
             "logins_held": len(self.logins.entries(now)),
+            "store": self.store_status(),
             "decisions": {"pass": counters.get("pass", 0), "fail": counters.get("fail", 0)},
             "counters": counters,
             "retained_bytes": self.engine.flows.budget.used,
@@ -228,6 +234,11 @@ class Daemon:
             "last_reload_error": self.last_reload_error,
             **self.stats.as_dict(),
         }
+
+    def store_status(self) -> dict:
+        if isinstance(self.logins, ReplicaLoginStore):
+            return self.logins.stats()
+        return {"backend": "memory", "connected": True, "pending_writes": 0}
 
     def why(self, address: str) -> dict:
         """What this worker remembers of a client, and its open window now."""
@@ -245,6 +256,12 @@ class Daemon:
             return self.status()
         if command == "reload":
             return self.reload("control request")
+        if command == "logins-changed":
+            # `auth add/del` wrote the store: read it now, not at the next look;
+            # the ticket tells the command when that is done (status: store.reloaded)
+            if isinstance(self.logins, ReplicaLoginStore):
+                return {"ok": True, "ticket": self.logins.request_reload()}
+            return {"ok": True}
         verb, _, argument = command.partition(" ")
         if verb == "why":
             return self.why(argument)
@@ -253,6 +270,8 @@ class Daemon:
     # -- the loop ----------------------------------------------------------
 
     def run(self) -> int:
+        if isinstance(self.logins, ReplicaLoginStore):
+            self.logins.start()  # the table loaded (or the store found out) before packets flow
         nfq = NetfilterQueue()
         nfq.bind(self.queue, self.on_packet, max_len=self.config.queue_maxlen)
         control = ControlServer(self.config, self.queue, self.control)

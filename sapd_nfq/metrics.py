@@ -84,8 +84,20 @@ def render(status: dict[str, Any]) -> Iterator[Any]:
     counters = _total(workers, "counters")
     yield counter("sapd_nfq_refusals", "packets dropped or sessions refused, by reason", "reason",
                   {reason: counters.get(key, 0) for key, reason in REFUSALS.items()})
+    stores = [w.get("store", {}) for w in workers]
     yield CounterMetricFamily("sapd_nfq_store_errors", "login store operations that failed",
-                              value=counters.get("store_errors", 0))
+                              value=counters.get("store_errors", 0)
+                              + sum(x.get("write_errors", 0) for x in stores))
+    connected = GaugeMetricFamily("sapd_nfq_store_connected",
+                                  "1 if the worker's login store answers (it decides from memory either way)",
+                                  labels=["queue"])
+    for worker, store in zip(workers, stores):
+        connected.add_metric([str(worker["queue"])], 1 if store.get("connected", True) else 0)
+    yield connected
+    yield GaugeMetricFamily("sapd_nfq_store_pending_writes", "logins and removals not yet written to the store",
+                            value=sum(x.get("pending_writes", 0) for x in stores))
+    yield CounterMetricFamily("sapd_nfq_store_writes_dropped", "changes dropped from a full queue of writes",
+                              value=sum(x.get("dropped_writes", 0) for x in stores))
 
     def gauge(name: str, doc: str, key: str) -> GaugeMetricFamily:
         return GaugeMetricFamily(name, doc, value=sum(w.get(key, 0) for w in workers))

@@ -5,14 +5,17 @@ Shared by the CLI and the daemon so both judge exactly alike.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from . import postfix_maps
 from .access import check_state, denied
 from .config import Config
+from .engine.logins import MemoryLoginStore
 from .engine.policy import AnyOf, LocalAddresses, RelayPolicy
 from .engine.virtusertable import VirtUserTable
-from .logins import LoginStore, StoreError, open_store
+from .logins import LoginStore, StoreError, backend, open_store
+from .logins.replica import ReplicaLoginStore
 
 
 def load_locals(config: Config) -> AnyOf:
@@ -46,8 +49,9 @@ def load_policy(config: Config, logins: LoginStore) -> RelayPolicy:
 
 
 def open_logins(config: Config) -> LoginStore:
-    """The login store; refuses an SQLite file a local user could reach
-    (AccessError), since writing it would open the relay."""
+    """The login store itself, for the commands: each call does its I/O.
+    Refuses an SQLite file a local user could reach (AccessError), since
+    writing it would open the relay."""
     check_state(config.state)
     try:
         return open_store(config.state)
@@ -55,3 +59,15 @@ def open_logins(config: Config) -> LoginStore:
         if isinstance(e.__cause__, PermissionError):
             raise denied("login store", Path(config.state)) from None
         raise
+
+
+def daemon_logins(config: Config, log: logging.Logger) -> ReplicaLoginStore | MemoryLoginStore:
+    """The daemon's store: the backend's logins held in memory, kept fresh and
+    written by a thread (not started yet); "memory" is memory already. Refuses
+    what open_logins refuses, and a spec no backend takes; a store that cannot
+    be reached is the replica's to retry."""
+    check_state(config.state)
+    found = backend(config.state)
+    if found is None:
+        return MemoryLoginStore()
+    return ReplicaLoginStore(found.open, found.name, log)

@@ -75,3 +75,52 @@ def test_replay_text_output(capsys, config):
     assert "PASS client=198.18.1.2" in lines[0] and "'alice@lab.example'" in lines[0]
     assert "FAIL client=198.18.1.2" in lines[1] and "row 4" in lines[1]
     assert "pass=1 fail=1" in err
+
+
+def test_auth_add_and_del_return_once_a_running_daemon_has_read_them(capsys, tmp_path):
+    """The next session after `auth add` is judged with it: the command has the
+    daemon read the store, and waits for it (here a control socket served
+    as the daemon serves it, over the daemon's own replica)."""
+    import logging
+    import selectors
+    import threading
+    import time
+
+    from sapd_nfq.config import load_config
+    from sapd_nfq.control import ControlServer
+    from sapd_nfq.runtime import daemon_logins
+
+    path = tmp_path / "sapd-nfq.toml"
+    path.write_text(f'virtusertable = "{VIRTUSERTABLE}"\nstate = "logins.sqlite"\n'
+                    f'run_dir = "{tmp_path / "run"}"\n')
+    config = load_config(path)
+    replica = daemon_logins(config, logging.getLogger("sapd-nfq.test-cli"))
+    replica.start()
+
+    def answer(command: str) -> dict:
+        if command == "logins-changed":
+            return {"ok": True, "ticket": replica.request_reload()}
+        return {"ok": True, "store": replica.stats()}
+
+    server = ControlServer(config, config.queue, answer)
+    done = threading.Event()
+
+    def loop() -> None:
+        with selectors.DefaultSelector() as sel:
+            sel.register(server, selectors.EVENT_READ)
+            while not done.is_set():
+                if sel.select(timeout=0.1):
+                    server.serve_one()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        assert run(capsys, "auth", "add", "198.18.1.2", "--config", str(path))[0] == 0
+        assert replica.is_logged_in("198.18.1.2", time.time())
+        assert run(capsys, "auth", "del", "198.18.1.2", "--config", str(path))[0] == 0
+        assert not replica.is_logged_in("198.18.1.2", time.time())
+    finally:
+        done.set()
+        thread.join(5)
+        server.close()
+        replica.close()

@@ -83,7 +83,9 @@ def worker(queue: int, accepted: int) -> dict:
         stats.record(Decision(ACCEPT, notices=[PASS]), 1e-5)
     return {"running": True, "queue": queue, "counters": {"fail": 2, "wrong_direction": 1},
             "flows_tracked": 3, "flows_evicted": 0, "retained_bytes": 10, "reloads": 1,
-            "reload_errors": 0, "kernel": {"queue_dropped": 4, "user_dropped": 0}, **stats.as_dict()}
+            "reload_errors": 0, "kernel": {"queue_dropped": 4, "user_dropped": 0}, **stats.as_dict(),
+            "store": {"connected": queue == 0, "pending_writes": queue, "write_errors": 1,
+                      "dropped_writes": 0}}
 
 
 def test_metrics_sum_the_workers():
@@ -99,5 +101,7 @@ def test_metrics_sum_the_workers():
     assert got["sapd_nfq_flows", ()] == 6 and got["sapd_nfq_logins_held", ()] == 5
     assert got["sapd_nfq_kernel_queue_dropped_total", (("queue", "1"),)] == 4
     assert got["sapd_nfq_spoofs_dropped_total", (("family", "ipv4"),)] == 7
+    assert got["sapd_nfq_store_connected", (("queue", "1"),)] == 0
+    assert got["sapd_nfq_store_pending_writes", ()] == 1 and got["sapd_nfq_store_errors_total", ()] == 2
     assert got["sapd_nfq_engine_seconds_count", ()] == 5
     assert got["sapd_nfq_engine_seconds_bucket", (("le", "1e-05"),)] == 5

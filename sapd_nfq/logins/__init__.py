@@ -7,15 +7,23 @@
 | a file path | SQLite (WAL), survives restarts, shared with the CLI | `sqlite_store` |
 | `redis://`, `rediss://`, `unix://` URL | Redis, one table for several gateways | `redis_store` |
 
-`open_store(spec)` picks one; a backend module is imported only when a spec
-names it, so the redis package is needed only where Redis is used.
+`open_store(spec)` opens one, as the CLI uses it. The daemon takes
+`backend(spec)` instead and hands it to a `replica.ReplicaLoginStore`, which
+opens it in a thread of its own and keeps its logins in memory. A backend
+module is imported only when a spec names it, so the redis package is
+needed only where Redis is used.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..engine.logins import LoginStore, MemoryLoginStore, StoreError
+
+if TYPE_CHECKING:
+    from .replica import Followed
 
 MEMORY = "memory"
 
@@ -40,31 +48,44 @@ def store_kind(spec: str) -> str:
     return "sqlite"
 
 
-def _open_sqlite(spec: str) -> LoginStore:
+@dataclass(frozen=True)
+class Backend:
+    """A store not opened yet: `open()` opens it (StoreError if it cannot);
+    `name` names it in logs, a URL's password hidden."""
+
+    name: str
+    open: Callable[[], Followed]
+
+
+def _sqlite(spec: str) -> Backend:
     from .sqlite_store import SQLiteLoginStore
 
-    return SQLiteLoginStore(spec)
+    return Backend(spec, lambda: SQLiteLoginStore(spec))
 
 
-def _open_redis(spec: str) -> LoginStore:
+def _redis(spec: str) -> Backend:
     try:
-        from .redis_store import RedisLoginStore
+        from .redis_store import RedisLoginStore, redacted
     except ImportError:
         raise StoreError("a redis:// store needs the redis package (pip install sapd-nfq[redis])") from None
-    return RedisLoginStore(spec)
+    return Backend(redacted(spec), lambda: RedisLoginStore(spec))
 
 
-_OPENERS: dict[str, Callable[[str], LoginStore]] = {
-    MEMORY: lambda spec: MemoryLoginStore(),
-    "sqlite": _open_sqlite,
-    "redis": _open_redis,
-}
+_BACKENDS: dict[str, Callable[[str], Backend]] = {"sqlite": _sqlite, "redis": _redis}
 
 
-def open_store(spec: str) -> LoginStore:
-    """Open the store a config's `state` names; raises StoreError."""
+def backend(spec: str) -> Backend | None:
+    """The backend a config's `state` names, its module imported, not yet
+    opened; None for "memory", which has nothing to open. Raises StoreError
+    for a spec no backend takes or a driver that is not installed."""
     try:
         kind = store_kind(spec)
     except ValueError as e:
         raise StoreError(f'{spec!r}: {e}; expected "{MEMORY}", a file path or a redis:// URL') from None
-    return _OPENERS[kind](spec)
+    return None if kind == MEMORY else _BACKENDS[kind](spec)
+
+
+def open_store(spec: str) -> LoginStore:
+    """Open the store a config's `state` names; raises StoreError."""
+    found = backend(spec)
+    return MemoryLoginStore() if found is None else found.open()

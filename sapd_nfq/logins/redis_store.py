@@ -9,11 +9,19 @@ itself: put the password in the URL (`redis://:PASSWORD@host:6379/0`, or a
 `rediss://` URL for TLS; `unix:///run/redis/redis.sock` for a local
 socket), and keep the config file root-only. The URL's password never
 appears in a repr or an error.
+
+`changes()` follows the table for the daemon's replica (logins/replica.py):
+keyspace notifications for the login keys, which it turns on with CONFIG SET
+if the server allows (`notify-keyspace-events` must hold K, g, h, x and e);
+where CONFIG is refused it falls back to reading the whole table every
+POLL_INTERVAL seconds, and says so.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -28,7 +36,14 @@ T = TypeVar("T")
 
 PREFIX = "sapd-nfq:login:"
 SCHEMES = ("redis", "rediss", "unix")
-TIMEOUT = 2.0  # seconds: a slow Redis must not hold the packet path for long
+TIMEOUT = 2.0  # seconds a command may take; only the replica's thread and the CLI wait
+#: keyspace notifications followed: K the keyspace channels, g generic commands
+#: (DEL, EXPIRE), h hash commands (HSET), x expiry, e eviction
+NOTIFY = "Kghxe"
+_ALL_CLASSES = "g$lshzxetd"  # what "A" stands for in notify-keyspace-events
+HEALTH_INTERVAL = 1.0  # seconds between PINGs while following: a black hole shows as a timeout
+POLL_INTERVAL = 5.0  # seconds between reads of the whole table without notifications
+_SLICE = 0.05  # seconds a wait blocks on the subscription before looking at its wake event
 
 
 def redacted(url: str) -> str:
@@ -98,11 +113,17 @@ class RedisLoginStore(LoginStore):
 
     def _all(self) -> list[Login]:
         def scan() -> list[Login]:
+            keys = list(self._redis.scan_iter(match=PREFIX + "*", count=500))
             found: list[Login] = []
-            for key in self._redis.scan_iter(match=PREFIX + "*", count=500):
-                login = self._login(key[len(PREFIX):], self._redis.hgetall(key))
-                if login is not None:
-                    found.append(login)
+            for start in range(0, len(keys), 500):  # a round trip per 500 keys, not per key
+                batch = keys[start:start + 500]
+                pipe = self._redis.pipeline(transaction=False)
+                for key in batch:
+                    pipe.hgetall(key)
+                for key, fields in zip(batch, pipe.execute()):
+                    login = self._login(key[len(PREFIX):], fields) if fields else None
+                    if login is not None:
+                        found.append(login)
             return found
 
         return self._call("list", scan)
@@ -119,3 +140,91 @@ class RedisLoginStore(LoginStore):
 
     def close(self) -> None:
         self._redis.close()
+
+    def changes(self) -> RedisChanges:
+        return RedisChanges(self)
+
+    def _enable_notifications(self) -> str | None:
+        """Turn on the keyspace notifications NOTIFY needs; None if done, else
+        why they cannot be (CONFIG refused: an ACL, a renamed command)."""
+        try:
+            current = str(self._redis.config_get("notify-keyspace-events").get("notify-keyspace-events") or "")
+            covered = set(current) | (set(_ALL_CLASSES) if "A" in current else set())
+            missing = "".join(c for c in NOTIFY if c not in covered)
+            if missing:
+                self._redis.config_set("notify-keyspace-events", current + missing)
+        except redis.ResponseError as e:
+            return str(e)
+        return None
+
+
+class RedisChanges:
+    """The login keys other writers change, for the replica; one connection of
+    its own for the subscription.
+
+    Subscribed before the replica reads the table, so nothing falls between
+    the two. Every HEALTH_INTERVAL it PINGs the server on the command
+    connection: a server that went silent (packets dropped) raises within
+    TIMEOUT instead of looking like a quiet table; one that went away closes
+    the subscription, which raises at once.
+    """
+
+    def __init__(self, store: RedisLoginStore) -> None:
+        self._store = store
+        self._pubsub: redis.client.PubSub | None = None
+        self._next_ping = time.monotonic()
+        self._next_poll = time.monotonic() + POLL_INTERVAL
+        refused = store._call("enable notifications", store._enable_notifications)
+        if refused is not None:
+            self.mode = (f"keyspace notifications refused ({refused}): reading the whole table "
+                         f"every {POLL_INTERVAL:g} s")
+            return
+        self.mode = "following keyspace notifications"
+        db = store._redis.connection_pool.connection_kwargs.get("db") or 0
+        self._channel = f"__keyspace@{db}__:{PREFIX}"
+        self._pubsub = store._redis.pubsub()  # type: ignore[no-untyped-call]  # unannotated in redis-py
+        try:
+            store._call("subscribe", self._subscribe)
+        except StoreError:
+            self.close()
+            raise
+
+    def _subscribe(self) -> None:
+        assert self._pubsub is not None
+        self._pubsub.psubscribe(self._channel + "*")
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:  # confirmed: the server now sends every change
+            message = self._pubsub.get_message(timeout=TIMEOUT)
+            if message is not None and message["type"] == "psubscribe":
+                return
+        raise redis.TimeoutError("no answer to PSUBSCRIBE")
+
+    def wait(self, timeout: float, wake: threading.Event) -> list[str] | None:
+        return self._store._call("follow", self._wait, timeout, wake)
+
+    def _wait(self, timeout: float, wake: threading.Event) -> list[str] | None:
+        if time.monotonic() >= self._next_ping:
+            self._store._redis.ping()
+            self._next_ping = time.monotonic() + HEALTH_INTERVAL
+        if self._pubsub is None:
+            if wake.wait(max(0.0, min(timeout, self._next_poll - time.monotonic()))):
+                return []
+            if time.monotonic() < self._next_poll:
+                return []
+            self._next_poll = time.monotonic() + POLL_INTERVAL
+            return None
+        deadline = time.monotonic() + timeout
+        changed: list[str] = []
+        while True:
+            # once something arrived, take what else is there without waiting
+            message = self._pubsub.get_message(timeout=0.0 if changed else _SLICE)
+            if message is None:
+                if changed or wake.is_set() or time.monotonic() >= deadline:
+                    return changed
+            elif message["type"] == "pmessage" and message["channel"].startswith(self._channel):
+                changed.append(message["channel"][len(self._channel):])
+
+    def close(self) -> None:
+        if self._pubsub is not None:
+            self._pubsub.close()
+            self._pubsub = None

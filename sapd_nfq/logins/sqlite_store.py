@@ -1,10 +1,17 @@
 """The SQLite login store: a file that survives restarts, shared by the
-daemon and the CLI."""
+daemon and the CLI.
+
+`changes()` follows the file for the daemon's replica (logins/replica.py):
+`PRAGMA data_version`, which moves when another connection (the CLI, another
+worker) commits, read each time the replica's thread wakes (about once a
+second); a file replaced or gone makes the replica open it again.
+"""
 
 from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,7 +70,8 @@ class SQLiteLoginStore(LoginStore):
                                      f"this sapd-nfq understands ({_SCHEMA_VERSION})")
                 for statement in _SCHEMA.split(";"):
                     self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                if version != _SCHEMA_VERSION:  # written only once: a full disk can still be read
+                    self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:
@@ -121,5 +129,45 @@ class SQLiteLoginStore(LoginStore):
     def close(self) -> None:
         self._db.close()
 
+    def changes(self) -> SQLiteChanges:
+        return SQLiteChanges(self)
+
+    def _data_version(self) -> int:
+        with self._errors("cannot read logins"):
+            return int(self._db.execute("PRAGMA data_version").fetchall()[0][0])
+
+    def _identity(self) -> tuple[int, int]:
+        try:
+            st = os.stat(self.path)
+        except OSError as e:
+            raise StoreError(f"{self.path}: {e}") from None
+        return st.st_dev, st.st_ino
+
     def __repr__(self) -> str:
         return f"SQLiteLoginStore({str(self.path)!r})"
+
+
+class SQLiteChanges:
+    """Whether another connection changed the file. A look costs a stat and a
+    PRAGMA, so every wait ends with one; it cannot say which logins changed,
+    so a change means a reload."""
+
+    mode = "checking the file's data_version"
+
+    def __init__(self, store: SQLiteLoginStore) -> None:
+        self._store = store
+        self._identity = store._identity()
+        self._version = store._data_version()
+
+    def wait(self, timeout: float, wake: threading.Event) -> list[str] | None:
+        wake.wait(timeout)
+        if self._store._identity() != self._identity:
+            raise StoreError(f"{self._store.path}: replaced by another file")
+        version = self._store._data_version()
+        if version == self._version:
+            return []
+        self._version = version
+        return None
+
+    def close(self) -> None:
+        pass

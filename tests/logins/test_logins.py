@@ -1,5 +1,4 @@
 import os
-import shutil
 import sqlite3
 import stat
 import subprocess
@@ -14,27 +13,6 @@ from sapd_nfq.logins.sqlite_store import SQLiteLoginStore
 
 NOW = 1_700_000_000.0
 TTL = 1800
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory):
-    """A real redis-server on a unix socket (no TCP port), for the whole session."""
-    server = shutil.which("redis-server")
-    if server is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server not found (CI=true: a missing capability is a failure)")
-        pytest.skip("redis-server not found (apt-get install redis-server)")
-    pytest.importorskip("redis")
-    sock = tmp_path_factory.mktemp("redis") / "redis.sock"
-    proc = subprocess.Popen([server, "--port", "0", "--unixsocket", str(sock), "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    for _ in range(100):
-        if sock.exists():
-            break
-        time.sleep(0.05)
-    yield f"unix://{sock}"
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def _redis_store(url):
@@ -295,3 +273,13 @@ def test_open_store_picks_redis_for_redis_urls():
     assert store_kind("redis://:pw@198.18.0.9:6379/0") == "redis"
     assert store_kind("rediss://198.18.0.9/1") == "redis"
     assert store_kind("unix:///run/redis/redis.sock") == "redis"
+
+
+def test_redis_reads_a_table_larger_than_one_batch(redis_url):
+    with _redis_store(redis_url) as s:
+        pipe = s._redis.pipeline()
+        for i in range(1200):
+            pipe.hset(f"sapd-nfq:login:198.18.{i // 250}.{i % 250}",
+                      mapping={"user": "", "source": "pop3", "expires": repr(NOW + TTL)})
+        pipe.execute()
+        assert len(s.entries(NOW)) == 1200
