@@ -2,7 +2,7 @@
 
 A RCPT the table fails goes on to the MTA overwritten, byte for byte and
 line ending kept, with `command()`: a verb no MTA implements, so the MTA
-answers it with a permanent error (Postfix `502 5.5.2 Error: command not
+answers it with a permanent error (Postfix `500 5.5.2 Error: command not
 recognized`, Sendmail `500 5.5.1 Command unrecognized: "..."`), keeps the
 transaction, and has no address to deliver to. The MTA's reply to it, found
 in order like every reply, is overwritten the same way with `REPLY`, so the
@@ -26,7 +26,7 @@ from __future__ import annotations
 from .events import Answered, RcptTo
 
 #: what a refused recipient's reply reads; a longer MTA reply is padded with
-#: spaces, a shorter one cut (Postfix's 502 is exactly this long)
+#: spaces, a shorter one cut (Postfix's 500 is exactly this long)
 REPLY = b"550 5.7.1 Relaying denied: log in first"
 
 # A word of letters and hyphens: Postfix disconnects on a command that does

@@ -21,7 +21,7 @@ KNOWN_VERBS = {b"HELO", b"EHLO", b"MAIL", b"RCPT", b"DATA", b"BDAT", b"RSET", b"
 
 LOCAL, OUTSIDE = b"RCPT TO:<alice@lab.example>\r\n", b"RCPT TO:<dave@external.example>\r\n"
 MAIL = b"MAIL FROM:<alice@lab.example>\r\n"
-POSTFIX_502 = b"502 5.5.2 Error: command not recognized\r\n"
+POSTFIX_500 = b"500 5.5.2 Error: command not recognized\r\n"
 
 _atom = st.text("abcdefghijklmnopqrstuvwxyz0123456789.-+_=", min_size=1, max_size=40)
 rcpt_lines = st.builds(
@@ -85,8 +85,8 @@ def test_any_mta_reply_becomes_a_550_of_the_same_shape_however_it_is_split(lines
         assert (REPLY[4:] + b" " * 200).startswith(text) or text.startswith(REPLY[4:])
 
 
-def test_postfix_s_502_is_exactly_the_550_s_length():
-    assert reply(POSTFIX_502, 0)[0] == REPLY + b"\r\n"
+def test_postfix_s_500_is_exactly_the_550_s_length():
+    assert reply(POSTFIX_500, 0)[0] == REPLY + b"\r\n"
 
 
 # --- the engine ---------------------------------------------------------------
@@ -117,10 +117,10 @@ def test_one_segment_local_refused_local_only_the_refused_is_overwritten():
     assert fail.row == ROW_NOT_LOGGED_IN
     assert conn.engine.counters["fail"] == 1 and conn.engine.counters["pass"] == 2
 
-    replies = b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n" + POSTFIX_502 + b"250 2.1.5 Ok\r\n"
+    replies = b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n" + POSTFIX_500 + b"250 2.1.5 Ok\r\n"
     d = conn.server(replies)
     assert d.verdict is ACCEPT
-    assert payload(d, replies) == replies.replace(POSTFIX_502, REPLY + b"\r\n")
+    assert payload(d, replies) == replies.replace(POSTFIX_500, REPLY + b"\r\n")
     # the transaction goes on
     assert conn.client(b"DATA\r\n").verdict is ACCEPT
     assert conn.server(b"354 End data with <CR><LF>.<CR><LF>\r\n").packet is None
@@ -131,10 +131,10 @@ def test_a_reply_split_at_every_byte_reads_the_same():
     conn.client(MAIL + OUTSIDE)
     conn.server(b"250 2.1.0 Ok\r\n")
     seen = b""
-    for i in range(len(POSTFIX_502)):
-        d = conn.server(POSTFIX_502[i:i + 1])
+    for i in range(len(POSTFIX_500)):
+        d = conn.server(POSTFIX_500[i:i + 1])
         assert d.verdict is ACCEPT
-        seen += payload(d, POSTFIX_502[i:i + 1])
+        seen += payload(d, POSTFIX_500[i:i + 1])
     assert seen == REPLY + b"\r\n"
 
 
@@ -155,7 +155,7 @@ def test_retransmissions_are_rewritten_identically_and_compared_with_the_client_
     conn = _session()
     conn.client(MAIL + OUTSIDE)
     sseq = conn.sseq
-    replies = b"250 2.1.0 Ok\r\n" + POSTFIX_502
+    replies = b"250 2.1.0 Ok\r\n" + POSTFIX_500
     first = conn.server(replies)
     assert conn.feed(conn.packet(False, replies, seq=sseq)).packet == first.packet
 

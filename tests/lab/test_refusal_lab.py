@@ -1,7 +1,7 @@
 """One recipient refused, the message delivered to the others (refusal = "recipient").
 
 The gate overwrites the refused RCPT with a command the lab's Postfix
-refuses (`502 5.5.2 Error: command not recognized`, which Postfix counts as
+refuses (`500 5.5.2 Error: command not recognized`, which Postfix counts as
 `unknown=0/1` in its disconnect line) and that reply with `550 5.7.1`, so:
 
 - the lab's sending Postfix, pipelining refused, local, refused, local in
@@ -122,7 +122,7 @@ def test_one_segment_with_every_command_refuses_one_recipient(
     server = lab.server.ipv4 if family == AF_INET else lab.server.ipv6
     replies = raw_transaction(lab, family, fresh(family), server, SENDER, rcpts, tag)
     assert [r[:3] for r in replies] == [b"250", b"250", b"550", b"250", b"354", b"250", b"221"]
-    # same length as Postfix's 502 reply, CRLF where it was
+    # same length as Postfix's 500 reply, CRLF where it was
     assert replies[2] == REPLY + b"\r\n"
     for user in ("alice", "bob"):
         delivered(mail_server, user, tag)
