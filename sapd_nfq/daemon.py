@@ -32,6 +32,15 @@ from .runtime import load_policy, map_files, open_logins
 from .stats import Stats
 
 WATCH_INTERVAL = 2.0
+#: a changed file is read only once its stamp has held still this long: a
+#: program that rewrites it in place can be caught between two writes
+SETTLE_INTERVAL = WATCH_INTERVAL
+#: a reload that would make local addresses non-local waits until the file
+#: has held still this long. A file caught half-written reads as a shorter but
+#: well-formed table, and inbound mail to the addresses it lacks would be
+#: refused; a removal that takes effect late costs nothing. SIGHUP and
+#: `sapd-nfq reload` apply at once: the administrator says the file is whole.
+REMOVAL_SETTLE = 30.0
 #: how often expired logins are deleted from the store (every address that
 #: ever logged in would otherwise keep a row)
 PURGE_INTERVAL = 300.0
@@ -51,6 +60,36 @@ def _stamp(path: str | Path) -> tuple[int, int, int] | None:
     return st.st_mtime_ns, st.st_size, st.st_ino
 
 
+class FileWatch:
+    """When a change to the watched files is due for a reload.
+
+    `seen` holds the stamps the running config and table were read from.
+    Other stamps are due once they have stayed the same for the wait
+    (SETTLE_INTERVAL, or longer after `hold`); any new change starts over.
+    """
+
+    def __init__(self, seen: tuple) -> None:
+        self.seen = seen
+        self._pending: tuple | None = None
+        self._since = 0.0
+        self._wait = SETTLE_INTERVAL
+
+    def due(self, stamps: tuple, now: float) -> float | None:
+        """Seconds the changed `stamps` have held still, once due; else None."""
+        if stamps == self.seen:
+            self._pending = None
+            return None
+        if stamps != self._pending:
+            self._pending, self._since, self._wait = stamps, now, SETTLE_INTERVAL
+            return None
+        held = now - self._since
+        return held if held >= self._wait else None
+
+    def hold(self, seconds: float) -> None:
+        """Let the pending change wait until it has held still `seconds`."""
+        self._wait = seconds
+
+
 class Daemon:
     """One worker: binds queue `config.queue + worker`."""
 
@@ -68,7 +107,7 @@ class Daemon:
         self.reloads = 0
         self.reload_errors = 0
         self.last_reload_error: str | None = None
-        self._watched = self._watch_state()
+        self._watch = FileWatch(self._watch_state())
         self._stop = False
         self._reload_requested = False
 
@@ -115,21 +154,40 @@ class Daemon:
             paths.append(self.config_path)
         return tuple(_stamp(p) for p in paths)
 
-    def reload(self, why: str) -> dict:
-        """Re-read config and virtusertable; on any error keep the old ones."""
-        # Stamped before reading: a write that lands while we read is seen next time.
-        watched = self._watch_state()
+    def watch(self, now: float) -> None:
+        """Look at the watched files once; reload when a change is due."""
+        stamps = self._watch_state()
+        held = self._watch.due(stamps, now)
+        if held is not None:
+            self.reload("file changed", stamps, held)
+
+    def reload(self, why: str, stamps: tuple | None = None, held: float | None = None) -> dict:
+        """Re-read config and virtusertable; on any error keep the old ones.
+
+        `stamps` are the files' stamps taken before reading (a write that lands
+        while we read is seen next time), and `held` how long they had held
+        still: a watched change, not a request, must have held still
+        REMOVAL_SETTLE before it may make local addresses non-local.
+        """
+        watched = self._watch_state() if stamps is None else stamps
         try:
             config = load_config(self.config_path) if self.config_path else self.config
             changed = [k for k in RULE_KEYS if getattr(config, k) != getattr(self.config, k)]
             policy = load_policy(config, self.logins)
         except SapdError as exc:
+            self._watch.seen = watched
             self.last_reload_error = str(exc)
             self.reload_errors += 1
             log.error("reload (%s) failed, keeping the running config and table: %s", why, exc)
             return {"ok": False, "error": str(exc)}
-        finally:
-            self._watched = watched
+        lost = self.engine.policy.table.local_keys() - policy.table.local_keys()
+        if lost and held is not None and held < REMOVAL_SETTLE:
+            self._watch.hold(REMOVAL_SETTLE)
+            log.warning("reload (%s) deferred: %d addresses would stop being local (%s); "
+                        "applying once the files have not changed for %d s, or on `sapd-nfq reload`",
+                        why, len(lost), ", ".join(sorted(lost)[:5]), REMOVAL_SETTLE)
+            return {"ok": False, "deferred": sorted(lost)}
+        self._watch.seen = watched
         if config.state != self.config.state:
             log.warning("reload: 'state' changed; restart the daemon to switch login stores")
         if changed:
@@ -140,8 +198,8 @@ class Daemon:
         self.client_side = ClientSide(config.mode, config.interfaces)
         self.reloads += 1
         self.last_reload_error = None
-        log.info("reloaded (%s): %s, %d entries", why,
-                 ", ".join(map(str, map_files(config))), len(policy.table))
+        log.info("reloaded (%s): %s, %d entries%s", why, ", ".join(map(str, map_files(config))),
+                 len(policy.table), f", {len(lost)} no longer local" if lost else "")
         return {"ok": True, "entries": len(policy.table)}
 
     # -- control -----------------------------------------------------------
@@ -230,11 +288,11 @@ class Daemon:
                 if self._reload_requested:
                     self._reload_requested = False
                     self.reload("SIGHUP")
-                if time.monotonic() >= next_watch:
-                    next_watch = time.monotonic() + WATCH_INTERVAL
+                now = time.monotonic()
+                if now >= next_watch:
+                    next_watch = now + WATCH_INTERVAL
                     self.client_side.forget()
-                    if self._watch_state() != self._watched:
-                        self.reload("file changed")
+                    self.watch(now)
                 if time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + PURGE_INTERVAL
                     self._purge()

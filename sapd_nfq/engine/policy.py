@@ -80,6 +80,7 @@ class LocalAddresses(Protocol):
     """A map that says which addresses are local (VirtUserTable, PostfixMap)."""
 
     def is_local(self, address: str) -> bool: ...
+    def local_keys(self) -> frozenset[str]: ...
     def __len__(self) -> int: ...
 
 
@@ -93,6 +94,9 @@ class AnyOf:
 
     def is_local(self, address: str) -> bool:
         return any(m.is_local(address) for m in self.maps)
+
+    def local_keys(self) -> frozenset[str]:
+        return frozenset().union(*(m.local_keys() for m in self.maps))
 
     def __len__(self) -> int:
         return sum(len(m) for m in self.maps)

@@ -55,6 +55,10 @@ class PostfixMap:
     def is_local(self, address: str) -> bool:
         return any(key in self._keys for key in self.keys_for(address))
 
+    def local_keys(self) -> frozenset[str]:
+        """Every key: any value makes an address local."""
+        return self._keys
+
     def __len__(self) -> int:
         return len(self._keys)
 

@@ -12,7 +12,7 @@ from scapy.layers.inet import IP, TCP
 from streams import random_chunks
 
 from sapd_nfq.engine.logins import StoreError
-from sapd_nfq.engine.packet import FIN, RST, parse, tcp_checksum_ok
+from sapd_nfq.engine.packet import ACK, FIN, RST, parse, tcp_checksum_ok
 from sapd_nfq.engine.policy import ROW_LOGGED_IN, ROW_NOT_LOCAL, ROW_NOT_LOGGED_IN, ROW_RECIPIENT_LOCAL
 from sapd_nfq.engine.smtp import MAX_PENDING_BYTES
 from sapd_nfq.engine.verdicts import ACCEPT, BYPASS, DROP
@@ -325,9 +325,26 @@ def test_untracked_smtp_connection_is_reset_both_ways():
     conn = Conn(make_engine())
     d = conn.client(b"RCPT TO:<dave@external.example>\r\n")
     assert d.verdict is DROP
-    a, b = (parse(p) for p in d.inject)
-    assert a.flags & RST and a.dst == conn.client_addr
-    assert b.flags & RST and b.dst == conn.server_addr
+    to_client, probe, to_server = (parse(p) for p in d.inject)
+    assert to_client.flags & RST and to_client.dst == conn.client_addr
+    assert to_server.flags & RST and to_server.dst == conn.server_addr
+    # a server already past this seq ignores that RST; the probe makes it answer
+    assert probe.flags == ACK and probe.dst == conn.server_addr and not probe.payload
+    assert (probe.seq, probe.ack) == (to_server.seq, conn.sseq)
+
+
+def test_the_answer_to_the_probe_draws_a_reset_that_lands():
+    # The server's duplicate ACK, untracked too: its ack is where a RST to it lands.
+    conn = Conn(make_engine())
+    d = conn.server(b"", flags="A")
+    to_server = parse(d.inject[0])
+    assert d.verdict is DROP and to_server.flags & RST and to_server.dst == conn.server_addr
+    assert to_server.seq == conn.cseq
+
+
+def test_an_untracked_reset_is_dropped_and_answered_with_nothing():
+    d = Conn(make_engine()).client(b"", flags="RA")
+    assert d.verdict is DROP and d.inject == []
 
 
 def test_untracked_pop3_connection_leaves_the_queue():
@@ -446,6 +463,18 @@ def test_a_client_refused_once_can_reconnect_from_the_same_port():
     again.server(b"220 mx ESMTP\r\n")
     assert again.client(b"EHLO c\r\n").verdict is ACCEPT
     assert_refused(again.client(RELAY), again, b"550")
+
+
+def test_a_refused_flow_is_kept_as_long_as_a_closed_one():
+    engine = make_engine()
+    conn = Conn(engine)
+    conn.smtp_greeting()
+    assert conn.client(RELAY).verdict is DROP
+    # its stragglers are still reset meanwhile
+    assert conn.client(b"QUIT\r\n").inject and len(engine.flows) == 1
+    assert engine.flows.expire(conn.now + engine.flows.closed_timeout - 1) == []
+    assert engine.flows.expire(conn.now + engine.flows.closed_timeout) != []
+    assert len(engine.flows) == 0
 
 
 def test_a_new_connection_on_a_settled_flows_ports_is_inspected_again():

@@ -45,3 +45,9 @@ def test_any_of_several_maps(pmap):
     assert both.is_local("dave@lab.example") and both.is_local("alice@lab.example")
     assert not both.is_local("erin@lab.example")
     assert len(both) == 1 + 3
+
+
+def test_local_keys_of_a_map_and_of_several(pmap):
+    assert pmap.local_keys() == {"alice@lab.example", "bob@lab.example", "@catch.example"}
+    vut = VirtUserTable.parse("dave@lab.example dave\nerin@lab.example error:nouser\n", "vut")
+    assert AnyOf([vut, pmap]).local_keys() == pmap.local_keys() | {"dave@lab.example"}

@@ -21,17 +21,25 @@ import json
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
-from lab_gate import CLI_TIMEOUT, RELAY_DENIED, REPO, Gate, mangle_rules, try_rcpt, wait_until
+from lab_gate import (
+    CLI_TIMEOUT,
+    LOCAL,
+    RELAY_DENIED,
+    REPO,
+    Gate,
+    external,
+    mangle_rules,
+    try_rcpt,
+    wait_until,
+)
 
 pytestmark = pytest.mark.lab
 
 NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 USERS = [pytest.param("nobody", id="nobody"), pytest.param("root", id="root-can")]
-LOCAL = "alice@lab.example"
 SECRET = "s3cret-of-the-lab"
 # Nothing from the caller's environment: both users run in the same one.
 _ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO), "HOME": "/nonexistent"}
@@ -54,10 +62,6 @@ if sys.argv[2] == "write":
 else:
     print(db.execute("SELECT * FROM logins").fetchall())
 """
-
-
-def external() -> str:
-    return f"relay-{uuid.uuid4().hex[:10]}@external.example"
 
 
 def relay_refused(lab, client: str) -> bool:
