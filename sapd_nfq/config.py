@@ -19,6 +19,7 @@ against the directory of the config file.
 | `smtp_starttls` | `"strip"` or `"relay-clients"` | `"strip"` | hide STARTTLS from clients, or offer it only to clients that may relay anyway (trusted, or logged in by address); envelopes inside TLS go unchecked |
 | `pop3_stls` | `"allow"` or `"strip"` | `"allow"` | let POP3 clients use STLS (their logins become invisible) or hide it |
 | `smtp_auth_relays` | `true` or `false` | `true` | a 235 reply to SMTP AUTH counts as logged in |
+| `refusal` | `"recipient"` or `"session"` | `"recipient"` | refuse only the recipient the table fails (the MTA refuses a rewritten command, its reply becomes `550 5.7.1`), or end the whole session |
 | `max_flows` | integer >= 16 | `65536` | flows tracked at once |
 | `queue` | integer 0..65535 | `0` | NFQUEUE number |
 | `interfaces` | list of interface names | `[]` | where clients reach the mail servers: mode "input" hooks only these (`[]`: every interface but lo); mode "forward" needs them, since on a gateway only the interface tells a client's session from the servers' own outgoing mail |
@@ -67,6 +68,7 @@ class Config:
     smtp_starttls: str = "strip"
     pop3_stls: str = "allow"
     smtp_auth_relays: bool = True
+    refusal: str = "recipient"
     max_flows: int = 65536
     queue: int = 0
     interfaces: tuple[str, ...] = ()
@@ -249,6 +251,7 @@ _CHECKS: dict[str, Check] = {
     "smtp_starttls": _choice("strip", "relay-clients"),
     "pop3_stls": _choice("allow", "strip"),
     "smtp_auth_relays": _bool,
+    "refusal": _choice("recipient", "session"),
     "max_flows": _int(16),
     "queue": _int(0, 65535),
     "interfaces": _interfaces,

@@ -43,6 +43,7 @@ never_relay_networks = ["198.18.0.128/25"]
 smtp_starttls = "relay-clients"
 pop3_stls = "strip"
 smtp_auth_relays = false
+refusal = "session"
 max_flows = 16
 queue = 65535
 interfaces = ["eth0", "veth+"]
@@ -55,7 +56,7 @@ log_level = "debug"
                           ip_network("198.19.0.1/32")),
         never_relay_networks=(ip_network("198.18.0.128/25"),),
         smtp_starttls="relay-clients", pop3_stls="strip", smtp_auth_relays=False,
-        max_flows=16, queue=65535, interfaces=("eth0", "veth+"), log_level="debug")
+        refusal="session", max_flows=16, queue=65535, interfaces=("eth0", "veth+"), log_level="debug")
 
 
 def test_config_is_frozen():
@@ -123,6 +124,7 @@ BAD_VALUES = [
     ("pop3_stls", '"relay-clients"', '"allow" or "strip"'),
     ("smtp_auth_relays", '"yes"', "true or false"),
     ("smtp_auth_relays", "1", "true or false"),
+    ("refusal", '"rcpt"', '"recipient" or "session"'),
     ("max_flows", "15", "an integer >= 16"),
     ("max_flows", "1e6", "an integer >= 16"),
     ("queue", "65536", "an integer 0..65535"),

@@ -24,7 +24,10 @@ CLIENT4, CLIENT6 = "198.18.1.2", "2001:db8:1::2"
 
 
 def replay(name: str, logged_in: tuple[str, ...] = (), **config):
-    """(notices, verdicts) of the engine over a capture."""
+    """(notices, verdicts) of the engine over a capture. The MTA in the
+    captures answered the commands as sent, so whole sessions are refused
+    unless `refusal="recipient"` is asked for."""
+    config = {"refusal": "session", **config}
     cfg = replace(Config.default(), virtusertable=VIRTUSERTABLE, state="memory", **config)
     logins = MemoryLoginStore()
     engine = Engine(cfg, load_policy(cfg, logins), logins)
@@ -51,6 +54,16 @@ def logins(notices):
 def test_inbound_mail_to_a_local_recipient():
     notices, _ = replay("smtp_inbound_local")
     assert decisions(notices) == [("pass", "alice@lab.example", ROW_RECIPIENT_LOCAL)]
+
+
+def test_a_refused_recipient_the_mta_answered_250_falls_back_to_the_session_refusal():
+    # The capture's MTA relayed for the lab and saw the RCPT as sent: had the
+    # gate rewritten it, a 250 would mean the MTA took the rewritten command.
+    notices, verdicts = replay("smtp_pipelining", refusal="recipient")
+    assert decisions(notices)[1] == ("fail", "erin@external.example", ROW_NOT_LOCAL)
+    assert [n.reason for n in notices if n.event == "reset"] == [
+        "the MTA accepted the command a refused RCPT became"]
+    assert verdicts[-1] is DROP
 
 
 def test_local_sender_to_external_fails_without_login_and_passes_with_one():

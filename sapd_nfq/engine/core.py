@@ -32,6 +32,7 @@ from typing import Protocol
 from . import craft
 from .errors import MalformedPacket, ProtocolError
 from .events import (
+    Answered,
     LoginFailed,
     LoginSucceeded,
     MailFrom,
@@ -43,9 +44,10 @@ from .events import (
 )
 from .flows import Flow, FlowTable, State
 from .logins import LoginStore, StoreError
-from .packet import ACK, RST, SYN, Segment, Truncated, parse, with_payload_bytes
+from .packet import ACK, RST, SYN, Segment, Truncated, parse, with_stream_bytes
 from .policy import Fail, RelayPolicy
 from .pop3 import POP3Machine
+from .refusal import Refusals
 from .smtp import SMTPMachine
 from .stream import Outcome, Stream
 from .verdicts import ACCEPT, BYPASS, DROP, Decision, Notice
@@ -79,12 +81,14 @@ class Settings(Protocol):
     def smtp_starttls(self) -> str: ...
     @property
     def pop3_stls(self) -> str: ...
+    @property
+    def refusal(self) -> str: ...
 
 
 class Session:
     """What the engine knows of one connection beyond TCP."""
 
-    __slots__ = ("smtp", "machine", "sender", "authenticated", "user", "hidden")
+    __slots__ = ("smtp", "machine", "sender", "authenticated", "user", "hidden", "refusals")
 
     def __init__(self, smtp: bool) -> None:
         self.smtp = smtp
@@ -95,6 +99,8 @@ class Session:
         self.user: str | None = None
         #: server-stream (offset, length) ranges overwritten to hide TLS
         self.hidden: list[tuple[int, int]] = []
+        #: recipients refused in place (refusal.py), once there is one
+        self.refusals: Refusals | None = None
 
 
 class Engine:
@@ -209,6 +215,8 @@ class Engine:
                 return decision
         if session.hidden and not from_client and seg.payload and flow.server is not None:
             decision.packet = self._hide(session, flow.server, seg, packet)
+        if session.refusals is not None and seg.payload:
+            self._rewrite(session.refusals, flow, seg, decision, packet, from_client)
         if decision.verdict is BYPASS:
             flow.fate = BYPASSED
             flow.release()  # what follows is no longer compared
@@ -245,6 +253,8 @@ class Engine:
                     sender=session.sender or "", recipient=event.recipient,
                     row=verdict.row, reason=verdict.reason, time=now))
                 if failed:
+                    if self._refuse_in_place(session, flow, event, data):
+                        continue
                     self._refuse(flow, seg, from_client, now, None, into=decision,
                                  reply=SMTP_RELAY_DENIED)
                     return
@@ -271,6 +281,14 @@ class Engine:
                 decision.verdict = BYPASS
                 decision.notices.append(Notice("tls", client, server,
                                                reason="TLS started; session no longer inspected", time=now))
+        if session.refusals is not None and not from_client and flow.server is not None:
+            assert isinstance(machine, SMTPMachine)  # only SMTP has recipients
+            answered = [event for event in events if isinstance(event, Answered)]
+            if not session.refusals.replies(data, flow.server.offset - len(data), answered,
+                                            machine.reply_under_way):
+                self._refuse(flow, seg, from_client, now,
+                             "the MTA accepted the command a refused RCPT became", into=decision)
+                return
         if isinstance(session.machine, POP3Machine) and session.machine.settled:
             decision.verdict = BYPASS
 
@@ -353,16 +371,41 @@ class Engine:
             decision.inject.append(craft.reset_receiver(seg))
         return decision
 
+    # -- refusing one recipient in place (refusal.py) --------------------------
+
+    def _refuse_in_place(self, session: Session, flow: Flow, event: RcptTo, data: bytes) -> bool:
+        """Refuse only this recipient, if the whole command line is in the
+        new bytes: what went on to the MTA before cannot be rewritten."""
+        if self.config.refusal != "recipient" or flow.client is None:
+            return False
+        if event.offset < flow.client.offset - len(data):
+            return False
+        assert isinstance(session.machine, SMTPMachine)  # only SMTP has recipients
+        if session.refusals is None:
+            session.refusals = Refusals()
+        session.refusals.refuse(event)
+        session.machine.watch(event.number)
+        return True
+
+    @staticmethod
+    def _rewrite(refusals: Refusals, flow: Flow, seg: Segment, decision: Decision,
+                 packet: bytes, from_client: bool) -> None:
+        """Lay the refusals' rewrites over this segment, retransmissions too."""
+        if decision.verdict is DROP or flow.client is None or flow.server is None:
+            return
+        stream = flow.client if from_client else flow.server
+        refusals.forget(flow.client.offset - flow.client.retained,
+                        flow.server.offset - flow.server.retained)
+        changed = with_stream_bytes(decision.packet or packet, seg,
+                                    (seg.seq - stream.isn - 1) & _MASK,
+                                    refusals.client if from_client else refusals.server)
+        if changed is not None:
+            decision.packet = changed
+
     # -- hiding TLS offers --------------------------------------------------
 
     @staticmethod
     def _hide(session: Session, stream: Stream, seg: Segment, packet: bytes) -> bytes | None:
         """Overwrite hidden keywords with X in this server segment, if any."""
-        start = (seg.seq - stream.isn - 1) & _MASK
-        end = start + len(seg.payload)
-        changed = packet
-        for offset, length in session.hidden:
-            lo, hi = max(offset, start), min(offset + length, end)
-            if lo < hi:
-                changed = with_payload_bytes(changed, seg, lo - start, b"X" * (hi - lo))
-        return changed if changed is not packet else None
+        return with_stream_bytes(packet, seg, (seg.seq - stream.isn - 1) & _MASK,
+                                 ((offset, b"X" * length) for offset, length in session.hidden))
