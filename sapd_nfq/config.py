@@ -9,6 +9,7 @@ against the directory of the config file.
 | `mode` | `"input"` or `"forward"` | `"input"` | the MTA runs on this host (INPUT chain) or behind it (FORWARD chain) |
 | `smtp_ports` | list of ports 1..65535, at least one | `[25]` | server ports whose flows are SMTP |
 | `pop3_ports` | list of ports 1..65535 | `[110]` | server ports whose flows are POP3; none may be in `smtp_ports` |
+| `imap_ports` | list of ports 1..65535 | `[143]` | server ports whose flows are IMAP; none may be in `smtp_ports` or `pop3_ports` |
 | `virtusertable` | path | `"/etc/mail/virtusertable"` | sendmail virtusertable (text form) that says which addresses are local |
 | `auth_ttl` | seconds, integer > 0 | `1800` | how long a POP3 login lets its address relay |
 | `state` | path, `"memory"`, or a `redis://`, `rediss://`, `unix://` URL | `"/var/lib/sapd-nfq/logins.sqlite"` | the login store; an SQLite file survives restarts and is shared with the CLI; Redis shares one table between gateways |
@@ -16,13 +17,14 @@ against the directory of the config file.
 | `never_relay_networks` | list of CIDRs | `[]` | shared addresses (NAT, cloud mail fetchers): never trusted, their logins never count; SMTP AUTH on the connection still does |
 | `smtp_starttls` | `"strip"` or `"relay-clients"` | `"strip"` | hide STARTTLS from clients, or offer it only to clients that may relay anyway (trusted, or logged in by address); envelopes inside TLS go unchecked |
 | `pop3_stls` | `"allow"` or `"strip"` | `"allow"` | let POP3 clients use STLS (their logins become invisible) or hide it |
+| `imap_starttls` | `"allow"` or `"strip"` | `"allow"` | the same for IMAP's STARTTLS |
 | `smtp_auth_relays` | `true` or `false` | `true` | a 235 reply to SMTP AUTH counts as logged in |
 | `max_flows` | integer >= 16 | `65536` | flows tracked at once |
 | `queue` | integer 0..65535 | `0` | NFQUEUE number |
 | `interfaces` | list of interface names | `[]` | where clients reach the mail servers: mode "input" hooks only these (`[]`: every interface but lo); mode "forward" needs them, since on a gateway only the interface tells a client's session from the servers' own outgoing mail |
 | `workers` | integer 1..16 | `1` | daemon processes; the rules balance flows over queues `queue`.. `queue+workers-1` |
 | `queue_maxlen` | integer >= 16 | `4096` | packets the kernel holds for a worker; past that it drops them (fail closed: TCP retransmits) |
-| `pop3_fail_open` | `true` or `false` | `true` | with no daemon bound, POP3 packets pass (learning stops, mail still flows); SMTP always fails closed |
+| `pop3_fail_open` | `true` or `false` | `true` | with no daemon bound, POP3 and IMAP packets pass (learning stops, mail still flows); SMTP always fails closed |
 | `run_dir` | path | `"/run/sapd-nfq"` | where the daemon's control sockets live |
 | `log_level` | `"debug"`, `"info"`, `"warning"`, `"error"` | `"info"` | log verbosity |
 """
@@ -52,6 +54,7 @@ class Config:
     mode: str = "input"
     smtp_ports: tuple[int, ...] = (25,)
     pop3_ports: tuple[int, ...] = (110,)
+    imap_ports: tuple[int, ...] = (143,)
     virtusertable: Path = Path("/etc/mail/virtusertable")
     auth_ttl: int = 1800
     state: str = "/var/lib/sapd-nfq/logins.sqlite"
@@ -59,6 +62,7 @@ class Config:
     never_relay_networks: tuple[IPNetwork, ...] = ()
     smtp_starttls: str = "strip"
     pop3_stls: str = "allow"
+    imap_starttls: str = "allow"
     smtp_auth_relays: bool = True
     max_flows: int = 65536
     queue: int = 0
@@ -189,6 +193,7 @@ _CHECKS: dict[str, Check] = {
     "mode": _choice("input", "forward"),
     "smtp_ports": _ports(at_least=1),
     "pop3_ports": _ports(at_least=0),
+    "imap_ports": _ports(at_least=0),
     "virtusertable": _path,
     "auth_ttl": _int(1),
     "state": _state,
@@ -196,6 +201,7 @@ _CHECKS: dict[str, Check] = {
     "never_relay_networks": _networks,
     "smtp_starttls": _choice("strip", "relay-clients"),
     "pop3_stls": _choice("allow", "strip"),
+    "imap_starttls": _choice("allow", "strip"),
     "smtp_auth_relays": _bool,
     "max_flows": _int(16),
     "queue": _int(0, 65535),
@@ -247,8 +253,13 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     if config.queue + config.workers - 1 > 65535:
         raise ConfigError(f"{name}: workers: expected queues {config.queue}.. to end by 65535; "
                           f"got {config.workers} workers")
-    overlap = sorted(set(config.smtp_ports) & set(config.pop3_ports))
-    if overlap:
-        raise ConfigError(f"{name}: pop3_ports: expected ports not in smtp_ports; "
-                          f"got {overlap[0]} in both")
+    claimed = {"smtp_ports": config.smtp_ports}
+    for key in ("pop3_ports", "imap_ports"):
+        ports = getattr(config, key)
+        for other, taken in claimed.items():
+            overlap = sorted(set(ports) & set(taken))
+            if overlap:
+                raise ConfigError(f"{name}: {key}: expected ports not in {other}; "
+                                  f"got {overlap[0]} in both")
+        claimed[key] = ports
     return config

@@ -33,7 +33,7 @@ WATCH_INTERVAL = 2.0
 #: ever logged in would otherwise keep a row)
 PURGE_INTERVAL = 300.0
 #: keys that change the installed rules: a reload cannot apply them
-RULE_KEYS = ("mode", "smtp_ports", "pop3_ports", "interfaces", "queue", "workers")
+RULE_KEYS = ("mode", "smtp_ports", "pop3_ports", "imap_ports", "interfaces", "queue", "workers")
 
 log = logging.getLogger(LOGGER)
 
