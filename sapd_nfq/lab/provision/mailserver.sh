@@ -1,11 +1,12 @@
 #!/bin/sh
-# Postfix + Dovecot (POP3) for the sapd-nfq lab, entirely under one state directory.
+# Postfix + Dovecot (POP3, IMAP) for the sapd-nfq lab, entirely under one state directory.
 #
 #   mailserver.sh setup STATE_DIR IPV4 IPV6   write configs, TLS cert, users, mail dirs
 #   mailserver.sh start STATE_DIR             start Postfix and Dovecot from those configs
 #   mailserver.sh stop  STATE_DIR             stop both and wait until they have exited
 #
-# IPV4/IPV6 are the server addresses to listen on (port 25 and 110). Nothing is written
+# IPV4/IPV6 are the server addresses to listen on (25; 110, 995; 143, 993). Dovecot logs
+# to STATE_DIR/log/dovecot.log. Nothing is written
 # outside STATE_DIR: Postfix runs with `postfix -c STATE_DIR/postfix`, Dovecot with
 # `dovecot -c STATE_DIR/dovecot/dovecot.conf`. Mailboxes belong to $VMAIL_USER (default:
 # mail). Used by sapd_nfq/lab/mail.py inside a network namespace, and usable as is to
@@ -51,7 +52,8 @@ setup() {
         "$HERE/users" > "$STATE/dovecot/passwd")
     chgrp dovecot "$STATE/dovecot/passwd"
 
-    # Self-signed certificate for STARTTLS and STLS; both daemons read the key as root.
+    # Self-signed certificate for STARTTLS, STLS, POP3S and IMAPS; both daemons read the
+    # key as root.
     if [ ! -s "$STATE/tls/key.pem" ]; then
         (umask 077; openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
             -days 365 -subj "/CN=mail.lab.example" \
