@@ -25,7 +25,8 @@ against the directory of the config file.
 | `workers` | integer 1..16 | `1` | daemon processes; the rules balance flows over queues `queue`.. `queue+workers-1` |
 | `queue_maxlen` | integer >= 16 | `4096` | packets the kernel holds for a worker; past that it drops them (fail closed: TCP retransmits) |
 | `pop3_fail_open` | `true` or `false` | `true` | with no daemon bound, POP3 and IMAP packets pass (learning stops, mail still flows); SMTP always fails closed |
-| `run_dir` | path | `"/run/sapd-nfq"` | where the daemon's control sockets live |
+| `login_logs` | list of paths | `[]` | mail server log files whose success lines are logins (Dovecot 2.3/2.4, Courier); see loglearner.py |
+| `run_dir` | path | `"/run/sapd-nfq"` | where the daemon's control sockets live, and the log learner's positions |
 | `log_level` | `"debug"`, `"info"`, `"warning"`, `"error"` | `"info"` | log verbosity |
 """
 
@@ -70,6 +71,7 @@ class Config:
     workers: int = 1
     queue_maxlen: int = 4096
     pop3_fail_open: bool = True
+    login_logs: tuple[Path, ...] = ()
     run_dir: Path = Path("/run/sapd-nfq")
     log_level: str = "info"
 
@@ -179,6 +181,15 @@ def _path(value: Any, base: Path) -> Path:
     return base / value
 
 
+def _paths(value: Any, base: Path) -> tuple[Path, ...]:
+    what = "file paths"
+    items = _list(value, what)
+    for item in items:
+        if not isinstance(item, str) or not item or "\0" in item:
+            raise _Bad(f"a list of {what}", item)
+    return _unique([base / item for item in items], what)
+
+
 def _state(value: Any, base: Path) -> str:
     if not isinstance(value, str):
         raise _Bad('"memory" or a file path', value)
@@ -209,6 +220,7 @@ _CHECKS: dict[str, Check] = {
     "workers": _int(1, 16),
     "queue_maxlen": _int(16),
     "pop3_fail_open": _bool,
+    "login_logs": _paths,
     "run_dir": _path,
     "log_level": _choice("debug", "info", "warning", "error"),
 }

@@ -21,9 +21,10 @@ from .config import Config, load_config
 from .control import ControlServer
 from .engine.core import Engine
 from .engine.errors import SapdError
-from .engine.verdicts import ACCEPT, BYPASS
+from .engine.verdicts import ACCEPT, BYPASS, Notice
 from .inject import Injector
 from .interfaces import ClientSide
+from .loglearner import LogLearner
 from .logsetup import LOGGER
 from .rules import BYPASS_MARK
 from .runtime import load_policy, open_logins
@@ -32,6 +33,8 @@ WATCH_INTERVAL = 2.0
 #: how often expired logins are deleted from the store (every address that
 #: ever logged in would otherwise keep a row)
 PURGE_INTERVAL = 300.0
+#: how often the followed login logs are read (the delay from a login to its relay)
+LEARN_INTERVAL = 0.2
 #: keys that change the installed rules: a reload cannot apply them
 RULE_KEYS = ("mode", "smtp_ports", "pop3_ports", "imap_ports", "interfaces", "queue", "workers")
 
@@ -65,6 +68,9 @@ class Daemon:
         self._watched = self._watch_state()
         self._stop = False
         self._reload_requested = False
+        self.worker = worker
+        self.learner = self._learner(config)
+        self._next_learn = 0.0
 
     # -- packets -----------------------------------------------------------
 
@@ -125,6 +131,12 @@ class Daemon:
         if changed:
             log.warning("reload: %s changed; run `sapd-nfq up` to apply to the rules",
                         ", ".join(changed))
+        if config.login_logs != self.config.login_logs:
+            if self.learner is not None:
+                self.learner.close()
+            self.learner = self._learner(config)
+        elif self.learner is not None:
+            self.learner.auth_ttl = config.auth_ttl
         self.config = config
         self.engine.reconfigure(config, policy)
         self.client_side = ClientSide(config.mode, config.interfaces)
@@ -154,6 +166,10 @@ class Daemon:
             "decisions": {"pass": counters.get("pass", 0), "fail": counters.get("fail", 0)},
             "counters": counters,
             "reloads": self.reloads,
+            "login_logs": None if self.learner is None else {
+                "files": [f.path for f in self.learner.followers],
+                "lines": self.learner.lines, "logins": self.learner.logins,
+                "sessions": len(self.learner.sessions)},
             "last_reload_error": self.last_reload_error,
         }
 
@@ -188,7 +204,8 @@ class Daemon:
         next_purge = time.monotonic()
         try:
             while not self._stop:
-                for key, _ in sel.select(timeout=WATCH_INTERVAL):
+                timeout = WATCH_INTERVAL if self.learner is None else LEARN_INTERVAL
+                for key, _ in sel.select(timeout=timeout):
                     if key.data == "queue":
                         nfq.run(block=False)
                     elif key.data == "control":
@@ -199,6 +216,8 @@ class Daemon:
                                 pass
                         except BlockingIOError:
                             pass
+                if self.learner is not None:
+                    self._learn()
                 if self._reload_requested:
                     self._reload_requested = False
                     self.reload("SIGHUP")
@@ -216,11 +235,37 @@ class Daemon:
             control.close()
             nfq.unbind()
             self.injector.close()
+            if self.learner is not None:
+                self.learner.close()
             self.logins.close()
             wake_r.close()
             wake_w.close()
             log.info("stopped")
         return 0
+
+    def _learner(self, config: Config) -> LogLearner | None:
+        # one worker follows the logs: the store is shared, and two would race on positions
+        if not config.login_logs or self.worker != 0:
+            return None
+        return LogLearner(config.login_logs, self.logins, config.auth_ttl, config.run_dir)
+
+    def _learn(self) -> None:
+        assert self.learner is not None
+        now = time.time()
+        if now < self._next_learn:
+            return
+        self._next_learn = now + LEARN_INTERVAL
+        try:
+            learned = self.learner.poll(now)
+        except Exception:  # a bug in following the logs must not stop the packet path
+            log.exception("log learner failure")
+            self.engine.counters["engine_errors"] += 1
+            return
+        for login in learned:
+            self.engine.counters["logins"] += 1
+            log.info("%s", Notice("login", login.address, user=login.user, time=now,
+                                  reason=f"log:{login.server} {login.service} {login.method or ''}"
+                                         .rstrip()))
 
     def _purge(self) -> None:
         try:

@@ -130,6 +130,9 @@ BAD_VALUES = [
     ("queue_maxlen", "8", "an integer >= 16"),
     ("pop3_fail_open", '"no"', "true or false"),
     ("run_dir", '""', "a file path"),
+    ("login_logs", '"/var/log/dovecot.log"', "a list of file paths"),
+    ("login_logs", '[""]', "a list of file paths"),
+    ("login_logs", '["a", "a"]', "without repeats"),
     ("log_level", '"trace"', '"debug" or "info" or "warning" or "error"'),
     ("log_level", '"INFO"', '"debug" or "info"'),
 ]
