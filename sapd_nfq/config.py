@@ -26,6 +26,8 @@ against the directory of the config file.
 | `queue_maxlen` | integer >= 16 | `4096` | packets the kernel holds for a worker; past that it drops them (fail closed: TCP retransmits) |
 | `pop3_fail_open` | `true` or `false` | `true` | with no daemon bound, POP3 and IMAP packets pass (learning stops, mail still flows); SMTP always fails closed |
 | `login_logs` | list of paths | `[]` | mail server log files whose success lines are logins (Dovecot 2.3/2.4, Courier); see loglearner.py |
+| `login_hook` | path or `""` | `""` | a unix socket for Dovecot's post-login script (packaging/sapd-nfq-postlogin); `""`: none |
+| `login_hook_group` | group name | `"sapd-hook"` | the only group (besides root) that may use `login_hook` |
 | `run_dir` | path | `"/run/sapd-nfq"` | where the daemon's control sockets live, and the log learner's positions |
 | `log_level` | `"debug"`, `"info"`, `"warning"`, `"error"` | `"info"` | log verbosity |
 """
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +75,8 @@ class Config:
     queue_maxlen: int = 4096
     pop3_fail_open: bool = True
     login_logs: tuple[Path, ...] = ()
+    login_hook: Path | None = None
+    login_hook_group: str = "sapd-hook"
     run_dir: Path = Path("/run/sapd-nfq")
     log_level: str = "info"
 
@@ -190,6 +195,18 @@ def _paths(value: Any, base: Path) -> tuple[Path, ...]:
     return _unique([base / item for item in items], what)
 
 
+def _optional_path(value: Any, base: Path) -> Path | None:
+    if value == "":
+        return None
+    return _path(value, base)
+
+
+def _group(value: Any, base: Path) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", value):
+        raise _Bad("a group name", value)
+    return value
+
+
 def _state(value: Any, base: Path) -> str:
     if not isinstance(value, str):
         raise _Bad('"memory" or a file path', value)
@@ -221,6 +238,8 @@ _CHECKS: dict[str, Check] = {
     "queue_maxlen": _int(16),
     "pop3_fail_open": _bool,
     "login_logs": _paths,
+    "login_hook": _optional_path,
+    "login_hook_group": _group,
     "run_dir": _path,
     "log_level": _choice("debug", "info", "warning", "error"),
 }

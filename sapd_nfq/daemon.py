@@ -22,6 +22,7 @@ from .control import ControlServer
 from .engine.core import Engine
 from .engine.errors import SapdError
 from .engine.verdicts import ACCEPT, BYPASS, Notice
+from .hook import HookServer
 from .inject import Injector
 from .interfaces import ClientSide
 from .loglearner import LogLearner
@@ -197,6 +198,11 @@ class Daemon:
         sel.register(nfq.get_fd(), selectors.EVENT_READ, "queue")
         sel.register(control, selectors.EVENT_READ, "control")
         sel.register(wake_r, selectors.EVENT_READ, "signal")
+        # one worker serves the hook, as one follows the logs
+        hook = (HookServer(self.config.login_hook, self.config.login_hook_group)
+                if self.config.login_hook is not None and self.worker == 0 else None)
+        if hook is not None:
+            sel.register(hook, selectors.EVENT_READ, "hook")
         log.info("running: queue %d, mode %s, %d virtusertable entries, %d logins held",
                  self.queue, self.config.mode, len(self.engine.policy.table),
                  len(self.logins.entries(time.time())))
@@ -210,6 +216,8 @@ class Daemon:
                         nfq.run(block=False)
                     elif key.data == "control":
                         control.serve_one()
+                    elif key.data == "hook":
+                        self._hooked(hook)
                     else:
                         try:
                             while wake_r.recv(64):
@@ -233,6 +241,8 @@ class Daemon:
             signal.set_wakeup_fd(-1)
             sel.close()
             control.close()
+            if hook is not None:
+                hook.close()
             nfq.unbind()
             self.injector.close()
             if self.learner is not None:
@@ -266,6 +276,14 @@ class Daemon:
             log.info("%s", Notice("login", login.address, user=login.user, time=now,
                                   reason=f"log:{login.server} {login.service} {login.method or ''}"
                                          .rstrip()))
+
+    def _hooked(self, hook: HookServer | None) -> None:
+        assert hook is not None
+        now = time.time()
+        login = hook.serve_one(self.logins, self.config.auth_ttl, now)
+        if login is not None:
+            self.engine.counters["logins"] += 1
+            log.info("%s", Notice("login", login.address, user=login.user, time=now, reason="hook"))
 
     def _purge(self) -> None:
         try:

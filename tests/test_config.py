@@ -133,6 +133,8 @@ BAD_VALUES = [
     ("login_logs", '"/var/log/dovecot.log"', "a list of file paths"),
     ("login_logs", '[""]', "a list of file paths"),
     ("login_logs", '["a", "a"]', "without repeats"),
+    ("login_hook", "1", "a file path"),
+    ("login_hook_group", '"Bad Group"', "a group name"),
     ("log_level", '"trace"', '"debug" or "info" or "warning" or "error"'),
     ("log_level", '"INFO"', '"debug" or "info"'),
 ]

@@ -46,6 +46,19 @@ setup() {
          !/^#/ && NF == 2 && $1 !~ /^@/ && ($2 in user) { print $1 "\t" $2 "/Maildir/" }' \
         "$HERE/users" "$HERE/virtusertable" > "$STATE/postfix/vmailbox"
 
+    # The post-login hook: sapd-nfq's script, told where the lab's gate listens. Without
+    # python3 to run it a login would fail, so then there is no hook.
+    install -d -m 755 "$STATE/hook"
+    rm -f "$STATE/dovecot/postlogin.conf"
+    if [ -x /usr/bin/python3 ]; then
+        install -m 755 "$HERE/../../../packaging/sapd-nfq-postlogin" \
+            "$STATE/dovecot/sapd-nfq-postlogin"
+        printf '#!/bin/sh\nSAPD_NFQ_HOOK_SOCKET=%s exec %s "$@"\n' "$STATE/hook/login.sock" \
+            "$STATE/dovecot/sapd-nfq-postlogin" > "$STATE/dovecot/postlogin"
+        chmod 755 "$STATE/dovecot/postlogin"
+        render postlogin.conf.in > "$STATE/dovecot/postlogin.conf"
+    fi
+
     # Dovecot passdb/userdb; the auth process reads it as the dovecot user.
     (umask 027; awk -F: -v uid="$VUID" -v gid="$VGID" -v base="$STATE/mail" \
         '!/^#/ && NF == 2 { print $1 ":{PLAIN}" $2 ":" uid ":" gid "::" base "/" $1 "::" }' \
