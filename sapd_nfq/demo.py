@@ -29,6 +29,7 @@ OUTSIDER = "carol@external.example"
 USER = "alice"
 LOCAL_SENDER = "alice@lab.example"
 REMOTE_RECIPIENT = "dave@external.example"
+HELO = "client.lab.example"
 SMTP_TIMEOUT = 15  # seconds swaks waits for each reply
 WINDOW_MARGIN = 1.0  # seconds past the end of the login window before the last try
 # curl -v shows the server's lines as "< ..."; these answer the login and the LIST.
@@ -82,7 +83,10 @@ class Story:
     def smtp(self, number: int, text: str, sender: str, recipient: str, *,
              accepted: bool) -> bool:
         self._title(number, text)
-        argv = ["swaks", "--server", self.server, "--from", sender, "--to", recipient]
+        # --helo: swaks would otherwise look up this host's name, a resolver timeout
+        # (~5 s) where /etc/hosts lacks it
+        argv = ["swaks", "--server", self.server, "--helo", HELO, "--from", sender,
+                "--to", recipient]
         offset = self.gate.log_size()
         done = self.lab.run(self.lab.client, [*argv, "--timeout", str(SMTP_TIMEOUT),
                                               "--h-Subject", f"sapd-nfq demo, step {number}"],

@@ -195,7 +195,8 @@ def _guide(lab, gate, started: bool) -> None:
 
     me = _self()
     client, gw = (f"ip netns exec {lab.host(role).netns}" for role in ("client", "gw"))
-    relay = (f"{client} swaks --server {lab.server.ipv4} --from alice@lab.example "
+    relay = (f"{client} swaks --server {lab.server.ipv4} --helo client.lab.example "
+             "--from alice@lab.example "
              "--to dave@external.example")
     say(f"The lab {lab.prefix} is up; its files are under {lab.state_dir}.")
     say(f"  client  {lab.client.ipv4}, {lab.client.ipv6}  (netns {lab.client.netns})")
