@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 DEMO_PREFIX = "sapd-demo"
 LAB_PREFIX = "sapd-try"
@@ -241,8 +241,10 @@ def _build(lab, auth_ttl: int, start_gate: bool = True):
     from .lab import MailServer
     from .lab.gate import Gate
 
-    gate = Gate(lab, auth_ttl=auth_ttl)
-    parts = [("namespaces", lab.up), ("Postfix and Dovecot", MailServer(lab).start),
+    mail = MailServer(lab)
+    # the gw shares the server's files here: it can follow Dovecot's log
+    gate = Gate(lab, auth_ttl=auth_ttl, login_log=PurePosixPath(mail.dovecot_log))
+    parts = [("namespaces", lab.up), ("Postfix and Dovecot", mail.start),
              ("sapd-nfq", gate.start if start_gate else gate.setup)]
     timings = []
     for what, start in parts:
