@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from .access import config_warnings
 from .config import DEFAULT_CONFIG_PATH, Config, load_config
 from .engine.errors import SapdError
 from .engine.logins import MemoryLoginStore
@@ -19,11 +20,17 @@ from .runtime import load_policy, open_logins
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-def _config(args: argparse.Namespace) -> Config:
+def _config(args: argparse.Namespace, warn: bool = True) -> Config:
+    """The config `--config` names; with `warn`, says on stderr if others
+    may read its secret or write it."""
     path = Path(args.config)
     if args.config == DEFAULT_CONFIG_PATH and not path.exists():
         return Config.default()
-    return load_config(path)
+    config = load_config(path)
+    if warn:
+        for warning in config_warnings(path, config):
+            print(f"sapd-nfq: warning: {warning}", file=sys.stderr)
+    return config
 
 
 def _address(text: str) -> str:
@@ -45,6 +52,63 @@ def cmd_check(args: argparse.Namespace) -> int:
     failed = isinstance(verdict, Fail)
     print(f"{'FAIL' if failed else 'PASS'}  {verdict.row}: {verdict.reason}")
     return EXIT_FAIL if failed else EXIT_PASS
+
+
+# -- why -----------------------------------------------------------------------
+
+def gather_why(config: Config, address: str) -> dict:
+    """What the running workers remember of `address`, or the store alone."""
+    from .control import DaemonNotRunning, request, worker_queues
+
+    replies = []
+    for queue in worker_queues(config):
+        try:
+            reply = request(config, queue, f"why {address}")
+        except DaemonNotRunning:
+            continue
+        if not reply.get("ok"):
+            raise SapdError(f"queue {queue}: {reply.get('error')}")
+        replies.append(reply)
+    if replies:
+        login = next((r["login"] for r in replies if r["login"]), None)
+        return {"client": address, "daemon": True, "login": login,
+                "logins": sorted((x for r in replies for x in r["logins"]), key=lambda x: x["time"]),
+                "decisions": sorted((x for r in replies for x in r["decisions"]), key=lambda x: x["time"])}
+    logins = open_logins(config)
+    try:
+        found = logins.get(address, time.time())
+    finally:
+        logins.close()
+    return {"client": address, "daemon": False, "logins": [], "decisions": [],
+            "login": None if found is None else {"user": found.user, "expires": found.expires,
+                                                 "source": found.source}}
+
+
+def _when(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def cmd_why(args: argparse.Namespace) -> int:
+    config = _config(args)
+    why = gather_why(config, args.client)
+    if args.json:
+        print(json.dumps(why, indent=2))
+        return 0
+    now, client, login = time.time(), why["client"], why["login"]
+    if not why["daemon"]:
+        print("no daemon running: from the login store alone (no decisions, no lapsed logins)")
+    if login:
+        print(f"{client}: logged in as {login['user'] or '-'} via {login['source']} until "
+              f"{_when(login['expires'])} ({int(login['expires'] - now)} s left)")
+    elif why["logins"]:
+        last = why["logins"][-1]
+        print(f"{client}: not logged in; the last login, {last['user'] or '-'} via {last['source']} "
+              f"at {_when(last['time'])}, lapsed at {_when(last['expires'])}")
+    else:
+        print(f"{client}: not logged in" + ("; no login seen since the daemon started" if why["daemon"] else ""))
+    for d in why["decisions"]:
+        print(f"  {_when(d['time'])} {d['verdict']} <{d['sender']}> -> <{d['recipient']}>  {d['row']}: {d['reason']}")
+    return 0
 
 
 # -- auth ----------------------------------------------------------------------
@@ -132,9 +196,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import run_workers
     from .logsetup import setup_logging
 
-    config = _config(args)
+    config = _config(args, warn=False)
     path = Path(args.config)
-    setup_logging(config.log_level)
+    log = setup_logging(config.log_level)
+    for warning in config_warnings(path, config):
+        log.warning("%s", warning)
     return run_workers(config, path if path.exists() else None)
 
 
@@ -153,57 +219,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return EXIT_FAIL if failed else 0
 
 
-def kernel_queues(path: str = "/proc/net/netfilter/nfnetlink_queue") -> dict[int, dict[str, int]]:
-    """The kernel's per-queue counters (only queues a process is bound to)."""
-    names = ("portid", "waiting", "copy_mode", "copy_range", "queue_dropped", "user_dropped", "id_sequence")
-    queues: dict[int, dict[str, int]] = {}
-    try:
-        with open(path) as f:
-            for line in f:
-                fields = [int(x) for x in line.split()]
-                queues[fields[0]] = dict(zip(names, fields[1:8]))
-    except (OSError, ValueError):
-        pass
-    return queues
-
-
-def gather_status(config: Config) -> dict:
-    from . import rules
-    from .control import DaemonNotRunning, request, worker_queues
-
-    try:
-        installed = rules.installed()
-    except SapdError as exc:
-        installed = {"error": str(exc)}
-    kernel = kernel_queues()
-    workers = []
-    for queue in worker_queues(config):
-        try:
-            reply = request(config, queue, "status")
-        except DaemonNotRunning as exc:
-            reply = {"running": False, "queue": queue, "error": str(exc)}
-        else:
-            reply["running"] = True
-        reply["kernel"] = kernel.get(queue)
-        workers.append(reply)
-    status = {
-        "rules": installed,
-        "rules_installed": all(f.get("installed") for f in installed.values() if isinstance(f, dict)),
-        "daemon_running": all(w["running"] for w in workers),
-        "workers": workers,
-    }
-    if not any(w["running"] for w in workers):
-        logins = open_logins(config)
-        try:
-            status["logins_held"] = len(logins.entries(time.time()))
-        finally:
-            logins.close()
-    else:
-        status["logins_held"] = max(w.get("logins_held", 0) for w in workers if w["running"])
-    return status
-
-
 def cmd_status(args: argparse.Namespace) -> int:
+    from .status import gather_status
+
     config = _config(args)
     status = gather_status(config)
     if args.json:
@@ -276,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("reload", cmd_reload, "make the running daemon re-read config and virtusertable"),
     ):
         sub.add_parser(name, parents=[common], help=text).set_defaults(func=func)
+    why = sub.add_parser("why", parents=[common], help="a client's login and its last decisions")
+    why.add_argument("client", type=_address, metavar="IP")
+    why.add_argument("--json", action="store_true")
+    why.set_defaults(func=cmd_why)
     status = sub.add_parser("status", parents=[common], help="rules, daemon, queue counters, flows, logins")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)

@@ -10,7 +10,9 @@ against the directory of the config file.
 | `smtp_ports` | list of ports 1..65535, at least one | `[25]` | server ports whose flows are SMTP |
 | `pop3_ports` | list of ports 1..65535 | `[110]` | server ports whose flows are POP3; none may be in `smtp_ports` |
 | `imap_ports` | list of ports 1..65535 | `[143]` | server ports whose flows are IMAP; none may be in `smtp_ports` or `pop3_ports` |
-| `virtusertable` | path | `"/etc/mail/virtusertable"` | sendmail virtusertable (text form) that says which addresses are local |
+| `virtusertable` | path, or `""` for none | `"/etc/mail/virtusertable"` | sendmail virtusertable (text form) that says which addresses are local |
+| `postfix_maps` | list of `type:name` (hash, btree, lmdb, cdb, texthash) | `[]` | Postfix maps whose keys are local recipients too, looked up in virtual(5)'s order |
+| `postfix_config_directory` | path | `"/etc/postfix"` | the Postfix configuration `postmap -c` and `postconf -c` read (its `recipient_delimiter`) |
 | `auth_ttl` | seconds, integer > 0 | `1800` | how long a POP3 login lets its address relay |
 | `state` | path, `"memory"`, or a `redis://`, `rediss://`, `unix://` URL | `"/var/lib/sapd-nfq/logins.sqlite"` | the login store; an SQLite file survives restarts and is shared with the CLI; Redis shares one table between gateways |
 | `trusted_networks` | list of CIDRs | `[]` | clients that always relay |
@@ -30,11 +32,13 @@ against the directory of the config file.
 | `login_hook_group` | group name | `"sapd-hook"` | the only group (besides root) that may use `login_hook` |
 | `run_dir` | path | `"/run/sapd-nfq"` | where the daemon's control sockets live, and the log learner's positions |
 | `log_level` | `"debug"`, `"info"`, `"warning"`, `"error"` | `"info"` | log verbosity |
+| `metrics_listen` | `""` or `ADDRESS:PORT` (`[::1]:9925` for IPv6) | `""` | the Prometheus endpoint, off by default; meant for loopback or a management network |
 """
 
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import tomllib
@@ -47,6 +51,7 @@ from .engine.addresses import IPNetwork, parse_network
 from .engine.errors import ConfigError
 from .interfaces import check_name
 from .logins import store_kind
+from .postfix_maps import split_spec
 
 DEFAULT_CONFIG_PATH = "/etc/sapd-nfq/sapd-nfq.toml"
 
@@ -59,7 +64,9 @@ class Config:
     smtp_ports: tuple[int, ...] = (25,)
     pop3_ports: tuple[int, ...] = (110,)
     imap_ports: tuple[int, ...] = (143,)
-    virtusertable: Path = Path("/etc/mail/virtusertable")
+    virtusertable: Path | None = Path("/etc/mail/virtusertable")
+    postfix_maps: tuple[str, ...] = ()
+    postfix_config_directory: Path = Path("/etc/postfix")
     auth_ttl: int = 1800
     state: str = "/var/lib/sapd-nfq/logins.sqlite"
     trusted_networks: tuple[IPNetwork, ...] = ()
@@ -79,6 +86,7 @@ class Config:
     login_hook_group: str = "sapd-hook"
     run_dir: Path = Path("/run/sapd-nfq")
     log_level: str = "info"
+    metrics_listen: str = ""
 
     @classmethod
     def default(cls) -> Config:
@@ -195,16 +203,50 @@ def _paths(value: Any, base: Path) -> tuple[Path, ...]:
     return _unique([base / item for item in items], what)
 
 
-def _optional_path(value: Any, base: Path) -> Path | None:
-    if value == "":
-        return None
-    return _path(value, base)
-
-
 def _group(value: Any, base: Path) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", value):
         raise _Bad("a group name", value)
     return value
+def _optional_path(value: Any, base: Path) -> Path | None:
+    return None if value == "" else _path(value, base)
+
+
+def _postfix_maps(value: Any, base: Path) -> tuple[str, ...]:
+    what = 'a list of Postfix maps ("hash:/etc/postfix/virtual")'
+    specs = []
+    for item in _list(value, what):
+        try:
+            kind, name = split_spec(item) if isinstance(item, str) else ("", "")
+        except ValueError as e:
+            raise _Bad(what, item, why=f"{e}: {item!r}") from None
+        if not name:
+            raise _Bad(what, item)
+        specs.append(f"{kind}:{base / name}")
+    return _unique(specs, "Postfix maps")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """("127.0.0.1", 9925) of "127.0.0.1:9925", ("::1", 9925) of "[::1]:9925"."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("expected ADDRESS:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("expected ADDRESS:PORT, an IPv6 address in brackets ([::1]:9925)")
+    ipaddress.ip_address(host)  # an address, never a name to resolve
+    return host, int(port)
+
+
+def _listen(value: Any, base: Path) -> str:
+    what = 'ADDRESS:PORT ("127.0.0.1:9925", "[::1]:9925") or "" for none'
+    if value == "":
+        return value
+    try:
+        parse_listen(value if isinstance(value, str) else "")
+    except ValueError as e:
+        raise _Bad(what, value, why=f"{e}: {value!r}") from None
+    return str(value)
 
 
 def _state(value: Any, base: Path) -> str:
@@ -222,7 +264,9 @@ _CHECKS: dict[str, Check] = {
     "smtp_ports": _ports(at_least=1),
     "pop3_ports": _ports(at_least=0),
     "imap_ports": _ports(at_least=0),
-    "virtusertable": _path,
+    "virtusertable": _optional_path,
+    "postfix_maps": _postfix_maps,
+    "postfix_config_directory": _path,
     "auth_ttl": _int(1),
     "state": _state,
     "trusted_networks": _networks,
@@ -242,6 +286,7 @@ _CHECKS: dict[str, Check] = {
     "login_hook_group": _group,
     "run_dir": _path,
     "log_level": _choice("debug", "info", "warning", "error"),
+    "metrics_listen": _listen,
 }
 
 
@@ -284,6 +329,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     if config.queue + config.workers - 1 > 65535:
         raise ConfigError(f"{name}: workers: expected queues {config.queue}.. to end by 65535; "
                           f"got {config.workers} workers")
+    if config.virtusertable is None and not config.postfix_maps:
+        raise ConfigError(f'{name}: virtusertable: expected a file path ("" needs postfix_maps); '
+                          "got no map that says which addresses are local")
     claimed = {"smtp_ports": config.smtp_ports}
     for key in ("pop3_ports", "imap_ports"):
         ports = getattr(config, key)

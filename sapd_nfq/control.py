@@ -1,7 +1,10 @@
 """The daemon's control socket: one JSON request a connection, one reply.
 
 `sapd-nfq status` and `sapd-nfq reload` talk to the running daemon through
-it. The socket lives in a root-only directory; only root can ask.
+it. Only root may ask, and three things hold it so: the socket is 0600 in a
+directory that is ours and that no one else may write, and each side checks
+the other's uid (SO_PEERCRED): the daemon answers only root, and the CLI
+believes only a root daemon, not a socket someone else put in its place.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from .access import AccessError, denied, ours, peer_uid, private_dir
 from .config import Config
 from .engine.errors import SapdError
 from .logsetup import LOGGER
@@ -40,6 +44,9 @@ def request(config: Config, queue: int, command: str, timeout: float = 5.0) -> d
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(path))
+            if not ours(server := peer_uid(sock)):
+                raise AccessError(f"control socket {path} is served by uid {server}, not by root: "
+                                  "not talking to it")
             sock.sendall(json.dumps({"command": command}).encode() + b"\n")
             sock.shutdown(socket.SHUT_WR)
             data = b""
@@ -47,12 +54,17 @@ def request(config: Config, queue: int, command: str, timeout: float = 5.0) -> d
                 data += chunk
     except (FileNotFoundError, ConnectionRefusedError):
         raise DaemonNotRunning(f"no daemon answers on {path}") from None
+    except PermissionError:
+        raise denied("control socket", path) from None
     except OSError as exc:
         raise DaemonNotRunning(f"control socket {path}: {exc}") from None
     try:
-        return json.loads(data)
+        reply = json.loads(data)
     except ValueError:
         raise DaemonNotRunning(f"control socket {path}: no valid reply") from None
+    if reply.get("denied"):
+        raise denied("control socket", path)
+    return reply
 
 
 class ControlServer:
@@ -60,7 +72,7 @@ class ControlServer:
 
     def __init__(self, config: Config, queue: int, handler: Callable[[str], dict]) -> None:
         self.path = socket_path(config, queue)
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(self.path.parent, "run_dir")
         try:
             self.path.unlink()
         except FileNotFoundError:
@@ -84,28 +96,36 @@ class ControlServer:
         except BlockingIOError:
             return
         with conn:
-            # A short timeout: a stuck client must not stall the packet loop.
-            conn.settimeout(0.5)
-            try:
-                data = b""
-                while b"\n" not in data and len(data) < MAX_REQUEST:
-                    chunk = conn.recv(MAX_REQUEST)
-                    if not chunk:
-                        break
-                    data += chunk
-                command = str(json.loads(data or b"{}").get("command", ""))
-            except (OSError, ValueError, AttributeError) as exc:
-                reply = json.dumps({"ok": False, "error": f"bad control request: {exc}"})
-            else:
-                try:
-                    reply = json.dumps(self._handler(command))
-                except Exception:  # a control request must never stop the packet loop
-                    log.exception("control request %r failed", command)
-                    reply = json.dumps({"ok": False, "error": "internal error, see the daemon's log"})
+            reply = self._answer(conn)
             try:
                 conn.sendall(reply.encode() + b"\n")
             except OSError:
                 pass
+
+    def _answer(self, conn: socket.socket) -> str:
+        # A short timeout: a stuck client must not stall the packet loop.
+        conn.settimeout(0.5)
+        try:
+            data = b""
+            while b"\n" not in data and len(data) < MAX_REQUEST:
+                chunk = conn.recv(MAX_REQUEST)
+                if not chunk:
+                    break
+                data += chunk
+            command = str(json.loads(data or b"{}").get("command", ""))
+        except (OSError, ValueError, AttributeError) as exc:
+            return json.dumps({"ok": False, "error": f"bad control request: {exc}"})
+        # Checked after the request is read: closing on unread data would
+        # reset the connection before the client read why.
+        if not ours(client := peer_uid(conn)):
+            # Reached only if someone loosened the socket's or run_dir's mode.
+            log.warning("control socket: refused %.40r from uid %d", command, client)
+            return json.dumps({"ok": False, "denied": True, "error": "permission denied"})
+        try:
+            return json.dumps(self._handler(command))
+        except Exception:  # a control request must never stop the packet loop
+            log.exception("control request %r failed", command)
+            return json.dumps({"ok": False, "error": "internal error, see the daemon's log"})
 
     def close(self) -> None:
         self.sock.close()

@@ -13,6 +13,7 @@ import selectors
 import signal
 import socket
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from netfilterqueue import NetfilterQueue
@@ -27,10 +28,21 @@ from .inject import Injector
 from .interfaces import ClientSide
 from .loglearner import LogLearner
 from .logsetup import LOGGER
+from .recent import Recent
 from .rules import BYPASS_MARK
-from .runtime import load_policy, open_logins
+from .runtime import load_policy, map_files, open_logins
+from .stats import Stats
 
 WATCH_INTERVAL = 2.0
+#: a changed file is read only once its stamp has held still this long: a
+#: program that rewrites it in place can be caught between two writes
+SETTLE_INTERVAL = WATCH_INTERVAL
+#: a reload that would make local addresses non-local waits until the file
+#: has held still this long. A file caught half-written reads as a shorter but
+#: well-formed table, and inbound mail to the addresses it lacks would be
+#: refused; a removal that takes effect late costs nothing. SIGHUP and
+#: `sapd-nfq reload` apply at once: the administrator says the file is whole.
+REMOVAL_SETTLE = 30.0
 #: how often expired logins are deleted from the store (every address that
 #: ever logged in would otherwise keep a row)
 PURGE_INTERVAL = 300.0
@@ -52,6 +64,36 @@ def _stamp(path: str | Path) -> tuple[int, int, int] | None:
     return st.st_mtime_ns, st.st_size, st.st_ino
 
 
+class FileWatch:
+    """When a change to the watched files is due for a reload.
+
+    `seen` holds the stamps the running config and table were read from.
+    Other stamps are due once they have stayed the same for the wait
+    (SETTLE_INTERVAL, or longer after `hold`); any new change starts over.
+    """
+
+    def __init__(self, seen: tuple) -> None:
+        self.seen = seen
+        self._pending: tuple | None = None
+        self._since = 0.0
+        self._wait = SETTLE_INTERVAL
+
+    def due(self, stamps: tuple, now: float) -> float | None:
+        """Seconds the changed `stamps` have held still, once due; else None."""
+        if stamps == self.seen:
+            self._pending = None
+            return None
+        if stamps != self._pending:
+            self._pending, self._since, self._wait = stamps, now, SETTLE_INTERVAL
+            return None
+        held = now - self._since
+        return held if held >= self._wait else None
+
+    def hold(self, seconds: float) -> None:
+        """Let the pending change wait until it has held still `seconds`."""
+        self._wait = seconds
+
+
 class Daemon:
     """One worker: binds queue `config.queue + worker`."""
 
@@ -63,10 +105,13 @@ class Daemon:
         self.engine = Engine(config, load_policy(config, self.logins), self.logins)
         self.injector = Injector()
         self.client_side = ClientSide(config.mode, config.interfaces)
+        self.stats = Stats()
+        self.recent = Recent()
         self.started = time.time()
         self.reloads = 0
+        self.reload_errors = 0
         self.last_reload_error: str | None = None
-        self._watched = self._watch_state()
+        self._watch = FileWatch(self._watch_state())
         self._stop = False
         self._reload_requested = False
         self.worker = worker
@@ -76,10 +121,12 @@ class Daemon:
     # -- packets -----------------------------------------------------------
 
     def on_packet(self, pkt) -> None:
+        started = time.perf_counter()
         try:
             # Where the packet came in decides its direction, never its ports.
             decision = self.engine.handle(pkt.get_payload(), time.time(),
                                           from_client_side=self.client_side(pkt.indev))
+            self.stats.record(decision, time.perf_counter() - started)
         except Exception:  # a bug must not hold the packet or open a relay
             log.exception("engine failure; packet dropped")
             self.engine.counters["engine_errors"] += 1
@@ -92,6 +139,7 @@ class Daemon:
                 log.error("cannot inject a packet: %s", exc)
         for notice in decision.notices:
             (log.error if notice.event == "error" else log.info)("%s", notice)
+            self.recent.note(notice, self.config.auth_ttl)
         if decision.packet is not None:
             pkt.set_payload(decision.packet)
         verdict = decision.verdict
@@ -108,25 +156,45 @@ class Daemon:
     # -- reload ------------------------------------------------------------
 
     def _watch_state(self) -> tuple:
-        paths = [self.config.virtusertable]
+        paths: list[str | Path] = [*map_files(self.config)]
         if self.config_path is not None:
             paths.append(self.config_path)
         return tuple(_stamp(p) for p in paths)
 
-    def reload(self, why: str) -> dict:
-        """Re-read config and virtusertable; on any error keep the old ones."""
-        # Stamped before reading: a write that lands while we read is seen next time.
-        watched = self._watch_state()
+    def watch(self, now: float) -> None:
+        """Look at the watched files once; reload when a change is due."""
+        stamps = self._watch_state()
+        held = self._watch.due(stamps, now)
+        if held is not None:
+            self.reload("file changed", stamps, held)
+
+    def reload(self, why: str, stamps: tuple | None = None, held: float | None = None) -> dict:
+        """Re-read config and virtusertable; on any error keep the old ones.
+
+        `stamps` are the files' stamps taken before reading (a write that lands
+        while we read is seen next time), and `held` how long they had held
+        still: a watched change, not a request, must have held still
+        REMOVAL_SETTLE before it may make local addresses non-local.
+        """
+        watched = self._watch_state() if stamps is None else stamps
         try:
             config = load_config(self.config_path) if self.config_path else self.config
             changed = [k for k in RULE_KEYS if getattr(config, k) != getattr(self.config, k)]
             policy = load_policy(config, self.logins)
         except SapdError as exc:
+            self._watch.seen = watched
             self.last_reload_error = str(exc)
+            self.reload_errors += 1
             log.error("reload (%s) failed, keeping the running config and table: %s", why, exc)
             return {"ok": False, "error": str(exc)}
-        finally:
-            self._watched = watched
+        lost = self.engine.policy.table.local_keys() - policy.table.local_keys()
+        if lost and held is not None and held < REMOVAL_SETTLE:
+            self._watch.hold(REMOVAL_SETTLE)
+            log.warning("reload (%s) deferred: %d addresses would stop being local (%s); "
+                        "applying once the files have not changed for %d s, or on `sapd-nfq reload`",
+                        why, len(lost), ", ".join(sorted(lost)[:5]), REMOVAL_SETTLE)
+            return {"ok": False, "deferred": sorted(lost)}
+        self._watch.seen = watched
         if config.state != self.config.state:
             log.warning("reload: 'state' changed; restart the daemon to switch login stores")
         if changed:
@@ -143,8 +211,8 @@ class Daemon:
         self.client_side = ClientSide(config.mode, config.interfaces)
         self.reloads += 1
         self.last_reload_error = None
-        log.info("reloaded (%s): virtusertable %s, %d entries", why, config.virtusertable,
-                 len(policy.table))
+        log.info("reloaded (%s): %s, %d entries%s", why, ", ".join(map(str, map_files(config))),
+                 len(policy.table), f", {len(lost)} no longer local" if lost else "")
         return {"ok": True, "entries": len(policy.table)}
 
     # -- control -----------------------------------------------------------
@@ -159,26 +227,44 @@ class Daemon:
             "queue": self.queue,
             "mode": self.config.mode,
             "config": str(self.config_path) if self.config_path else None,
-            "virtusertable": str(self.config.virtusertable),
+            "virtusertable": str(self.config.virtusertable or ""),
+            "postfix_maps": list(self.config.postfix_maps),
             "virtusertable_entries": len(self.engine.policy.table),
             "flows_tracked": len(self.engine.flows),
             "flows_evicted": self.engine.flows.evicted,
             "logins_held": len(self.logins.entries(now)),
             "decisions": {"pass": counters.get("pass", 0), "fail": counters.get("fail", 0)},
             "counters": counters,
+            "retained_bytes": self.engine.flows.budget.used,
             "reloads": self.reloads,
+            "reload_errors": self.reload_errors,
             "login_logs": None if self.learner is None else {
                 "files": [f.path for f in self.learner.followers],
                 "lines": self.learner.lines, "logins": self.learner.logins,
                 "sessions": len(self.learner.sessions)},
             "last_reload_error": self.last_reload_error,
+            **self.stats.as_dict(),
         }
+
+    def why(self, address: str) -> dict:
+        """What this worker remembers of a client, and its open window now."""
+        try:
+            login = self.logins.get(address, time.time())
+        except ValueError:
+            return {"ok": False, "error": f"not an IP address: {address!r}"}
+        except SapdError as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": True, "queue": self.queue, "login": None if login is None else asdict(login),
+                **self.recent.about(address)}
 
     def control(self, command: str) -> dict:
         if command == "status":
             return self.status()
         if command == "reload":
             return self.reload("control request")
+        verb, _, argument = command.partition(" ")
+        if verb == "why":
+            return self.why(argument)
         return {"ok": False, "error": f"unknown command {command!r}"}
 
     # -- the loop ----------------------------------------------------------
@@ -229,11 +315,11 @@ class Daemon:
                 if self._reload_requested:
                     self._reload_requested = False
                     self.reload("SIGHUP")
-                if time.monotonic() >= next_watch:
-                    next_watch = time.monotonic() + WATCH_INTERVAL
+                now = time.monotonic()
+                if now >= next_watch:
+                    next_watch = now + WATCH_INTERVAL
                     self.client_side.forget()
-                    if self._watch_state() != self._watched:
-                        self.reload("file changed")
+                    self.watch(now)
                 if time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + PURGE_INTERVAL
                     self._purge()
@@ -273,9 +359,10 @@ class Daemon:
             return
         for login in learned:
             self.engine.counters["logins"] += 1
-            log.info("%s", Notice("login", login.address, user=login.user, time=now,
-                                  reason=f"log:{login.server} {login.service} {login.method or ''}"
-                                         .rstrip()))
+            notice = Notice("login", login.address, user=login.user, time=now,
+                            reason=f"log:{login.server} {login.service} {login.method or ''}".rstrip())
+            log.info("%s", notice)
+            self.recent.note(notice, self.config.auth_ttl)
 
     def _hooked(self, hook: HookServer | None) -> None:
         assert hook is not None
@@ -283,7 +370,9 @@ class Daemon:
         login = hook.serve_one(self.logins, self.config.auth_ttl, now)
         if login is not None:
             self.engine.counters["logins"] += 1
-            log.info("%s", Notice("login", login.address, user=login.user, time=now, reason="hook"))
+            notice = Notice("login", login.address, user=login.user, time=now, reason="hook")
+            log.info("%s", notice)
+            self.recent.note(notice, self.config.auth_ttl)
 
     def _purge(self) -> None:
         try:
@@ -309,8 +398,12 @@ def run_workers(config: Config, config_path: Path | None) -> int:
     Signals reach every worker; if one dies, the others are stopped and the
     exit status says so (systemd then restarts the service).
     """
+    from .metrics import serve as serve_metrics
+
     if config.workers == 1:
-        return Daemon(config, config_path).run()
+        daemon = Daemon(config, config_path)
+        serve_metrics(config)
+        return daemon.run()
     children: dict[int, int] = {}
     for worker in range(config.workers):
         pid = os.fork()
@@ -323,6 +416,7 @@ def run_workers(config: Config, config_path: Path | None) -> int:
             finally:
                 os._exit(code)
         children[pid] = worker
+    serve_metrics(config)  # here, not before: a fork must not copy its thread
 
     def forward(signum: int, _frame) -> None:
         for pid in children:

@@ -5,7 +5,9 @@ scripting, `script-login`), as its post-login service's user, not root. That
 path gets the least privilege that works:
 
 - a unix socket of its own (`login_hook`), mode 0660, owned by root and the
-  group `login_hook_group`: only members of that group (and root) can connect;
+  group `login_hook_group`: only members of that group (and root) can connect.
+  It lives in a directory of its own (run_dir is root's alone), which must be
+  ours and writable by no one else: a socket planted there would be trusted;
 - the peer's credentials (SO_PEERCRED) are checked again on every connection,
   so a socket file whose mode was loosened still serves only that group;
 - one request a connection, one line: `LOGIN <address> [<user>]`. Anything
@@ -25,6 +27,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from .access import AccessError, ours
 from .engine.addresses import normalize_ip
 from .engine.logins import LoginStore, StoreError
 from .logsetup import LOGGER
@@ -79,7 +82,11 @@ class HookServer:
             self.gid = grp.getgrnam(group).gr_gid
         except KeyError:
             raise OSError(f"login_hook_group: no group {group!r}") from None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        st = self.path.parent.stat()
+        if not ours(st.st_uid) or st.st_mode & 0o022:
+            raise AccessError(f"login_hook: {self.path.parent} is not root's alone to write; "
+                              "the hook socket needs a directory others cannot plant files in")
         self.path.unlink(missing_ok=True)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # never reachable by others, not even for a moment

@@ -5,16 +5,40 @@ Shared by the CLI and the daemon so both judge exactly alike.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from . import postfix_maps
+from .access import check_state, denied
 from .config import Config
-from .engine.policy import RelayPolicy
+from .engine.policy import AnyOf, LocalAddresses, RelayPolicy
 from .engine.virtusertable import VirtUserTable
-from .logins import LoginStore, open_store
+from .logins import LoginStore, StoreError, open_store
+
+
+def load_locals(config: Config) -> AnyOf:
+    """Every map that says which addresses are local; raises MapError."""
+    maps: list[LocalAddresses] = []
+    if config.virtusertable is not None:
+        maps.append(VirtUserTable.load(config.virtusertable))
+    if config.postfix_maps:
+        delimiter = postfix_maps.recipient_delimiter(config.postfix_config_directory)
+        maps += [postfix_maps.load(spec, config.postfix_config_directory, delimiter)
+                 for spec in config.postfix_maps]
+    return AnyOf(maps)
+
+
+def map_files(config: Config) -> list[Path]:
+    """The files whose change means a map changed."""
+    files = [] if config.virtusertable is None else [config.virtusertable]
+    for spec in config.postfix_maps:
+        files += postfix_maps.watched_files(spec)
+    return files
 
 
 def load_policy(config: Config, logins: LoginStore) -> RelayPolicy:
     """The relay policy for `config`; raises MapError on a broken table."""
     return RelayPolicy(
-        VirtUserTable.load(config.virtusertable),
+        load_locals(config),
         logins,
         trusted_networks=config.trusted_networks,
         never_relay_networks=config.never_relay_networks,
@@ -22,4 +46,12 @@ def load_policy(config: Config, logins: LoginStore) -> RelayPolicy:
 
 
 def open_logins(config: Config) -> LoginStore:
-    return open_store(config.state)
+    """The login store; refuses an SQLite file a local user could reach
+    (AccessError), since writing it would open the relay."""
+    check_state(config.state)
+    try:
+        return open_store(config.state)
+    except StoreError as e:
+        if isinstance(e.__cause__, PermissionError):
+            raise denied("login store", Path(config.state)) from None
+        raise

@@ -93,8 +93,19 @@ BAD_VALUES = [
     ("smtp_ports", "[25.0]", "got 25.0"),
     ("pop3_ports", "[-1]", "ports 1..65535"),
     ("imap_ports", "[143, 143]", "without repeats"),
-    ("virtusertable", '""', "a file path"),
+    ("virtusertable", '""', "needs postfix_maps"),
     ("virtusertable", "[]", "a file path"),
+    ("postfix_maps", '"hash:/etc/postfix/virtual"', "a list of Postfix maps"),
+    ("postfix_maps", '["/etc/postfix/virtual"]', "not a Postfix map (type:name)"),
+    ("postfix_maps", '["regexp:/etc/postfix/virtual"]', "cannot be listed by postmap -s"),
+    ("postfix_maps", '["hash:"]', "not a Postfix map"),
+    ("postfix_maps", '[7]', "a list of Postfix maps"),
+    ("postfix_config_directory", '""', "a file path"),
+    ("metrics_listen", '"9925"', "ADDRESS:PORT"),
+    ("metrics_listen", '"localhost:9925"', "does not appear to be an IPv4 or IPv6 address"),
+    ("metrics_listen", '"127.0.0.1:99999"', "ADDRESS:PORT"),
+    ("metrics_listen", '"::1:9925"', "ADDRESS:PORT"),
+    ("metrics_listen", "9925", "ADDRESS:PORT"),
     ("auth_ttl", "0", "an integer >= 1"),
     ("auth_ttl", "-5", "an integer >= 1"),
     ("auth_ttl", "1800.0", "an integer >= 1"),
@@ -152,6 +163,13 @@ def test_bad_values_name_file_key_and_expectation(tmp_path, key, value, expected
 
 def test_every_key_has_a_bad_value_test():
     assert {key for key, _, _ in BAD_VALUES} == {f.name for f in fields(Config)}
+
+
+def test_postfix_maps_resolve_against_the_config_directory(tmp_path):
+    path = write(tmp_path, 'virtusertable = ""\npostfix_maps = ["hash:maps/virtual", "lmdb:/etc/postfix/vmailbox"]\n')
+    config = load_config(path)
+    assert config.virtusertable is None
+    assert config.postfix_maps == (f"hash:{tmp_path}/maps/virtual", "lmdb:/etc/postfix/vmailbox")
 
 
 def test_ports_must_not_overlap(tmp_path):

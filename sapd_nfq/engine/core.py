@@ -10,7 +10,9 @@ Safe verdicts, in one place:
 - an SMTP packet of a connection we did not see open (sapd-nfq restarted, or
   the flow was evicted): DROP and reset both ends, since we cannot know
   whether it carries an uninspected RCPT; the client reconnects and is
-  inspected from the start;
+  inspected from the start. A receiver ahead of the packet's seq ignores
+  that RST, so it also gets an ACK probe: its duplicate ACK, untracked in
+  turn, draws a RST at its own ack;
 - an SMTP stream that breaks the protocol or rewrites inspected bytes: the
   session is refused like a relay attempt;
 - POP3 and IMAP trouble never opens a relay (it can only lose a login), so
@@ -327,6 +329,11 @@ class Engine:
         decision.packet = None
         flow.fate = FAILED
         flow.release()
+        # Both ends are reset: the flow is kept only to reset stragglers, as
+        # long as a closed one (a flood of refusals would otherwise hold its
+        # flows for the idle timeout).
+        flow.state = State.CLOSED
+        self.flows.touch(flow, now)
         if reply is None:
             reply = _REFUSED[session.protocol]
         if from_client:
@@ -350,7 +357,13 @@ class Engine:
             return Decision(BYPASS)
         decision = Decision(DROP)
         if not seg.flags & RST:
-            decision.inject += [craft.reset_sender(seg), craft.reset_receiver(seg)]
+            decision.inject.append(craft.reset_sender(seg))
+            if seg.flags & ACK:
+                # Its answer, if the receiver is ahead of seg (say, a client
+                # retransmitting data whose ACKs died with the old daemon), is
+                # untracked too and brings it a RST that lands.
+                decision.inject.append(craft.probe_receiver(seg))
+            decision.inject.append(craft.reset_receiver(seg))
         return decision
 
     # -- hiding TLS offers --------------------------------------------------

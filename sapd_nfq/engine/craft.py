@@ -52,6 +52,19 @@ def reset_receiver(seg: Segment) -> bytes:
     return bytes(pkt)
 
 
+def probe_receiver(seg: Segment) -> bytes:
+    """A bare ACK to the receiver of `seg`, as if from its sender, at `seg`'s seq.
+
+    A receiver that already took bytes beyond that seq (their ACKs were lost)
+    ignores a RST there (RFC 5961: out of window), but answers this with a
+    duplicate ACK, whose ack is exactly where a RST to it lands.
+    """
+    pkt = _ip(seg.version, seg.src, seg.dst) / TCP(
+        sport=seg.sport, dport=seg.dport, seq=seg.seq, ack=seg.ack, flags="A"
+    )
+    return bytes(pkt)
+
+
 def reset_sender(seg: Segment) -> bytes:
     """RST to the sender of `seg`, as if from its peer, at `seg`'s ack."""
     if seg.flags & ACK:

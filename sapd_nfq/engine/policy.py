@@ -7,7 +7,8 @@
 | yes          | no              | no               | FAIL    | ROW_NOT_LOGGED_IN      |
 | no           | no              | any              | FAIL    | ROW_NOT_LOCAL          |
 
-(local = found in the virtusertable; logged in = an open window in the login
+(local = found in the virtusertable or in one of the Postfix maps the site
+names; logged in = an open window in the login
 store, or SMTP AUTH confirmed with 235 on this connection.)
 
 Two lists sit in front of the table:
@@ -28,13 +29,12 @@ envelopes can no longer be read.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from .addresses import IPNetwork, find_network, parse_ip, parse_network
 from .logins import LoginStore, StoreError
-from .virtusertable import VirtUserTable
 
 ROW_TRUSTED = "trusted: client in trusted_networks"
 ROW_RECIPIENT_LOCAL = "row 1: recipient local"
@@ -76,6 +76,32 @@ def _shown(text: str) -> str:
     return safe + ("..." if len(text) > _MAX_SHOWN else "")
 
 
+class LocalAddresses(Protocol):
+    """A map that says which addresses are local (VirtUserTable, PostfixMap)."""
+
+    def is_local(self, address: str) -> bool: ...
+    def local_keys(self) -> frozenset[str]: ...
+    def __len__(self) -> int: ...
+
+
+class AnyOf:
+    """Local in any of several maps: the virtusertable and Postfix's maps."""
+
+    __slots__ = ("maps",)
+
+    def __init__(self, maps: Sequence[LocalAddresses]) -> None:
+        self.maps = tuple(maps)
+
+    def is_local(self, address: str) -> bool:
+        return any(m.is_local(address) for m in self.maps)
+
+    def local_keys(self) -> frozenset[str]:
+        return frozenset().union(*(m.local_keys() for m in self.maps))
+
+    def __len__(self) -> int:
+        return sum(len(m) for m in self.maps)
+
+
 def _networks(items: Iterable[str | IPNetwork]) -> tuple[IPNetwork, ...]:
     return tuple(parse_network(n) if isinstance(n, str) else n for n in items)
 
@@ -85,7 +111,7 @@ class RelayPolicy:
 
     def __init__(
         self,
-        table: VirtUserTable,
+        table: LocalAddresses,
         logins: LoginStore,
         trusted_networks: Iterable[str | IPNetwork] = (),
         never_relay_networks: Iterable[str | IPNetwork] = (),

@@ -8,8 +8,10 @@ says what happened.
 The rules it keeps:
 
 * Server replies drive the state. Each client command line waits in a
-  bounded queue for its final reply, in order (PIPELINING); the first reply
-  of the connection is the greeting. What a reply means depends on the
+  queue for its final reply, in order (PIPELINING); the first reply of the
+  connection is the greeting. The queue is bounded by the bytes of the
+  commands in it (`MAX_PENDING_BYTES`), not by their number: a sending MTA
+  may pipeline a thousand recipients. What a reply means depends on the
   command it answers (`_REPLIES`); a reply the table does not list, or one
   with no command waiting, is a protocol error.
 * Client bytes are commands unless a reply said otherwise: 354 to DATA
@@ -51,8 +53,9 @@ from .events import (
 from .linebuffer import LineBuffer
 from .sasl import SaslLogin
 
-MAX_LINE = 2048     # Postfix line_length_limit: longer lines are not read whole
-MAX_PENDING = 100   # commands awaiting a reply; PIPELINING groups are far smaller
+MAX_LINE = 2048              # Postfix line_length_limit: longer lines are not read whole
+MAX_PENDING_BYTES = 1 << 20  # commands awaiting replies: 1,000 RCPTs of 1012 octets (RFC 5321 + DSN) fit
+_ENTRY_COST = 64             # a waiting command's memory, charged for a line shorter than that
 
 
 class _Mode(enum.Enum):
@@ -128,6 +131,13 @@ _TRANSACTION: dict[_Cmd, tuple[bool | None, bool | None]] = {
     _Cmd.BDAT_LAST: (_CLOSE, None),
 }
 
+# The commands that may open a transaction, and those that close it whatever
+# the reply; the rest keep an open one open on some outcome.
+_OPENERS = frozenset(cmd for cmd, outcomes in _TRANSACTION.items() if _OPEN in outcomes)
+_CLOSERS = frozenset(cmd for cmd, outcomes in _TRANSACTION.items() if outcomes == (_CLOSE, _CLOSE))
+assert all(None in outcomes or cmd in _OPENERS
+           for cmd, outcomes in _TRANSACTION.items() if cmd not in _CLOSERS)
+
 _SUCCESS = {_Reply.OK, _Reply.DATA_GO, _Reply.TLS_GO, _Reply.LOGGED_IN}
 
 # Message text ends at a line that is "." followed by any CRs (Postfix strips
@@ -139,6 +149,7 @@ _MID, _LINE_START, _DOT = range(3)
 @dataclass(slots=True)
 class _Pending:
     cmd: _Cmd
+    cost: int  # bytes charged against the budget until the reply comes
     sasl: SaslLogin | None = None
 
 
@@ -147,16 +158,28 @@ class SMTPMachine:
 
     # Slots and a plain list for the reply queue: a daemon holds one machine
     # per tracked connection, tens of thousands of them.
-    __slots__ = ("_client", "_server", "_max_pending", "_mode", "_pending", "_greeted",
+    __slots__ = ("_client", "_server", "_max_pending_bytes", "_mode", "_pending", "_head",
+                 "_pending_bytes", "_pushed", "_last_mail", "_last_close", "_greeted",
                  "_reply_code", "_reply_lines", "_transaction", "_chunking", "_chunk_left",
                  "_chunk_last", "_scan", "_error")
 
-    def __init__(self, max_line: int = MAX_LINE, max_pending: int = MAX_PENDING) -> None:
+    def __init__(self, max_line: int = MAX_LINE,
+                 max_pending_bytes: int = MAX_PENDING_BYTES) -> None:
         self._client = LineBuffer(max_line)
         self._server = LineBuffer(max_line)
-        self._max_pending = max_pending
+        self._max_pending_bytes = max_pending_bytes
         self._mode = _Mode.COMMAND
-        self._pending: list[_Pending] = []  # short: pop(0) is cheap
+        # The queue is _pending[_head:]: answered commands are skipped over and
+        # cut off in bulk, so a thousand replies cost a thousand steps.
+        self._pending: list[_Pending] = []
+        self._head = 0
+        self._pending_bytes = 0
+        # Commands numbered in the order sent: how many so far, and the number
+        # of the last MAIL and of the last command that surely ends a
+        # transaction (see _maybe_in_transaction).
+        self._pushed = 0
+        self._last_mail = -1
+        self._last_close = -1
         self._greeted = False
         self._reply_code: bytes | None = None  # of a multiline reply under way
         self._reply_lines = 0
@@ -178,7 +201,12 @@ class SMTPMachine:
         return self._mode in (_Mode.MESSAGE, _Mode.CHUNK)
 
     def __repr__(self) -> str:
-        return f"<SMTPMachine {self._mode.value}, {len(self._pending)} pending>"
+        return f"<SMTPMachine {self._mode.value}, {self._waiting} pending>"
+
+    @property
+    def _waiting(self) -> int:
+        """Commands awaiting a reply."""
+        return len(self._pending) - self._head
 
     # --- feeding ------------------------------------------------------------
 
@@ -243,13 +271,14 @@ class SMTPMachine:
                     raise ProtocolError(f"client sent bytes during the {mode.value}")
                 return
             else:
+                start = self._client.offset
                 line = self._client.next_line()
                 if line is None:
                     return
                 if mode is _Mode.SASL:
                     self._sasl_response(line)
                 else:
-                    self._command(line, events)
+                    self._command(line, self._client.offset - start, events)
 
     def _message(self, data: bytes, events: list[Event]) -> bool:
         """Scan message text for its end; True if it ended (the rest of
@@ -260,7 +289,7 @@ class SMTPMachine:
         if end is None:
             return False
         self._mode = _Mode.COMMAND
-        self._push(_Cmd.DOT)
+        self._push(_Cmd.DOT, 0)
         events.append(MessageEnded())
         return True
 
@@ -286,12 +315,13 @@ class SMTPMachine:
         return None
 
     def _sasl_response(self, line: bytes) -> None:
-        sasl = self._pending[0].sasl
+        sasl = self._pending[self._head].sasl
         assert sasl is not None  # SASL mode is entered only on a 334 to AUTH
         sasl.client_response(line)
         self._mode = _Mode.COMMAND
 
-    def _command(self, line: bytes, events: list[Event]) -> None:
+    def _command(self, line: bytes, size: int, events: list[Event]) -> None:
+        """One command line, `size` bytes on the wire with its line ending."""
         if b"\0" in line:
             raise ProtocolError("NUL byte in a command line")
         verb, args = grammar.split_command(line)
@@ -299,67 +329,93 @@ class SMTPMachine:
             sender, params = grammar.mail_from(args)
             if self._maybe_in_transaction():
                 raise ProtocolError("MAIL while the previous transaction may still be open")
-            self._push(_Cmd.MAIL)
+            self._push(_Cmd.MAIL, size)
             events.append(MailFrom(sender, params))
         elif verb == b"RCPT":
             recipient, params = grammar.rcpt_to(args)
-            self._push(_Cmd.RCPT)
+            self._push(_Cmd.RCPT, size)
             events.append(RcptTo(recipient, params))
         elif verb == b"DATA":
-            self._push(_Cmd.DATA)
+            self._push(_Cmd.DATA, size)
             self._mode = _Mode.AWAIT_DATA
         elif verb == b"BDAT":
-            size, last = grammar.bdat(args)
+            chunk, last = grammar.bdat(args)
             if not self._chunking:
                 raise ProtocolError("BDAT, but the server did not offer CHUNKING")
-            self._push(_Cmd.BDAT_LAST if last else _Cmd.BDAT)
+            self._push(_Cmd.BDAT_LAST if last else _Cmd.BDAT, size)
             self._mode = _Mode.CHUNK
-            self._chunk_left, self._chunk_last = size, last
+            self._chunk_left, self._chunk_last = chunk, last
         elif verb == b"STARTTLS":
-            self._push(_Cmd.STARTTLS)
+            self._push(_Cmd.STARTTLS, size)
             self._mode = _Mode.AWAIT_TLS
             events.append(StartTLSRequested())
         elif verb == b"AUTH":
             exchange = grammar.auth(args)
             if exchange is None:
-                self._push(_Cmd.OTHER)
+                self._push(_Cmd.OTHER, size)
             else:
-                self._push(_Cmd.AUTH, SaslLogin(*exchange))
+                self._push(_Cmd.AUTH, size, SaslLogin(*exchange))
         elif verb in (b"EHLO", b"HELO", b"RSET"):
             cmd = _Cmd.RSET_ARGS if verb == b"RSET" and args.strip() else _Cmd(verb.decode())
-            self._push(cmd)
+            self._push(cmd, size)
             events.append(SessionReset(verb.decode()))
         elif verb == b"QUIT":
-            self._push(_Cmd.OTHER)
+            self._push(_Cmd.OTHER, size)
             events.append(Quit())
         else:
-            self._push(_Cmd.OTHER)  # the MTA answers unknown verbs too
+            self._push(_Cmd.OTHER, size)  # the MTA answers unknown verbs too
 
-    def _push(self, cmd: _Cmd, sasl: SaslLogin | None = None) -> None:
-        if len(self._pending) >= self._max_pending:
-            raise ProtocolError(f"more than {self._max_pending} commands await a reply")
-        self._pending.append(_Pending(cmd, sasl))
+    def _push(self, cmd: _Cmd, size: int, sasl: SaslLogin | None = None) -> None:
+        cost = max(size, _ENTRY_COST)
+        if self._pending_bytes + cost > self._max_pending_bytes:
+            raise ProtocolError(f"commands awaiting a reply exceed {self._max_pending_bytes} bytes")
+        self._pending_bytes += cost
+        self._pending.append(_Pending(cmd, cost, sasl))
+        if cmd in _OPENERS:
+            self._last_mail = self._pushed
+        elif cmd in _CLOSERS:
+            self._last_close = self._pushed
+        self._pushed += 1
+
+    def _pop(self) -> _Pending:
+        """The oldest waiting command, now answered."""
+        pending = self._pending[self._head]
+        self._head += 1
+        self._pending_bytes -= pending.cost
+        if self._head == len(self._pending):
+            self._pending.clear()  # nothing waits: keep no storage
+            self._head = 0
+        elif self._head * 2 > len(self._pending):
+            del self._pending[:self._head]
+            self._head = 0
+        return pending
 
     def _maybe_in_transaction(self) -> bool:
         """Could the MTA have a transaction open once it has answered every
-        command sent so far, whichever way it answers them?"""
-        possible = {self._transaction}
-        for pending in self._pending:
-            outcomes = _TRANSACTION.get(pending.cmd, (None, None))
-            possible = {state if out is None else out for state in possible for out in outcomes}
-        return _OPEN in possible
+        command sent so far, whichever way it answers them?
+
+        After a waiting command that closes it either way, only a later MAIL
+        can open it; with no such command waiting, it stays possibly open if
+        it is open now or a MAIL waits. Every other command keeps an open
+        transaction possible (_TRANSACTION keeps it on one outcome at least).
+        So the answer needs no walk over the queue, however long it is.
+        """
+        first = self._pushed - self._waiting  # the number of the oldest waiting command
+        if self._last_mail >= first and self._last_mail > self._last_close:
+            return True
+        return self._last_close < first and self._transaction
 
     # --- server stream --------------------------------------------------------
 
     def _reply_line(self, line: bytes, start: int, events: list[Event]) -> None:
         code, final, text, text_at = grammar.reply(line)
         if self._reply_code is None:
-            if self._greeted and not self._pending:
+            if self._greeted and not self._waiting:
                 raise ProtocolError(f"server reply {code.decode()} with no command waiting")
             self._reply_code, self._reply_lines = code, 0
         elif code != self._reply_code:
             raise ProtocolError("reply code changed within a multiline reply")
-        if self._greeted and self._pending[0].cmd is _Cmd.EHLO and code == b"250":
+        if self._greeted and self._pending[self._head].cmd is _Cmd.EHLO and code == b"250":
             self._capability(text, start + text_at, events)
         self._reply_lines += 1
         if final:
@@ -386,16 +442,16 @@ class SMTPMachine:
                 raise ProtocolError(f"greeting with reply code {code}")
             self._greeted = True
             return
-        pending = self._pending[0]
+        pending = self._pending[self._head]
         outcome = _lookup(_REPLIES[pending.cmd], code)
         if outcome is None:
             raise ProtocolError(f"reply {code} does not answer {pending.cmd.value}")
         if outcome is _Reply.CHALLENGE:
-            if len(self._pending) > 1:
+            if self._waiting > 1:
                 raise ProtocolError("commands pipelined behind a challenged AUTH")
             self._mode = _Mode.SASL
             return
-        self._pending.pop(0)
+        self._pop()
         after = _TRANSACTION.get(pending.cmd, (None, None))[outcome not in _SUCCESS]
         if after is not None:
             self._transaction = after

@@ -134,6 +134,10 @@ class VirtUserTable:
         value = self.lookup(address)
         return value is not None and not _ERROR.match(value)
 
+    def local_keys(self) -> frozenset[str]:
+        """The keys that make an address local (found, and not `error:`)."""
+        return frozenset(k for k, v in self._entries.items() if not _ERROR.match(v))
+
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -14,6 +14,7 @@ it, inside the client namespace here and on the client VM of vagrant/. Like
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -56,13 +57,16 @@ class ClientMTA:
     def stop(self) -> None:
         self._script("stop", str(self.state_dir))
 
-    def send(self, sender: str, recipient: str, subject: str = "sapd-nfq lab") -> int:
-        """Submit a message with sendmail; return the log offset to wait from."""
+    def send(self, sender: str, recipient: str | Sequence[str], subject: str = "sapd-nfq lab") -> int:
+        """Submit a message with sendmail, to one recipient or several; return the
+        log offset to wait from."""
+        recipients = [recipient] if isinstance(recipient, str) else list(recipient)
+        to = f"<{recipients[0]}>" if len(recipients) == 1 else "undisclosed-recipients:;"
         offset = self.log_size()
-        message = (f"From: <{sender}>\nTo: <{recipient}>\nSubject: {subject}\n\n"
+        message = (f"From: <{sender}>\nTo: {to}\nSubject: {subject}\n\n"
                    "Sent by the lab's client MTA through the gateway.\n").encode()
         self.lab.run(self.lab.client, ["sendmail", "-C", str(self.state_dir / "postfix"),
-                                       "-f", sender, "--", recipient],
+                                       "-f", sender, "--", *recipients],
                      input=message, capture_output=True)
         return offset
 

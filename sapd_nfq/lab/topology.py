@@ -225,11 +225,16 @@ class Lab:
             with lab.inside("client"):
                 pop = poplib.POP3(lab.server.ipv4)
         """
-        netns.pushns(self.host(host).netns)
+        # The thread's own namespace to return to: pyroute2's pushns saves the
+        # process's (/proc/self), on one stack for all threads, so two threads
+        # inside at once could come back in each other's namespace.
+        saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         try:
+            netns.setns(self.host(host).netns, flags=0)
             yield
         finally:
-            netns.popns()
+            netns.setns(saved)
+            os.close(saved)
 
     def command(self, host: Host | str, argv: Sequence[str]) -> list[str]:
         """`argv` wrapped to run inside the host's namespace."""

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
 from engine_helpers import CLIENT4, CLIENT6, SERVER6, Conn, make_engine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP
+from streams import random_chunks
 
 from sapd_nfq.engine.logins import StoreError
-from sapd_nfq.engine.packet import FIN, RST, parse, tcp_checksum_ok
+from sapd_nfq.engine.packet import ACK, FIN, RST, parse, tcp_checksum_ok
 from sapd_nfq.engine.policy import ROW_LOGGED_IN, ROW_NOT_LOCAL, ROW_NOT_LOGGED_IN, ROW_RECIPIENT_LOCAL
+from sapd_nfq.engine.smtp import MAX_PENDING_BYTES
 from sapd_nfq.engine.verdicts import ACCEPT, BYPASS, DROP
 
 RELAY = b"MAIL FROM:<alice@lab.example>\r\nRCPT TO:<dave@external.example>\r\n"
@@ -159,6 +164,64 @@ def test_bytes_after_data_before_354_are_refused():
     conn.client(b"MAIL FROM:<dave@external.example>\r\nRCPT TO:<bob@lab.example>\r\n")
     conn.server(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n")
     assert_refused(conn.client(b"DATA\r\nRCPT TO:<x@external.example>\r\n"), conn, b"554")
+
+
+MSS = 1448  # an Ethernet segment's payload with TCP timestamps
+
+
+def segments(data: bytes, size: int = MSS) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+CUTS = {
+    "whole": lambda data: [data],              # one segment, as GRO hands it on
+    "mss": segments,
+    "random": lambda data: random_chunks(data, random.Random(len(data))),
+}
+
+
+@pytest.mark.parametrize("cut", CUTS)
+def test_a_thousand_pipelined_local_recipients_pass_and_every_reply_matches(cut):
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    recipients = [f"alice+r{i:04d}@lab.example" for i in range(1000)]
+    burst = (b"MAIL FROM:<dave@external.example>\r\n"
+             + b"".join(b"RCPT TO:<%s>\r\n" % r.encode() for r in recipients) + b"DATA\r\n")
+    passed = []
+    for piece in CUTS[cut](burst):
+        d = conn.client(piece)
+        assert d.verdict is ACCEPT and not d.inject
+        passed += [n.recipient for n in notices(d, "pass")]
+    assert passed == recipients
+    replies = b"250 2.1.0 Ok\r\n" + b"250 2.1.5 Ok\r\n" * 1000 + b"354 End data with <CR><LF>.<CR><LF>\r\n"
+    for piece in CUTS[cut](replies):
+        assert conn.server(piece).verdict is ACCEPT  # the 354 answers DATA, nothing else
+    assert conn.client(b"Subject: many\r\n\r\nRCPT TO:<x@external.example>\r\n.\r\n").verdict is ACCEPT
+    assert conn.server(b"250 2.0.0 Ok: queued\r\n").verdict is ACCEPT
+    assert conn.engine.counters["protocol_errors"] == 0
+    assert_refused(conn.client(RELAY), conn, b"550")  # in step to the end: commands judged again
+
+
+def test_a_pipelined_burst_over_the_byte_budget_is_refused():
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    mail = b"MAIL FROM:<dave@external.example>\r\n"  # shorter than a waiting command's cost, 64
+    line = b"RCPT TO:<alice+%s@lab.example>\r\n" % (b"x" * 200)
+    crossing = (MAX_PENDING_BYTES - 64) // len(line) + 1  # the line that no longer fits
+    end = len(mail) + crossing * len(line)
+    burst = mail + line * crossing
+    sent = passed = 0
+    for piece in segments(burst):
+        d = conn.client(piece)
+        if d.verdict is DROP:
+            break
+        passed += len(notices(d, "pass"))
+        sent += len(piece)
+    assert sent < end <= sent + len(piece)  # the segment that completes that line
+    assert passed == burst[:sent].count(b"\n") - 1  # each RCPT the accepted segments completed
+    assert_refused(d, conn, b"554 5.7.1")
+    [n] = notices(d, "reset")
+    assert f"exceed {MAX_PENDING_BYTES} bytes" in n.reason
 
 
 def test_bdat_chunks_are_skipped_by_count():
@@ -316,9 +379,26 @@ def test_untracked_smtp_connection_is_reset_both_ways():
     conn = Conn(make_engine())
     d = conn.client(b"RCPT TO:<dave@external.example>\r\n")
     assert d.verdict is DROP
-    a, b = (parse(p) for p in d.inject)
-    assert a.flags & RST and a.dst == conn.client_addr
-    assert b.flags & RST and b.dst == conn.server_addr
+    to_client, probe, to_server = (parse(p) for p in d.inject)
+    assert to_client.flags & RST and to_client.dst == conn.client_addr
+    assert to_server.flags & RST and to_server.dst == conn.server_addr
+    # a server already past this seq ignores that RST; the probe makes it answer
+    assert probe.flags == ACK and probe.dst == conn.server_addr and not probe.payload
+    assert (probe.seq, probe.ack) == (to_server.seq, conn.sseq)
+
+
+def test_the_answer_to_the_probe_draws_a_reset_that_lands():
+    # The server's duplicate ACK, untracked too: its ack is where a RST to it lands.
+    conn = Conn(make_engine())
+    d = conn.server(b"", flags="A")
+    to_server = parse(d.inject[0])
+    assert d.verdict is DROP and to_server.flags & RST and to_server.dst == conn.server_addr
+    assert to_server.seq == conn.cseq
+
+
+def test_an_untracked_reset_is_dropped_and_answered_with_nothing():
+    d = Conn(make_engine()).client(b"", flags="RA")
+    assert d.verdict is DROP and d.inject == []
 
 
 def test_untracked_pop3_connection_leaves_the_queue():
@@ -437,6 +517,18 @@ def test_a_client_refused_once_can_reconnect_from_the_same_port():
     again.server(b"220 mx ESMTP\r\n")
     assert again.client(b"EHLO c\r\n").verdict is ACCEPT
     assert_refused(again.client(RELAY), again, b"550")
+
+
+def test_a_refused_flow_is_kept_as_long_as_a_closed_one():
+    engine = make_engine()
+    conn = Conn(engine)
+    conn.smtp_greeting()
+    assert conn.client(RELAY).verdict is DROP
+    # its stragglers are still reset meanwhile
+    assert conn.client(b"QUIT\r\n").inject and len(engine.flows) == 1
+    assert engine.flows.expire(conn.now + engine.flows.closed_timeout - 1) == []
+    assert engine.flows.expire(conn.now + engine.flows.closed_timeout) != []
+    assert len(engine.flows) == 0
 
 
 def test_a_new_connection_on_a_settled_flows_ports_is_inspected_again():

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import base64
+import random
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from streams import conversation_splits, splits
+from streams import conversation_splits, random_chunks, split_at, splits
 
 from sapd_nfq.engine.errors import ProtocolError
 from sapd_nfq.engine.events import (
@@ -23,7 +24,7 @@ from sapd_nfq.engine.events import (
     TLSOffered,
     TLSStarted,
 )
-from sapd_nfq.engine.smtp import SMTPMachine
+from sapd_nfq.engine.smtp import MAX_PENDING_BYTES, SMTPMachine
 
 C, S = "client", "server"
 
@@ -38,7 +39,7 @@ HELLO_EVENTS = [SessionReset("EHLO"), TLSOffered(STARTTLS_AT, 8)]
 
 
 def feed(pieces, machine=None):
-    """Feed (side, chunk) pieces in order.
+    """Feed (side, chunk) pieces in order (to a new SMTPMachine by default).
 
     Returns (machine, [(event, side, start, end)], error) where start..end is
     the side's stream range of the call that returned the event, and error
@@ -58,23 +59,24 @@ def feed(pieces, machine=None):
     return machine, seen, None
 
 
-def completing_bytes(steps):
+def completing_bytes(steps, machine=SMTPMachine):
     """Events and error of `steps`, each tagged with the side and offset of
     the byte that completes it (found by feeding one byte at a time)."""
     bytewise = [(side, data[i:i + 1]) for side, data in steps for i in range(len(data))]
-    _, seen, error = feed(bytewise)
+    _, seen, error = feed(bytewise, machine())
     return [(e, side, start) for e, side, start, _ in seen], error and error[:2]
 
 
-def check(steps, expected, *, error=False, trailing=b""):
+def check(steps, expected, *, error=False, trailing=b"", machine=SMTPMachine, cuts=conversation_splits):
     """Every cut of `steps` gives `expected`, each event from the call that
     fed its completing byte; `error` says the stream must end in
-    ProtocolError. Trailing client bytes (an unfinished line) change nothing."""
-    tagged, raised_at = completing_bytes(steps)
+    ProtocolError. Trailing client bytes (an unfinished line) change nothing.
+    `machine` makes each machine fed, `cuts` gives the ways to cut `steps`."""
+    tagged, raised_at = completing_bytes(steps, machine)
     assert [e for e, _, _ in tagged] == expected
     assert (raised_at is not None) == error, raised_at
-    for pieces in conversation_splits(steps):
-        machine, seen, raised = feed(pieces)
+    for pieces in cuts(steps):
+        machine_fed, seen, raised = feed(pieces, machine())
         if error:
             # the call that raises returns no events: drop those it completed
             side, start, end, _ = raised
@@ -87,13 +89,13 @@ def check(steps, expected, *, error=False, trailing=b""):
             assert side == side2 and start <= at < end, pieces
         if error:
             with pytest.raises(ProtocolError):
-                machine.receive_client(b"QUIT\r\n")
+                machine_fed.receive_client(b"QUIT\r\n")
             with pytest.raises(ProtocolError):
-                machine.receive_server(b"250 ok\r\n")
+                machine_fed.receive_server(b"250 ok\r\n")
         else:
             assert raised is None, raised
             if trailing:
-                assert machine.receive_client(trailing) == []
+                assert machine_fed.receive_client(trailing) == []
     return tagged
 
 
@@ -236,16 +238,173 @@ def test_reply_that_does_not_answer_its_command(command, reply):
     check(steps, events_of(steps[:2]), error=True)
 
 
-def test_pending_queue_is_bounded():
-    machine = SMTPMachine(max_pending=5)
-    machine.receive_client(b"NOOP\r\n" * 5)
-    with pytest.raises(ProtocolError):
-        machine.receive_client(b"NOOP\r\n")
-
-
 def test_greeting_needs_no_command_but_takes_the_first_reply():
     # 250 after the greeting, with nothing sent: no command waits for it
     check([(S, b"220 hi\r\n250 ok\r\n")], [], error=True)
+
+
+# --- the reply queue's byte budget ----------------------------------------------
+
+def burst_cuts(steps):
+    """The cuts of `conversation_splits` that stay affordable for a burst of
+    many kilobytes: whole, byte by byte, every step cut in two at a few
+    offsets inside lines and at line ends, and seeded random chunkings."""
+    yield from (list(steps), [(side, data[i:i + 1]) for side, data in steps for i in range(len(data))])
+    longest = max(len(data) for _, data in steps)
+    for k in (1, 37, 1000, longest // 2, longest - 1):
+        yield [(side, chunk) for side, data in steps
+               for chunk in (split_at(data, [k]) if 0 < k < len(data) else [data])]
+    rng = random.Random(0)
+    for _ in range(3):
+        yield [(side, chunk) for side, data in steps for chunk in random_chunks(data, rng)]
+
+
+def long_address(i: int) -> str:
+    """A distinct address as long as RFC 5321 allows: local part 64 octets,
+    path 256 with its brackets."""
+    local = f"r{i:04d}-" + "x" * 58
+    return local + "@" + ".".join(["d" * 62, "e" * 62, "f" * 55, "example"])
+
+
+def pipelined_transaction(recipients, params=b"", rcpt_replies=None):
+    """A session that pipelines MAIL, a RCPT to each recipient and DATA in one
+    burst, then sends a message; with the events it must give."""
+    replies = rcpt_replies or [b"250 2.1.5 Ok\r\n"] * len(recipients)
+    burst = (b"MAIL FROM:<sender@example.net> BODY=8BITMIME\r\n"
+             + b"".join(b"RCPT TO:<%s>%s\r\n" % (r.encode(), params) for r in recipients)
+             + b"DATA\r\n")
+    steps = HELLO + [(C, burst), (S, b"250 2.1.0 Ok\r\n" + b"".join(replies) + b"354 go\r\n"),
+                     (C, b"Subject: many\r\n\r\nbody\r\n.\r\nQUIT\r\n"),
+                     (S, b"250 2.0.0 queued\r\n221 2.0.0 Bye\r\n")]
+    events = HELLO_EVENTS + [MailFrom("sender@example.net", "BODY=8BITMIME"),
+                             *(RcptTo(r, params.decode().strip()) for r in recipients),
+                             DataStarted(), MessageEnded(), Quit()]
+    return steps, events
+
+
+def test_a_thousand_pipelined_recipients_with_the_longest_paths_pass():
+    recipients = [long_address(i) for i in range(1000)]
+    assert all(len(f"<{r}>") == 256 for r in recipients)
+    # the 354 answers DATA only if every earlier reply answered its own command
+    replies = [b"550 5.1.1 no\r\n" if i % 7 == 3 else b"250-2.1.5 Ok\r\n250 2.1.5 go on\r\n"
+               for i in range(1000)]
+    steps, events = pipelined_transaction(
+        recipients, b" NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;" + recipients[0].encode(), replies)
+    assert len(steps[3][1]) > 500_000  # more than half the budget waits for replies
+    check(steps, events, cuts=burst_cuts)
+
+
+def test_a_thousand_recipients_then_one_reply_short_or_over():
+    recipients = [f"user{i}@example.org" for i in range(1000)]
+    steps, events = pipelined_transaction(recipients)
+    replies = steps[4][1]
+    short = replies.replace(b"250 2.1.5 Ok\r\n", b"", 1)   # the 354 then answers the last RCPT
+    over = b"250 2.1.5 Ok\r\n" + replies                    # the 354 then answers nothing
+    for bad in (short, over):
+        _, seen, error = feed([*steps[:4], (S, bad)])
+        assert error is not None and error[0] == S
+        assert [e for e, *_ in seen] == events[:-3]
+
+
+def test_a_burst_over_the_byte_budget_is_refused_at_the_line_that_crosses_it():
+    line = b"RCPT TO:<%s>\r\n" % long_address(0).encode()
+    fit = (MAX_PENDING_BYTES - 64) // len(line)  # after a MAIL, charged 64 bytes
+    burst = b"MAIL FROM:<>\r\n" + line * (fit + 1)
+    steps = HELLO + [(C, burst[:len(burst) - 1]), (C, burst[-1:])]
+    machine = SMTPMachine()
+    for side, data in steps[:-1]:
+        (machine.receive_client if side == C else machine.receive_server)(data)
+    with pytest.raises(ProtocolError, match="exceed"):
+        machine.receive_client(steps[-1][1])
+    # with MAIL and the first RCPT answered, the same line fits
+    machine = SMTPMachine()
+    for side, data in steps[:-1]:
+        (machine.receive_client if side == C else machine.receive_server)(data)
+    machine.receive_server(b"250 ok\r\n250 ok\r\n")
+    assert len(machine.receive_client(steps[-1][1])) == 1
+
+
+@pytest.mark.parametrize(("budget", "error"), [(64 + 68 + 68, False), (64 + 68 + 67, True)])
+def test_the_budget_charges_each_line_its_bytes(budget, error):
+    rcpt = b"RCPT TO:<" + b"r" * 44 + b"@example.org>\r\n"
+    assert len(rcpt) == 68  # longer than a waiting command's own cost: charged its length
+    steps = [GREETING, (C, b"MAIL FROM:<>\r\n" + rcpt + rcpt)]
+    expected = [MailFrom(""), *[RcptTo("r" * 44 + "@example.org")] * (1 if error else 2)]
+    check(steps, expected, error=error, machine=lambda: SMTPMachine(max_pending_bytes=budget))
+
+
+def test_short_lines_are_charged_what_a_waiting_command_costs():
+    steps = [GREETING, (C, b"NOOP\r\n" * 5)]
+    check(steps, [], machine=lambda: SMTPMachine(max_pending_bytes=5 * 64))
+    check(steps + [(C, b"\n")], [], error=True, machine=lambda: SMTPMachine(max_pending_bytes=5 * 64))
+
+
+def test_replies_give_the_budget_back():
+    rounds = [step for i in range(20) for step in (
+        (C, b"MAIL FROM:<>\r\nRCPT TO:<a%d@example.org>\r\nRSET\r\n" % i),
+        (S, b"250 ok\r\n550 no\r\n250 ok\r\n"))]
+    expected = [e for i in range(20) for e in (MailFrom(""), RcptTo(f"a{i}@example.org"),
+                                                SessionReset("RSET"))]
+    check([GREETING, *rounds], expected, machine=lambda: SMTPMachine(max_pending_bytes=3 * 64))
+
+
+def test_a_long_queue_of_transactions_is_followed_without_a_reply():
+    # Each MAIL is judged against everything still waiting: RSET closes the
+    # transaction whatever its reply; `RSET x` may fail and keep it open.
+    many = b"MAIL FROM:<>\r\nRCPT TO:<a@example.org>\r\nRSET\r\n" * 3000
+    assert len(events_of([GREETING, (C, many)])) == 9000
+    _, seen, error = feed([GREETING, (C, b"NOOP\r\n" * 3000 + b"MAIL FROM:<>\r\nRSET x\r\n"
+                                         b"MAIL FROM:<>\r\n")])
+    assert [e for e, *_ in seen] == [] and error is not None
+    _, seen, error = feed([GREETING, (C, many + b"MAIL FROM:<>\r\n"), (S, b"250 ok\r\n" * 9000),
+                           (C, b"EHLO x\r\nMAIL FROM:<>\r\n")])
+    assert error is not None and error[0] == C and len(seen) == 9001
+
+
+# The transaction the MTA may have open, worked out the long way (every
+# outcome of every waiting command), against the machine's shortcut.
+TRANSACTION_MODEL = {  # command: (open after success, after failure); None keeps it
+    b"MAIL FROM:<>": (True, None), b"RSET": (False, False), b"RSET x": (False, None),
+    b"EHLO x": (False, None), b"HELO x": (False, None), b"NOOP": (None, None),
+    b"RCPT TO:<a@b.example>": (None, None),
+}
+
+
+MAIL, RSET, RSET_X, NOOP = b"MAIL FROM:<>", b"RSET", b"RSET x", b"NOOP"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(sorted(TRANSACTION_MODEL)), st.booleans()), max_size=60))
+@example([MAIL, RSET, MAIL])
+@example([MAIL, RSET_X, MAIL])
+@example([MAIL, RSET, NOOP, MAIL])
+@example([MAIL, RSET, True, RSET_X, MAIL])
+@example([MAIL, True, RSET_X, False, MAIL])
+@example([MAIL, RSET, MAIL, True, True, RSET, MAIL])
+def test_nested_mail_is_found_as_a_walk_over_the_queue_finds_it(steps):
+    """Each step is a command, or a reply (True: 250, False: 550) to the oldest waiting one."""
+    machine = SMTPMachine()
+    machine.receive_server(b"220 hi\r\n")
+    is_open, waiting = False, []
+    for step in steps:
+        if isinstance(step, bool):
+            if not waiting:
+                continue
+            after = TRANSACTION_MODEL[waiting.pop(0)][0 if step else 1]
+            is_open = is_open if after is None else after
+            machine.receive_server(b"250 ok\r\n" if step else b"550 no\r\n")
+            continue
+        if step == b"MAIL FROM:<>":
+            possible = {is_open}
+            for command in waiting:
+                possible = {state if out is None else out
+                            for state in possible for out in TRANSACTION_MODEL[command]}
+            if True in possible:
+                with pytest.raises(ProtocolError, match="MAIL while"):
+                    machine.receive_client(step + b"\r\n")
+                return
+        machine.receive_client(step + b"\r\n")
+        waiting.append(step)
 
 
 # --- DATA -------------------------------------------------------------------------
@@ -586,7 +745,7 @@ chunks = st.one_of(st.sampled_from(FRAGMENTS), st.binary(max_size=40))
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), chunks), max_size=40))
 def test_any_bytes_parse_or_raise_protocol_error(steps):
-    machine = SMTPMachine(max_line=64, max_pending=8)
+    machine = SMTPMachine(max_line=64, max_pending_bytes=8 * 64)
     failed = False
     for to_server, data in steps:
         receive = machine.receive_server if to_server else machine.receive_client

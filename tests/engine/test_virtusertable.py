@@ -139,6 +139,11 @@ def test_a_user_named_error_is_local():
     assert VirtUserTable.parse("x@dom error\n").is_local("x@dom")
 
 
+def test_local_keys_leave_out_error_entries():
+    table = VirtUserTable.parse("A@dom a\nb@dom error:nouser\n@dom error:nouser\n+*@dom c\n")
+    assert table.local_keys() == {"a@dom", "+*@dom"}
+
+
 def test_crlf_lines():
     table = VirtUserTable.parse("# c\r\nalice@dom alice\r\n\r\n@dom2 all\r\n")
     assert table.lookup("alice@dom") == "alice"

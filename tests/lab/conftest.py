@@ -88,7 +88,9 @@ def fresh(_pools):
 
 @pytest.fixture
 def make_gate(lab, mail_server, tmp_path):
-    """Start sapd-nfq (up, then run) with a config of its own; stop and check it after."""
+    """Start sapd-nfq (up, then run) with a config of its own; stop and check it after:
+    it stopped cleanly on SIGTERM, logged no traceback and no password, and `down`
+    left the mangle table as it was before `up`."""
     gates: list[Gate] = []
 
     def make(mode: str = "forward", **settings: object) -> Gate:
@@ -103,6 +105,7 @@ def make_gate(lab, mail_server, tmp_path):
     yield make
     problems = []
     for gate in gates:
+        gate.unsupervise()
         if gate.running:
             code = gate.stop()
             if code != 0:

@@ -15,6 +15,7 @@ drive the command line directly.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import poplib
@@ -25,22 +26,32 @@ import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from sapd_nfq.config import load_config
 from sapd_nfq.control import DaemonNotRunning, request
+from sapd_nfq.daemon import SETTLE_INTERVAL, WATCH_INTERVAL
 from sapd_nfq.lab import Lab, MailServer
 from sapd_nfq.lab.mail import VIRTUSERTABLE
+from sapd_nfq.status import kernel_queues
 
 REPO = Path(__file__).resolve().parents[2]
+SERVICE_UNIT = REPO / "packaging" / "sapd-nfq.service"
 START_TIMEOUT = 10.0  # seconds for `run` to answer on its control socket
 CLI_TIMEOUT = 30.0
 CLIENT_TIMEOUT = 10.0  # seconds a mail client waits for the server
 POLL = 0.05
+#: seconds from writing a watched file to its reload: the next watch sees the
+#: change, the one after reads it once it has held still; plus a busy machine
+FILE_RELOAD_TIMEOUT = 2 * WATCH_INTERVAL + SETTLE_INTERVAL + 10.0
 RELAY_DENIED = "550 5.7.1"
+EXTERNAL = "ext@external.example"
+LOCAL = "alice@lab.example"
 # This checkout's sapd_nfq, for the commands run inside the lab's namespaces.
 _ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -104,6 +115,9 @@ class Gate:
         self.config = load_config(self.path)
         self.rules_before: str | None = None
         self.proc: subprocess.Popen | None = None
+        #: (exited, answering again) monotonic times of each restart by `supervise`
+        self.restarts: list[tuple[float, float]] = []
+        self._supervisor: tuple[threading.Event, threading.Thread] | None = None
 
     # -- the command line -------------------------------------------------
 
@@ -159,9 +173,51 @@ class Gate:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
-        """Signal the daemon and wait for it; its exit status."""
+        """Signal the daemon and wait for it (no restart); its exit status."""
+        self.unsupervise()
         assert self.proc is not None
         return self.lab.stop(self.proc, sig)
+
+    def supervise(self, restart_sec: float) -> None:
+        """Start the daemon again `restart_sec` after it exits, as systemd's
+        Restart=always does, until `stop` or `unsupervise`."""
+        assert self._supervisor is None
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(POLL):
+                if self.proc is None or self.proc.poll() is None:
+                    continue
+                exited = time.monotonic()
+                if done.wait(restart_sec):
+                    return
+                self.start()
+                self.restarts.append((exited, time.monotonic()))
+
+        thread = threading.Thread(target=watch, name="supervisor", daemon=True)
+        self._supervisor = (done, thread)
+        thread.start()
+
+    def unsupervise(self) -> None:
+        if self._supervisor is not None:
+            done, thread = self._supervisor
+            done.set()
+            thread.join()
+            self._supervisor = None
+
+    @property
+    def pid(self) -> int:
+        """The running daemon's pid, as it reports it."""
+        return self.control("status")["pid"]
+
+    def kernel_queue(self) -> dict[str, int]:
+        """The kernel's counters of the daemon's queue (waiting, queue_dropped, ...),
+        read in the gate's namespace without asking the daemon (it may be stopped)."""
+        with self.lab.inside(self.host):
+            # /proc/thread-self/net is the namespace of this thread, which inside() switched.
+            queues = kernel_queues("/proc/thread-self/net/netfilter/nfnetlink_queue")
+        assert self.config.queue in queues, f"no process bound to queue {self.config.queue}"
+        return queues[self.config.queue]
 
     def send_signal(self, sig: int) -> None:
         assert self.running
@@ -209,10 +265,11 @@ class SourcePOP3(poplib.POP3):
                                         source_address=(self.source, 0))
 
 
-def pop3_login(lab: Lab, mail: MailServer, source: str, server: str, user: str = "alice") -> int:
+def pop3_login(lab: Lab, mail: MailServer, source: str, server: str, user: str = "alice",
+               timeout: float = CLIENT_TIMEOUT) -> int:
     """Log in by USER/PASS from `source` and return the message count."""
     with lab.inside("client"):
-        pop = SourcePOP3(server, source)
+        pop = SourcePOP3(server, source, timeout=timeout)
     try:
         pop.user(user)
         pop.pass_(mail.users[user])
@@ -244,10 +301,11 @@ def swaks(lab: Lab, source: str, server: str, sender: str, recipient: str,
                    capture_output=True, text=True, check=False)
 
 
-def smtp_session(lab: Lab, source: str, server: str) -> smtplib.SMTP:
+def smtp_session(lab: Lab, source: str, server: str,
+                 timeout: float = CLIENT_TIMEOUT) -> smtplib.SMTP:
     """An SMTP connection from `source` after EHLO; the socket stays in the client host."""
     with lab.inside("client"):
-        smtp = smtplib.SMTP(server, 25, source_address=(source, 0), timeout=CLIENT_TIMEOUT)
+        smtp = smtplib.SMTP(server, 25, source_address=(source, 0), timeout=timeout)
     smtp.ehlo("client.lab.example")
     return smtp
 
@@ -264,9 +322,9 @@ class Refused:
 
 
 def send_mail(lab: Lab, source: str, server: str, sender: str, recipient: str,
-              subject: str) -> Refused | None:
+              subject: str, timeout: float = CLIENT_TIMEOUT) -> Refused | None:
     """Send one message with smtplib; None if the server took it, else the refusal."""
-    smtp = smtp_session(lab, source, server)
+    smtp = smtp_session(lab, source, server, timeout)
     message = f"From: <{sender}>\r\nTo: <{recipient}>\r\nSubject: {subject}\r\n\r\n{subject}\r\n"
     try:
         smtp.sendmail(sender, [recipient], message)
@@ -280,9 +338,10 @@ def send_mail(lab: Lab, source: str, server: str, sender: str, recipient: str,
     return None
 
 
-def try_rcpt(lab: Lab, source: str, server: str, sender: str, recipient: str) -> Refused | None:
+def try_rcpt(lab: Lab, source: str, server: str, sender: str, recipient: str,
+             timeout: float = CLIENT_TIMEOUT) -> Refused | None:
     """MAIL and RCPT only (nothing is sent); None if the RCPT was accepted."""
-    smtp = smtp_session(lab, source, server)
+    smtp = smtp_session(lab, source, server, timeout)
     try:
         code, text = smtp.mail(sender)
         if code == 250:
@@ -317,8 +376,109 @@ class PostfixLog:
 
         def found() -> str | None:
             return next((line for line in self.lines() if regex.search(line)), None)
-        return wait_until(found, timeout, f"a Postfix log line matching {pattern!r}")
+        return wait_until(found, timeout, f"a Postfix log line matching {pattern!r} in\n"
+                          + "\n".join(self.lines()))
 
     def disconnect(self, client: str, timeout: float = 5.0) -> str:
         """smtpd's closing line for `client`: it counts the commands it received."""
         return self.wait_for(rf"disconnect from \S+\[{re.escape(client)}\]", timeout)
+
+
+# --- relaying, judged from both ends -----------------------------------------------
+
+def external() -> str:
+    """A recipient no other test names, so the Postfix log can be searched for it."""
+    return f"relay-{uuid.uuid4().hex[:10]}@external.example"
+
+
+def assert_relay_refused(lab: Lab, mail_server: MailServer, gate: Gate, source: str, server: str,
+                         sender: str, recipient: str) -> None:
+    postfix = PostfixLog(mail_server)
+    refused = send_mail(lab, source, server, sender, recipient, "refused")
+    assert refused is not None and str(refused).startswith(RELAY_DENIED), refused
+    closing = postfix.disconnect(source)
+    assert "rcpt=" not in closing, closing  # smtpd counts each RCPT it read
+    assert postfix.mentions(recipient) == []
+    gate.wait_for_log(rf"FAIL client={re.escape(source)} .*recipient='{re.escape(recipient)}'")
+
+
+def assert_relayed(lab: Lab, mail_server: MailServer, source: str, server: str, sender: str,
+                   recipient: str) -> None:
+    postfix = PostfixLog(mail_server)
+    refused = send_mail(lab, source, server, sender, recipient, "relayed")
+    assert refused is None, f"refused: {refused}"
+    # The lab's Postfix takes mail for other domains and discards it.
+    postfix.wait_for(rf"to=<{re.escape(recipient)}>.*status=sent")
+
+
+# --- faults -------------------------------------------------------------------------
+
+def unit_restart_policy(unit: Path = SERVICE_UNIT) -> tuple[str, float]:
+    """Restart= and RestartSec= (seconds) of the systemd unit the daemon ships with."""
+    values = dict(line.split("=", 1) for line in unit.read_text().splitlines() if "=" in line)
+    # systemd's defaults: no restart; 100 ms between exit and restart
+    return values.get("Restart", "no"), float(values.get("RestartSec", "0.1"))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One session of a Traffic: what it returned, or the exception it raised."""
+
+    kind: str
+    began: float
+    ended: float
+    result: object
+
+
+class Traffic:
+    """Client sessions run again and again, each kind in a thread, until stopped::
+
+        with Traffic() as traffic:
+            traffic.run("inbound", lambda i: send_mail(lab, ...))
+            ...                       # the fault, while the sessions go on
+        traffic.outcomes("inbound")   # what every session returned or raised
+    """
+
+    def __init__(self) -> None:
+        self.log: list[Outcome] = []
+        self._done = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> Traffic:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def run(self, kind: str, session: Callable[[int], object], pause: float = 0.0) -> None:
+        """Call `session(0)`, `session(1)`, ... with `pause` seconds between calls."""
+        def loop() -> None:
+            for i in itertools.count():
+                if self._done.is_set():
+                    return
+                began = time.monotonic()
+                try:
+                    result = session(i)
+                except Exception as exc:  # recorded: the test judges it
+                    result = exc
+                self.log.append(Outcome(kind, began, time.monotonic(), result))
+                self._done.wait(pause)
+
+        thread = threading.Thread(target=loop, name=f"traffic-{kind}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def stop(self) -> None:
+        """Let every session in progress end, then return."""
+        self._done.set()
+        for thread in self._threads:
+            thread.join()
+
+    def outcomes(self, kind: str) -> list[Outcome]:
+        return [o for o in self.log if o.kind == kind]
+
+    def wait_for(self, kind: str, count: int, timeout: float) -> None:
+        """Wait until `count` more sessions of `kind` have ended."""
+        target = len(self.outcomes(kind)) + count
+        wait_until(lambda: len(self.outcomes(kind)) >= target, timeout,
+                   f"{count} more {kind} sessions")

@@ -23,38 +23,35 @@ from socket import AF_INET, AF_INET6
 
 import pytest
 from lab_gate import (
+    EXTERNAL,
+    FILE_RELOAD_TIMEOUT,
+    LOCAL,
     RELAY_DENIED,
     Gate,
     PostfixLog,
+    assert_relay_refused,
+    assert_relayed,
     curl_pop3_plain,
+    external,
     mangle_rules,
     pop3_login,
-    send_mail,
     smtp_session,
     swaks,
     try_rcpt,
     wait_until,
 )
 
-from sapd_nfq.daemon import WATCH_INTERVAL
 from sapd_nfq.rules import BYPASS_MARK, POP3_CHAIN
 
 pytestmark = pytest.mark.lab
 
 FAMILIES = [pytest.param(AF_INET, id="ipv4"), pytest.param(AF_INET6, id="ipv6")]
 MODES = [pytest.param("forward", id="forward"), pytest.param("input", id="input")]
-EXTERNAL = "ext@external.example"
-LOCAL = "alice@lab.example"
 
 
 @pytest.fixture
 def gate(request, make_gate):
     return make_gate(getattr(request, "param", "forward"))
-
-
-def external() -> str:
-    """A recipient no other test names, so the Postfix log can be searched for it."""
-    return f"relay-{uuid.uuid4().hex[:10]}@external.example"
 
 
 def settled_packets(gate: Gate, family: int) -> int:
@@ -63,26 +60,6 @@ def settled_packets(gate: Gate, family: int) -> int:
     rule = f"-m connmark --mark {BYPASS_MARK:#x}/{BYPASS_MARK:#x} -j RETURN"
     table = status["rules"]["ipv6" if family == AF_INET6 else "ipv4"]
     return sum(r["packets"] for r in table["rules"] if r["chain"] == POP3_CHAIN and r["rule"] == rule)
-
-
-def assert_relay_refused(lab, mail_server, gate: Gate, source: str, server: str,
-                         sender: str, recipient: str) -> None:
-    postfix = PostfixLog(mail_server)
-    refused = send_mail(lab, source, server, sender, recipient, "refused")
-    assert refused is not None and str(refused).startswith(RELAY_DENIED), refused
-    closing = postfix.disconnect(source)
-    assert "rcpt=" not in closing, closing  # smtpd counts each RCPT it read
-    assert postfix.mentions(recipient) == []
-    gate.wait_for_log(rf"FAIL client={re.escape(source)} .*recipient='{re.escape(recipient)}'")
-
-
-def assert_relayed(lab, mail_server, source: str, server: str, sender: str,
-                   recipient: str) -> None:
-    postfix = PostfixLog(mail_server)
-    refused = send_mail(lab, source, server, sender, recipient, "relayed")
-    assert refused is None, f"refused: {refused}"
-    # The lab's Postfix takes mail for other domains and discards it.
-    postfix.wait_for(rf"to=<{re.escape(recipient)}>.*status=sent")
 
 
 # --- the relay table ------------------------------------------------------------------
@@ -190,7 +167,7 @@ def test_reload_keeps_flows_and_logins_and_a_broken_table_changes_nothing(
     original = gate.virtusertable.read_text()
     mark = len(gate.log_lines())
     gate.write_virtusertable(original + f"{carol}\talice\n")
-    gate.wait_for_log(r"reloaded \(file changed\)", timeout=3 * WATCH_INTERVAL, after=mark)
+    gate.wait_for_log(r"reloaded \(file changed\)", timeout=FILE_RELOAD_TIMEOUT, after=mark)
     assert_relayed(lab, mail_server, source, server, carol, external())  # row 2: login kept
 
     mark = len(gate.log_lines())
@@ -198,7 +175,7 @@ def test_reload_keeps_flows_and_logins_and_a_broken_table_changes_nothing(
     gate.write_virtusertable(original + f"{carol}\n")  # a key without a value
     where = f"{gate.virtusertable}:{broken_line}"
     gate.wait_for_log(rf"ERROR reload \(file changed\) failed, keeping .*{re.escape(where)}",
-                      timeout=3 * WATCH_INTERVAL, after=mark)
+                      timeout=FILE_RELOAD_TIMEOUT, after=mark)
     assert where in gate.control("status")["last_reload_error"]
     assert_relayed(lab, mail_server, source, server, carol, external())  # the old table
     done = gate.cli("reload", check=False)

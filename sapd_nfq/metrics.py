@@ -1,0 +1,140 @@
+"""The metrics endpoint: Prometheus' text format, through prometheus_client.
+
+One endpoint for all workers: at each scrape the collector asks every
+worker on its control socket (as `sapd-nfq status` does) and reads the
+rules' and the kernel's counters, so the numbers are the workers' own, with
+no shared files between processes and nothing added to the packet path.
+It runs in the process that started the workers (the worker itself when
+there is one), on `metrics_listen`, which is off by default and meant for
+a loopback or management address: the numbers say how much mail this host
+handles and refuses.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from .config import Config, parse_listen
+from .logsetup import LOGGER
+from .rules import GUARD
+
+log = logging.getLogger(LOGGER)
+
+#: engine counters that count a refused or dropped packet, by reason
+REFUSALS = {
+    "fail": "relay_denied", "tls_refused": "starttls_not_allowed",
+    "conflicts": "retransmission_differs", "protocol_errors": "protocol_error",
+    "untracked": "untracked_connection", "wrong_direction": "wrong_direction",
+    "truncated": "truncated", "malformed": "malformed", "engine_errors": "engine_error",
+}
+
+
+def _total(workers: list[dict[str, Any]], *path: str) -> dict[str, float]:
+    """The sum over workers of a dict found at `path` in each status."""
+    total: dict[str, float] = {}
+    for worker in workers:
+        found: Any = worker
+        for key in path:
+            found = found.get(key, {}) if isinstance(found, dict) else {}
+        for name, value in found.items():
+            total[name] = total.get(name, 0) + value
+    return total
+
+
+class GateCollector(Collector):
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def collect(self) -> Iterator[Any]:
+        from .status import gather_status
+
+        status = gather_status(self.config)
+        yield from render(status)
+
+
+def render(status: dict[str, Any]) -> Iterator[Any]:
+    """Metric families for one `gather_status` answer."""
+    workers = [w for w in status["workers"] if w.get("running")]
+    up = GaugeMetricFamily("sapd_nfq_worker_up", "1 if the worker of this queue answers", labels=["queue"])
+    for worker in status["workers"]:
+        up.add_metric([str(worker["queue"])], 1 if worker.get("running") else 0)
+    yield up
+
+    def counter(name: str, doc: str, label: str, values: dict[str, float]) -> CounterMetricFamily:
+        family = CounterMetricFamily(name, doc, labels=[label])
+        for key, value in sorted(values.items()):
+            family.add_metric([key], value)
+        return family
+
+    yield counter("sapd_nfq_packets", "packets judged, by verdict", "verdict", _total(workers, "verdicts"))
+    rows = CounterMetricFamily("sapd_nfq_decisions", "RCPT decisions, by verdict and table row",
+                               labels=["verdict", "row"])
+    for key, value in sorted(_total(workers, "rows").items()):
+        verdict, _, row = key.partition("|")
+        rows.add_metric([verdict.upper(), row], value)
+    yield rows
+    yield counter("sapd_nfq_logins", "logins learned, by source", "source", _total(workers, "logins"))
+    counters = _total(workers, "counters")
+    yield counter("sapd_nfq_refusals", "packets dropped or sessions refused, by reason", "reason",
+                  {reason: counters.get(key, 0) for key, reason in REFUSALS.items()})
+    yield CounterMetricFamily("sapd_nfq_store_errors", "login store operations that failed",
+                              value=counters.get("store_errors", 0))
+
+    def gauge(name: str, doc: str, key: str) -> GaugeMetricFamily:
+        return GaugeMetricFamily(name, doc, value=sum(w.get(key, 0) for w in workers))
+
+    yield gauge("sapd_nfq_flows", "flows tracked", "flows_tracked")
+    yield CounterMetricFamily("sapd_nfq_flows_evicted", "flows evicted from a full table",
+                              value=sum(w.get("flows_evicted", 0) for w in workers))
+    yield gauge("sapd_nfq_retained_bytes", "stream bytes held until acknowledged", "retained_bytes")
+    yield GaugeMetricFamily("sapd_nfq_logins_held", "open login windows", value=status.get("logins_held", 0))
+    yield CounterMetricFamily("sapd_nfq_reloads", "successful reloads",
+                              value=sum(w.get("reloads", 0) for w in workers))
+    yield CounterMetricFamily("sapd_nfq_reload_errors", "reloads that failed (the running table stayed)",
+                              value=sum(w.get("reload_errors", 0) for w in workers))
+
+    kernel = {"queue_dropped": ("sapd_nfq_kernel_queue_dropped", "packets the kernel dropped: queue full"),
+              "user_dropped": ("sapd_nfq_kernel_user_dropped", "packets the kernel could not hand over")}
+    for key, (name, doc) in kernel.items():
+        family = CounterMetricFamily(name, doc, labels=["queue"])
+        for worker in status["workers"]:
+            if worker.get("kernel"):
+                family.add_metric([str(worker["queue"])], worker["kernel"][key])
+        yield family
+    spoofs = CounterMetricFamily("sapd_nfq_spoofs_dropped", "packets from a client interface that claimed "
+                                 "a mail server's address, dropped before routing", labels=["family"])
+    for family_name, table in status["rules"].items():
+        if isinstance(table, dict):
+            spoofs.add_metric([family_name], sum(r["packets"] or 0 for r in table.get("rules", [])
+                                                 if r["chain"] == GUARD))
+    yield spoofs
+
+    if workers:
+        bounds = workers[0]["engine_seconds"]["bounds"]
+        counts = [sum(w["engine_seconds"]["buckets"][i] for w in workers) for i in range(len(bounds) + 1)]
+        cumulative, running = [], 0
+        for bound, count in zip([*map(repr, bounds), "+Inf"], counts):
+            running += count
+            cumulative.append((bound, running))
+        yield HistogramMetricFamily("sapd_nfq_engine_seconds", "engine time a packet", buckets=cumulative,
+                                    sum_value=sum(w["engine_seconds"]["sum"] for w in workers))
+
+
+def serve(config: Config) -> None:
+    """Start the endpoint in a thread of this process, if configured."""
+    if not config.metrics_listen:
+        return
+    host, port = parse_listen(config.metrics_listen)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GateCollector(config))
+    start_http_server(port, addr=host, registry=registry)
+    if not ipaddress.ip_address(host).is_loopback:
+        log.warning("metrics on %s, not a loopback address: keep it behind a firewall", config.metrics_listen)
+    log.info("metrics on http://%s/metrics", config.metrics_listen)

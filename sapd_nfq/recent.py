@@ -1,0 +1,67 @@
+"""What a daemon remembers of each client, for `sapd-nfq why`.
+
+The last decisions about a client (time, sender, recipient, row, reason)
+and the last logins learned for it, in bounded memory: a few entries a
+client, for the clients seen most recently. The login store says whether a
+window is open now; this says what happened, including a login that has
+lapsed since (the store forgets those).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from typing import Any
+
+from .engine.addresses import normalize_ip
+from .engine.verdicts import Notice
+
+DECISIONS_KEPT = 20  # a client
+LOGINS_KEPT = 5  # a client
+CLIENTS_KEPT = 4096
+
+
+class _Client:
+    __slots__ = ("decisions", "logins")
+
+    def __init__(self) -> None:
+        self.decisions: deque[dict[str, Any]] = deque(maxlen=DECISIONS_KEPT)
+        self.logins: deque[dict[str, Any]] = deque(maxlen=LOGINS_KEPT)
+
+
+class Recent:
+    def __init__(self, clients: int = CLIENTS_KEPT) -> None:
+        self._clients: OrderedDict[str, _Client] = OrderedDict()
+        self._max = clients
+
+    def _client(self, address: str) -> _Client:
+        key = normalize_ip(address)
+        entry = self._clients.get(key)
+        if entry is None:
+            entry = self._clients[key] = _Client()
+            if len(self._clients) > self._max:
+                self._clients.popitem(last=False)
+        else:
+            self._clients.move_to_end(key)
+        return entry
+
+    def note(self, notice: Notice, auth_ttl: float) -> None:
+        """Remember a decision or a login; other notices are not kept."""
+        if notice.event in ("pass", "fail"):
+            self._client(notice.client).decisions.append({
+                "time": notice.time, "verdict": notice.event.upper(), "sender": notice.sender,
+                "recipient": notice.recipient, "row": notice.row, "reason": notice.reason})
+        elif notice.event == "login":
+            source = (notice.reason or "").split(" ")[0]
+            if source != "smtp-auth":  # that one opens no window for the address
+                self._client(notice.client).logins.append({
+                    "time": notice.time, "user": notice.user, "source": source,
+                    "expires": notice.time + auth_ttl})
+
+    def about(self, address: str) -> dict[str, list[dict[str, Any]]]:
+        entry = self._clients.get(normalize_ip(address))
+        if entry is None:
+            return {"decisions": [], "logins": []}
+        return {"decisions": list(entry.decisions), "logins": list(entry.logins)}
+
+    def __len__(self) -> int:
+        return len(self._clients)

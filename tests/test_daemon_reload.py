@@ -1,0 +1,144 @@
+"""The daemon's file watch: when a changed virtusertable is read, and when a
+table that loses local addresses is applied. No queue, no root: the daemon
+is built with a store in memory and no raw sockets, and its watch is driven
+with a clock of the test's own.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sapd_nfq import daemon as daemon_module
+from sapd_nfq.config import load_config
+from sapd_nfq.daemon import REMOVAL_SETTLE, SETTLE_INTERVAL, Daemon, FileWatch
+
+HEAD = "postmaster@lab.example\talice\n@lab.example\terror:nouser User unknown\n"
+TAIL = "alice@lab.example\talice\nbob@lab.example\tbob\n"
+CAROL = "carol@lab.example\talice\n"
+
+
+@pytest.fixture
+def table(tmp_path):
+    path = tmp_path / "virtusertable"
+    path.write_text(HEAD + TAIL)
+    return path
+
+
+@pytest.fixture
+def daemon(tmp_path, table, monkeypatch):
+    monkeypatch.setattr(daemon_module, "Injector", lambda: None)  # raw sockets need root
+    config = tmp_path / "sapd-nfq.toml"
+    config.write_text(f'virtusertable = "{table}"\nstate = "memory"\nrun_dir = "{tmp_path / "run"}"\n')
+    return Daemon(load_config(config), config)
+
+
+def local(daemon: Daemon, *addresses: str) -> bool:
+    return all(daemon.engine.policy.table.is_local(a) for a in addresses)
+
+
+def rewrite(path, text: str) -> None:
+    """Write in place, as a program that does not rename does (a new stamp each time)."""
+    with open(path, "w") as f:
+        f.write(text)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+
+
+# --- FileWatch ------------------------------------------------------------------
+
+def test_unchanged_stamps_are_never_due():
+    watch = FileWatch(("a",))
+    assert watch.due(("a",), 0.0) is None
+    assert watch.due(("a",), 100.0) is None
+
+
+def test_a_change_is_due_once_it_has_held_still():
+    watch = FileWatch(("a",))
+    assert watch.due(("b",), 10.0) is None
+    assert watch.due(("b",), 10.0 + SETTLE_INTERVAL / 2) is None
+    assert watch.due(("b",), 10.0 + SETTLE_INTERVAL) == SETTLE_INTERVAL
+
+
+def test_every_new_change_starts_the_wait_over():
+    watch = FileWatch(("a",))
+    watch.due(("b",), 0.0)
+    assert watch.due(("c",), SETTLE_INTERVAL) is None
+    assert watch.due(("c",), 2 * SETTLE_INTERVAL) == SETTLE_INTERVAL
+
+
+def test_hold_lengthens_the_wait_of_the_pending_change_only():
+    watch = FileWatch(("a",))
+    watch.due(("b",), 0.0)
+    watch.hold(30.0)
+    assert watch.due(("b",), 29.0) is None
+    assert watch.due(("b",), 30.0) == 30.0
+    watch.due(("c",), 31.0)  # a new change waits the ordinary time again
+    assert watch.due(("c",), 31.0 + SETTLE_INTERVAL) == SETTLE_INTERVAL
+
+
+def test_back_to_what_was_read_is_not_a_change():
+    watch = FileWatch(("a",))
+    watch.due(("b",), 0.0)
+    assert watch.due(("a",), 1.0) is None
+    assert watch.due(("b",), 2.0) is None  # seen anew: waits from here
+
+
+# --- the daemon's reload --------------------------------------------------------
+
+def test_an_added_address_takes_effect_once_the_file_holds_still(daemon, table):
+    table.write_text(HEAD + TAIL + CAROL)
+    daemon.watch(100.0)
+    assert not local(daemon, "carol@lab.example")
+    daemon.watch(100.0 + SETTLE_INTERVAL)
+    assert local(daemon, "carol@lab.example", "alice@lab.example")
+    assert daemon.reloads == 1
+
+
+def test_a_half_written_table_never_takes_local_addresses_away(daemon, table):
+    # The writer stops after the first half for longer than the settle interval:
+    # what it left is a well-formed table without alice and bob.
+    rewrite(table, HEAD)
+    for t in (100.0, 100.0 + SETTLE_INTERVAL, 100.0 + REMOVAL_SETTLE / 2):
+        daemon.watch(t)
+        assert local(daemon, "alice@lab.example", "bob@lab.example")
+    rewrite(table, HEAD + TAIL + CAROL)
+    later = 100.0 + REMOVAL_SETTLE / 2 + 1
+    daemon.watch(later)
+    daemon.watch(later + SETTLE_INTERVAL)
+    assert local(daemon, "alice@lab.example", "bob@lab.example", "carol@lab.example")
+    assert daemon.reloads == 1
+
+
+def test_a_removal_takes_effect_once_the_file_has_held_still_long(daemon, table):
+    table.write_text(HEAD + "alice@lab.example\talice\n")
+    daemon.watch(100.0)
+    daemon.watch(100.0 + SETTLE_INTERVAL)
+    daemon.watch(100.0 + REMOVAL_SETTLE - 1)
+    assert local(daemon, "bob@lab.example") and daemon.reloads == 0
+    daemon.watch(100.0 + REMOVAL_SETTLE)
+    assert not local(daemon, "bob@lab.example") and local(daemon, "alice@lab.example")
+    assert daemon.reloads == 1
+    daemon.watch(200.0)  # read once: nothing more to do
+    assert daemon.reloads == 1
+
+
+def test_a_requested_reload_applies_a_removal_at_once(daemon, table):
+    table.write_text(HEAD + "alice@lab.example\talice\n")
+    assert daemon.reload("SIGHUP")["ok"]
+    assert not local(daemon, "bob@lab.example")
+    daemon.watch(100.0)
+    daemon.watch(100.0 + REMOVAL_SETTLE)  # the watch has nothing left to read
+    assert daemon.reloads == 1
+
+
+def test_a_broken_table_is_read_once_and_kept_out(daemon, table):
+    table.write_text(HEAD + TAIL + "carol@lab.example\n")  # a key without a value
+    daemon.watch(100.0)
+    daemon.watch(100.0 + SETTLE_INTERVAL)
+    assert "has no value" in daemon.last_reload_error
+    daemon.last_reload_error = None
+    daemon.watch(100.0 + 2 * SETTLE_INTERVAL)
+    assert daemon.last_reload_error is None  # not retried until the file changes again
+    assert local(daemon, "alice@lab.example", "bob@lab.example") and daemon.reloads == 0

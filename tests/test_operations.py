@@ -1,0 +1,103 @@
+"""What `why` and the metrics endpoint are made of: the per-client memory,
+the worker's tallies, and the metric families rendered from a status."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from sapd_nfq import metrics
+from sapd_nfq.engine.verdicts import ACCEPT, DROP, Decision, Notice
+from sapd_nfq.recent import DECISIONS_KEPT, Recent
+from sapd_nfq.stats import ENGINE_BUCKETS, Stats
+
+PASS = Notice("pass", "198.18.3.10", sender="alice@lab.example", recipient="dave@external.example",
+              row="row 2: ...", reason="alice at 198.18.3.10 via pop3", time=100.0)
+FAIL = Notice("fail", "::ffff:198.18.3.11", sender="alice@lab.example", recipient="x@external.example",
+              row="row 3: ...", reason="no login", time=101.0)
+LOGIN = Notice("login", "198.18.3.10", user="alice", reason="pop3 USER", time=90.0)
+
+
+def test_recent_keeps_decisions_and_logins_per_client():
+    recent = Recent()
+    for notice in (LOGIN, PASS, FAIL, Notice("reset", "198.18.3.10", reason="x")):
+        recent.note(notice, auth_ttl=600)
+    assert recent.about("198.18.3.10") == {
+        "logins": [{"time": 90.0, "user": "alice", "source": "pop3", "expires": 690.0}],
+        "decisions": [{"time": 100.0, "verdict": "PASS", "sender": "alice@lab.example",
+                       "recipient": "dave@external.example", "row": "row 2: ...",
+                       "reason": "alice at 198.18.3.10 via pop3"}]}
+    assert recent.about("198.18.3.11")["decisions"][0]["verdict"] == "FAIL"  # addresses normalised
+    assert recent.about("198.18.3.12") == {"decisions": [], "logins": []}
+
+
+def test_recent_is_bounded():
+    recent = Recent(clients=3)
+    for _ in range(DECISIONS_KEPT + 5):
+        recent.note(PASS, auth_ttl=1)
+    assert len(recent.about("198.18.3.10")["decisions"]) == DECISIONS_KEPT
+    for i in range(10):
+        recent.note(Notice("fail", f"198.18.3.{20 + i}", row="r", time=i), auth_ttl=1)
+    assert len(recent) == 3 and recent.about("198.18.3.29")["decisions"]
+
+
+def test_an_smtp_auth_login_is_no_window_for_the_address():
+    recent = Recent()
+    recent.note(Notice("login", "198.18.3.10", user="bob", reason="smtp-auth PLAIN"), auth_ttl=600)
+    assert recent.about("198.18.3.10")["logins"] == []
+
+
+def test_stats_tally_verdicts_rows_sources_and_time():
+    stats = Stats()
+    stats.record(Decision(ACCEPT, notices=[PASS, LOGIN]), 3e-6)
+    stats.record(Decision(DROP, notices=[FAIL]), 2e-3)
+    got = stats.as_dict()
+    assert got["verdicts"] == {"accept": 1, "drop": 1}
+    assert got["rows"] == {"pass|row 2: ...": 1, "fail|row 3: ...": 1}
+    assert got["logins"] == {"pop3": 1}
+    assert sum(got["engine_seconds"]["buckets"]) == 2
+    assert got["engine_seconds"]["buckets"][0] == 1  # 3 us is under the first bound
+    assert len(got["engine_seconds"]["buckets"]) == len(ENGINE_BUCKETS) + 1
+
+
+class _Fixed(Collector):
+    def __init__(self, status):
+        self.status = status
+
+    def collect(self):
+        return metrics.render(self.status)
+
+
+def scrape(status) -> dict[tuple[str, tuple], float]:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(status))
+    text = generate_latest(registry).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def worker(queue: int, accepted: int) -> dict:
+    stats = Stats()
+    for _ in range(accepted):
+        stats.record(Decision(ACCEPT, notices=[PASS]), 1e-5)
+    return {"running": True, "queue": queue, "counters": {"fail": 2, "wrong_direction": 1},
+            "flows_tracked": 3, "flows_evicted": 0, "retained_bytes": 10, "reloads": 1,
+            "reload_errors": 0, "kernel": {"queue_dropped": 4, "user_dropped": 0}, **stats.as_dict()}
+
+
+def test_metrics_sum_the_workers():
+    status = {"workers": [worker(0, 2), worker(1, 3), {"running": False, "queue": 2, "kernel": None}],
+              "logins_held": 5,
+              "rules": {"ipv4": {"rules": [{"chain": metrics.GUARD, "packets": 7}]}}}
+    got = scrape(status)
+    assert got["sapd_nfq_packets_total", (("verdict", "accept"),)] == 5
+    assert got["sapd_nfq_decisions_total", (("row", "row 2: ..."), ("verdict", "PASS"))] == 5
+    assert got["sapd_nfq_refusals_total", (("reason", "relay_denied"),)] == 4
+    assert got["sapd_nfq_refusals_total", (("reason", "wrong_direction"),)] == 2
+    assert got["sapd_nfq_worker_up", (("queue", "2"),)] == 0
+    assert got["sapd_nfq_flows", ()] == 6 and got["sapd_nfq_logins_held", ()] == 5
+    assert got["sapd_nfq_kernel_queue_dropped_total", (("queue", "1"),)] == 4
+    assert got["sapd_nfq_spoofs_dropped_total", (("family", "ipv4"),)] == 7
+    assert got["sapd_nfq_engine_seconds_count", ()] == 5
+    assert got["sapd_nfq_engine_seconds_bucket", (("le", "1e-05"),)] == 5
