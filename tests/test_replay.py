@@ -193,3 +193,42 @@ def test_replay_command_prints_json_lines(tmp_path, capsys):
     assert [(line["event"], line["client"]) for line in lines] == [("login", CLIENT4), ("pass", CLIENT4)]
     assert lines[0]["user"] == "alice"
     assert (lines[1]["sender"], lines[1]["recipient"]) == ("alice@lab.example", "dave@external.example")
+
+
+# --- IMAP ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, user", [("imap_login", "alice"), ("imap_authenticate_plain", "bob"),
+                                        ("imap_literal_login", "alice")])
+def test_imap_logins(name, user):
+    notices, _ = replay(name)
+    assert logins(notices) == [(CLIENT4, user)]
+    assert not [n for n in notices if n.event == "error"]
+
+
+def test_imap_ipv6_login():
+    assert logins(replay("imap_ipv6_login")[0]) == [(CLIENT6, "bob")]
+
+
+def test_imap_failed_login_and_starttls_learn_nothing():
+    notices, _ = replay("imap_failed_login")
+    assert logins(notices) == [] and [n.event for n in notices] == ["login-failed"]
+    notices, _ = replay("imap_starttls")
+    assert logins(notices) == [] and [n.event for n in notices] == ["tls"]
+
+
+def test_imap_starttls_stripped_on_request():
+    notices, verdicts = replay("imap_starttls", imap_starttls="strip")
+    assert [n.event for n in notices] == ["tls"] and DROP in verdicts
+    assert "STARTTLS not allowed" in notices[0].reason
+
+
+def test_imap_login_then_relay_passes():
+    notices, _ = replay("imap_then_smtp_relay")
+    assert logins(notices) == [(CLIENT4, "alice")]
+    assert decisions(notices) == [("pass", "dave@external.example", ROW_LOGGED_IN)]
+
+
+def test_no_imap_password_reaches_a_notice():
+    for name in ("imap_login", "imap_authenticate_plain", "imap_literal_login", "imap_failed_login"):
+        for notice in replay(name)[0]:
+            assert "lab-pw" not in repr(notice)

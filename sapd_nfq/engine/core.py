@@ -15,8 +15,8 @@ Safe verdicts, in one place:
   turn, draws a RST at its own ack;
 - an SMTP stream that breaks the protocol or rewrites inspected bytes: the
   session is refused like a relay attempt;
-- POP3 trouble never opens a relay (it can only lose a login), so POP3 flows
-  we cannot follow leave the queue instead;
+- POP3 and IMAP trouble never opens a relay (it can only lose a login), so
+  such flows we cannot follow leave the queue instead;
 - a packet whose ports say one direction while the binding says it came in
   from the other side (a client forging the server's replies on its own
   link): DROP, counted as `wrong_direction`. Where the binding tells where a
@@ -43,6 +43,7 @@ from .events import (
     TLSStarted,
 )
 from .flows import Flow, FlowTable, State
+from .imap import IMAPMachine
 from .logins import LoginStore, StoreError
 from .packet import ACK, RST, SYN, Segment, Truncated, parse, with_stream_bytes
 from .policy import Fail, RelayPolicy
@@ -57,6 +58,12 @@ SMTP_REFUSED = b"554 5.7.1 Session refused by the relay gate\r\n"
 SMTP_NO_TLS = b"454 4.7.0 TLS not available\r\n"
 POP3_NO_TLS = b"-ERR TLS not available\r\n"
 POP3_REFUSED = b"-ERR Session refused by the relay gate\r\n"
+IMAP_NO_TLS = b"* BYE TLS not available\r\n"
+IMAP_REFUSED = b"* BYE Session refused by the relay gate\r\n"
+_MACHINES: dict[str, type[SMTPMachine | POP3Machine | IMAPMachine]] = {
+    "smtp": SMTPMachine, "pop3": POP3Machine, "imap": IMAPMachine}
+_NO_TLS = {"smtp": SMTP_NO_TLS, "pop3": POP3_NO_TLS, "imap": IMAP_NO_TLS}
+_REFUSED = {"smtp": SMTP_REFUSED, "pop3": POP3_REFUSED, "imap": IMAP_REFUSED}
 
 _MASK = 0xFFFFFFFF
 FAILED = "failed"
@@ -83,16 +90,21 @@ class Settings(Protocol):
     def pop3_stls(self) -> str: ...
     @property
     def refusal(self) -> str: ...
+    @property
+    def imap_ports(self) -> Sequence[int]: ...
+    @property
+    def imap_starttls(self) -> str: ...
 
 
 class Session:
     """What the engine knows of one connection beyond TCP."""
 
-    __slots__ = ("smtp", "machine", "sender", "authenticated", "user", "hidden", "refusals")
+    __slots__ = ("protocol", "smtp", "machine", "sender", "authenticated", "user", "hidden", "refusals")
 
-    def __init__(self, smtp: bool) -> None:
-        self.smtp = smtp
-        self.machine: SMTPMachine | POP3Machine = SMTPMachine() if smtp else POP3Machine()
+    def __init__(self, protocol: str) -> None:
+        self.protocol = protocol  # "smtp", "pop3" or "imap": also the source of its logins
+        self.smtp = protocol == "smtp"
+        self.machine: SMTPMachine | POP3Machine | IMAPMachine = _MACHINES[protocol]()
         self.sender: str | None = None
         self.authenticated = False
         #: the SMTP AUTH login name, once the server accepted it
@@ -122,8 +134,10 @@ class Engine:
 
     def _set_ports(self, config: Settings) -> None:
         self._smtp_ports = frozenset(config.smtp_ports)
-        self._pop3_ports = frozenset(config.pop3_ports)
-        self._mail_ports = self._smtp_ports | self._pop3_ports
+        self._protocols = {**{p: "imap" for p in config.imap_ports},
+                           **{p: "pop3" for p in config.pop3_ports},
+                           **{p: "smtp" for p in config.smtp_ports}}
+        self._mail_ports = frozenset(self._protocols)
 
     # -- the per-packet path ------------------------------------------------
 
@@ -154,27 +168,24 @@ class Engine:
                 from_client = True
             elif seg.sport in self._smtp_ports:
                 from_client = False
-            elif seg.dport in self._pop3_ports:
+            elif seg.dport in self._mail_ports:
                 from_client = True
-            elif seg.sport in self._pop3_ports:
+            elif seg.sport in self._mail_ports:
                 from_client = False
             else:
                 counters["foreign"] += 1
                 return Decision(ACCEPT)
         else:
             from_client = from_client_side
-        port = seg.dport if from_client else seg.sport
-        if port in self._smtp_ports:
-            smtp = True
-        elif port in self._pop3_ports:
-            smtp = False
-        elif (seg.sport if from_client else seg.dport) in self._mail_ports:
-            # e.g. "from the server" by its ports, but it came in on a client interface
-            counters["wrong_direction"] += 1
-            return Decision(DROP)
-        else:
+        protocol = self._protocols.get(seg.dport if from_client else seg.sport)
+        if protocol is None:
+            if (seg.sport if from_client else seg.dport) in self._mail_ports:
+                # e.g. "from the server" by its ports, but it came in on a client interface
+                counters["wrong_direction"] += 1
+                return Decision(DROP)
             counters["foreign"] += 1
             return Decision(ACCEPT)
+        smtp = protocol == "smtp"
 
         if from_client:
             key = (seg.src, seg.sport, seg.dst, seg.dport)
@@ -189,7 +200,7 @@ class Engine:
             if not opening:
                 return self._untracked(seg, smtp, now)
             flow = self.flows.open(key, seg, now)
-            flow.app = Session(smtp)
+            flow.app = Session(protocol)
             counters["flows"] += 1
 
         if flow.fate is FAILED:
@@ -237,7 +248,8 @@ class Engine:
             else:
                 decision.verdict = BYPASS
                 decision.notices.append(Notice("error", client, server, time=now,
-                                               reason=f"POP3: {exc.hint}; not followed further"))
+                                               reason=f"{session.protocol.upper()}: {exc.hint}; "
+                                                      "not followed further"))
             return
 
         for event in events:
@@ -274,7 +286,7 @@ class Engine:
                 if not self._tls_allowed(session, client, now):
                     self.counters["tls_refused"] += 1
                     self._refuse(flow, seg, from_client, now, "STARTTLS not allowed by policy",
-                                 into=decision, reply=SMTP_NO_TLS if session.smtp else POP3_NO_TLS,
+                                 into=decision, reply=_NO_TLS[session.protocol],
                                  event="tls")
                     return
             elif isinstance(event, TLSStarted):
@@ -289,7 +301,7 @@ class Engine:
                 self._refuse(flow, seg, from_client, now,
                              "the MTA accepted the command a refused RCPT became", into=decision)
                 return
-        if isinstance(session.machine, POP3Machine) and session.machine.settled:
+        if not isinstance(machine, SMTPMachine) and machine.settled:
             decision.verdict = BYPASS
 
     def _login(self, session: Session, client: str, server: str,
@@ -299,7 +311,7 @@ class Engine:
             session.user = event.user
             source = "smtp-auth"
         else:
-            source = "pop3"
+            source = session.protocol
             try:
                 self.logins.add(client, event.user, now, self.config.auth_ttl, source=source)
             except StoreError as exc:  # the session goes on; only the login is lost
@@ -315,7 +327,8 @@ class Engine:
         if session.smtp:
             return (self.config.smtp_starttls == "relay-clients"
                     and self.policy.may_relay(client, now))
-        return self.config.pop3_stls == "allow"
+        policy = self.config.pop3_stls if session.protocol == "pop3" else self.config.imap_starttls
+        return policy == "allow"
 
     # -- refusing -----------------------------------------------------------
 
@@ -340,7 +353,7 @@ class Engine:
         flow.state = State.CLOSED
         self.flows.touch(flow, now)
         if reply is None:
-            reply = SMTP_REFUSED if session.smtp else POP3_REFUSED
+            reply = _REFUSED[session.protocol]
         if from_client:
             decision.inject += [craft.reply_and_close(seg, reply), craft.reset_receiver(seg)]
         else:

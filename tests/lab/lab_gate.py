@@ -293,7 +293,9 @@ def curl_pop3_plain(lab: Lab, mail: MailServer, source: str, server: str, user: 
 def swaks(lab: Lab, source: str, server: str, sender: str, recipient: str,
           subject: str, *extra: str) -> subprocess.CompletedProcess:
     """One swaks session from `source` (IPv4 only: swaks here lacks IO::Socket::INET6)."""
+    # --helo: no lookup of this host's own name (a resolver timeout where /etc/hosts lacks it)
     return lab.run("client", ["swaks", "--server", server, "--local-interface", source,
+                              "--helo", "client.lab.example",
                               "--from", sender, "--to", recipient, "--h-Subject", subject,
                               "--timeout", str(int(CLIENT_TIMEOUT)), *extra],
                    capture_output=True, text=True, check=False)
