@@ -24,7 +24,7 @@ fi
 packages=(
     python3 python3-venv python3-dev gcc
     libnetfilter-queue-dev iptables iproute2 kmod procps
-    postfix dovecot-core dovecot-pop3d openssl redis-server
+    postfix dovecot-core dovecot-pop3d dovecot-imapd openssl redis-server
     swaks libnet-ssleay-perl libio-socket-ssl-perl curl tcpdump
 )
 [ -z "$with_vagrant" ] || packages+=(vagrant)

@@ -9,6 +9,7 @@ against the directory of the config file.
 | `mode` | `"input"` or `"forward"` | `"input"` | the MTA runs on this host (INPUT chain) or behind it (FORWARD chain) |
 | `smtp_ports` | list of ports 1..65535, at least one | `[25]` | server ports whose flows are SMTP |
 | `pop3_ports` | list of ports 1..65535 | `[110]` | server ports whose flows are POP3; none may be in `smtp_ports` |
+| `imap_ports` | list of ports 1..65535 | `[143]` | server ports whose flows are IMAP; none may be in `smtp_ports` or `pop3_ports` |
 | `virtusertable` | path, or `""` for none | `"/etc/mail/virtusertable"` | sendmail virtusertable (text form) that says which addresses are local |
 | `postfix_maps` | list of `type:name` (hash, btree, lmdb, cdb, texthash) | `[]` | Postfix maps whose keys are local recipients too, looked up in virtual(5)'s order |
 | `postfix_config_directory` | path | `"/etc/postfix"` | the Postfix configuration `postmap -c` and `postconf -c` read (its `recipient_delimiter`) |
@@ -18,14 +19,19 @@ against the directory of the config file.
 | `never_relay_networks` | list of CIDRs | `[]` | shared addresses (NAT, cloud mail fetchers): never trusted, their logins never count; SMTP AUTH on the connection still does |
 | `smtp_starttls` | `"strip"` or `"relay-clients"` | `"strip"` | hide STARTTLS from clients, or offer it only to clients that may relay anyway (trusted, or logged in by address); envelopes inside TLS go unchecked |
 | `pop3_stls` | `"allow"` or `"strip"` | `"allow"` | let POP3 clients use STLS (their logins become invisible) or hide it |
+| `imap_starttls` | `"allow"` or `"strip"` | `"allow"` | the same for IMAP's STARTTLS |
 | `smtp_auth_relays` | `true` or `false` | `true` | a 235 reply to SMTP AUTH counts as logged in |
+| `refusal` | `"recipient"` or `"session"` | `"recipient"` | refuse only the recipient the table fails (the MTA refuses a rewritten command, its reply becomes `550 5.7.1`), or end the whole session |
 | `max_flows` | integer >= 16 | `65536` | flows tracked at once |
 | `queue` | integer 0..65535 | `0` | NFQUEUE number |
 | `interfaces` | list of interface names | `[]` | where clients reach the mail servers: mode "input" hooks only these (`[]`: every interface but lo); mode "forward" needs them, since on a gateway only the interface tells a client's session from the servers' own outgoing mail |
 | `workers` | integer 1..16 | `1` | daemon processes; the rules balance flows over queues `queue`.. `queue+workers-1` |
 | `queue_maxlen` | integer >= 16 | `4096` | packets the kernel holds for a worker; past that it drops them (fail closed: TCP retransmits) |
-| `pop3_fail_open` | `true` or `false` | `true` | with no daemon bound, POP3 packets pass (learning stops, mail still flows); SMTP always fails closed |
-| `run_dir` | path | `"/run/sapd-nfq"` | where the daemon's control sockets live |
+| `pop3_fail_open` | `true` or `false` | `true` | with no daemon bound, POP3 and IMAP packets pass (learning stops, mail still flows); SMTP always fails closed |
+| `login_logs` | list of paths | `[]` | mail server log files whose success lines are logins (Dovecot 2.3/2.4, Courier); see loglearner.py |
+| `login_hook` | path or `""` | `""` | a unix socket for Dovecot's post-login script (packaging/sapd-nfq-postlogin); `""`: none |
+| `login_hook_group` | group name | `"sapd-hook"` | the only group (besides root) that may use `login_hook` |
+| `run_dir` | path | `"/run/sapd-nfq"` | where the daemon's control sockets live, and the log learner's positions |
 | `log_level` | `"debug"`, `"info"`, `"warning"`, `"error"` | `"info"` | log verbosity |
 | `metrics_listen` | `""` or `ADDRESS:PORT` (`[::1]:9925` for IPv6) | `""` | the Prometheus endpoint, off by default; meant for loopback or a management network |
 """
@@ -35,6 +41,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +64,7 @@ class Config:
     mode: str = "input"
     smtp_ports: tuple[int, ...] = (25,)
     pop3_ports: tuple[int, ...] = (110,)
+    imap_ports: tuple[int, ...] = (143,)
     virtusertable: Path | None = Path("/etc/mail/virtusertable")
     postfix_maps: tuple[str, ...] = ()
     postfix_config_directory: Path = Path("/etc/postfix")
@@ -66,13 +74,18 @@ class Config:
     never_relay_networks: tuple[IPNetwork, ...] = ()
     smtp_starttls: str = "strip"
     pop3_stls: str = "allow"
+    imap_starttls: str = "allow"
     smtp_auth_relays: bool = True
+    refusal: str = "recipient"
     max_flows: int = 65536
     queue: int = 0
     interfaces: tuple[str, ...] = ()
     workers: int = 1
     queue_maxlen: int = 4096
     pop3_fail_open: bool = True
+    login_logs: tuple[Path, ...] = ()
+    login_hook: Path | None = None
+    login_hook_group: str = "sapd-hook"
     run_dir: Path = Path("/run/sapd-nfq")
     log_level: str = "info"
     metrics_listen: str = ""
@@ -183,6 +196,19 @@ def _path(value: Any, base: Path) -> Path:
     return base / value
 
 
+def _paths(value: Any, base: Path) -> tuple[Path, ...]:
+    what = "file paths"
+    items = _list(value, what)
+    for item in items:
+        if not isinstance(item, str) or not item or "\0" in item:
+            raise _Bad(f"a list of {what}", item)
+    return _unique([base / item for item in items], what)
+
+
+def _group(value: Any, base: Path) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", value):
+        raise _Bad("a group name", value)
+    return value
 def _optional_path(value: Any, base: Path) -> Path | None:
     return None if value == "" else _path(value, base)
 
@@ -239,6 +265,7 @@ _CHECKS: dict[str, Check] = {
     "mode": _choice("input", "forward"),
     "smtp_ports": _ports(at_least=1),
     "pop3_ports": _ports(at_least=0),
+    "imap_ports": _ports(at_least=0),
     "virtusertable": _optional_path,
     "postfix_maps": _postfix_maps,
     "postfix_config_directory": _path,
@@ -248,13 +275,18 @@ _CHECKS: dict[str, Check] = {
     "never_relay_networks": _networks,
     "smtp_starttls": _choice("strip", "relay-clients"),
     "pop3_stls": _choice("allow", "strip"),
+    "imap_starttls": _choice("allow", "strip"),
     "smtp_auth_relays": _bool,
+    "refusal": _choice("recipient", "session"),
     "max_flows": _int(16),
     "queue": _int(0, 65535),
     "interfaces": _interfaces,
     "workers": _int(1, 16),
     "queue_maxlen": _int(16),
     "pop3_fail_open": _bool,
+    "login_logs": _paths,
+    "login_hook": _optional_path,
+    "login_hook_group": _group,
     "run_dir": _path,
     "log_level": _choice("debug", "info", "warning", "error"),
     "metrics_listen": _listen,
@@ -303,8 +335,13 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     if config.virtusertable is None and not config.postfix_maps:
         raise ConfigError(f'{name}: virtusertable: expected a file path ("" needs postfix_maps); '
                           "got no map that says which addresses are local")
-    overlap = sorted(set(config.smtp_ports) & set(config.pop3_ports))
-    if overlap:
-        raise ConfigError(f"{name}: pop3_ports: expected ports not in smtp_ports; "
-                          f"got {overlap[0]} in both")
+    claimed = {"smtp_ports": config.smtp_ports}
+    for key in ("pop3_ports", "imap_ports"):
+        ports = getattr(config, key)
+        for other, taken in claimed.items():
+            overlap = sorted(set(ports) & set(taken))
+            if overlap:
+                raise ConfigError(f"{name}: {key}: expected ports not in {other}; "
+                                  f"got {overlap[0]} in both")
+        claimed[key] = ports
     return config

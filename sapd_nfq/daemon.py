@@ -26,10 +26,12 @@ from .config import Config, load_config
 from .control import ControlServer
 from .engine.core import Engine
 from .engine.errors import SapdError
-from .engine.verdicts import ACCEPT, BYPASS
+from .engine.verdicts import ACCEPT, BYPASS, Notice
+from .hook import HookServer
 from .inject import Injector
 from .interfaces import ClientSide
 from .logins.replica import ReplicaLoginStore
+from .loglearner import LogLearner
 from .logsetup import LOGGER
 from .recent import Recent
 from .rules import BYPASS_MARK
@@ -49,8 +51,10 @@ REMOVAL_SETTLE = 30.0
 #: how often expired logins are deleted from memory and the store (every
 #: address that ever logged in would otherwise keep a row)
 PURGE_INTERVAL = 300.0
+#: how often the followed login logs are read (the delay from a login to its relay)
+LEARN_INTERVAL = 0.2
 #: keys that change the installed rules: a reload cannot apply them
-RULE_KEYS = ("mode", "smtp_ports", "pop3_ports", "interfaces", "queue", "workers")
+RULE_KEYS = ("mode", "smtp_ports", "pop3_ports", "imap_ports", "interfaces", "queue", "workers")
 
 log = logging.getLogger(LOGGER)
 
@@ -115,6 +119,9 @@ class Daemon:
         self._watch = FileWatch(self._watch_state())
         self._stop = False
         self._reload_requested = False
+        self.worker = worker
+        self.learner = self._learner(config)
+        self._next_learn = 0.0
 
     # -- packets -----------------------------------------------------------
 
@@ -198,6 +205,12 @@ class Daemon:
         if changed:
             log.warning("reload: %s changed; run `sapd-nfq up` to apply to the rules",
                         ", ".join(changed))
+        if config.login_logs != self.config.login_logs:
+            if self.learner is not None:
+                self.learner.close()
+            self.learner = self._learner(config)
+        elif self.learner is not None:
+            self.learner.auth_ttl = config.auth_ttl
         self.config = config
         self.engine.reconfigure(config, policy)
         self.client_side = ClientSide(config.mode, config.interfaces)
@@ -231,6 +244,10 @@ class Daemon:
             "retained_bytes": self.engine.flows.budget.used,
             "reloads": self.reloads,
             "reload_errors": self.reload_errors,
+            "login_logs": None if self.learner is None else {
+                "files": [f.path for f in self.learner.followers],
+                "lines": self.learner.lines, "logins": self.learner.logins,
+                "sessions": len(self.learner.sessions)},
             "last_reload_error": self.last_reload_error,
             **self.stats.as_dict(),
         }
@@ -286,6 +303,11 @@ class Daemon:
         sel.register(nfq.get_fd(), selectors.EVENT_READ, "queue")
         sel.register(control, selectors.EVENT_READ, "control")
         sel.register(wake_r, selectors.EVENT_READ, "signal")
+        # one worker serves the hook, as one follows the logs
+        hook = (HookServer(self.config.login_hook, self.config.login_hook_group)
+                if self.config.login_hook is not None and self.worker == 0 else None)
+        if hook is not None:
+            sel.register(hook, selectors.EVENT_READ, "hook")
         log.info("running: queue %d, mode %s, %d virtusertable entries, %d logins held",
                  self.queue, self.config.mode, len(self.engine.policy.table),
                  len(self.logins.entries(time.time())))
@@ -293,17 +315,22 @@ class Daemon:
         next_purge = time.monotonic()
         try:
             while not self._stop:
-                for key, _ in sel.select(timeout=WATCH_INTERVAL):
+                timeout = WATCH_INTERVAL if self.learner is None else LEARN_INTERVAL
+                for key, _ in sel.select(timeout=timeout):
                     if key.data == "queue":
                         nfq.run(block=False)
                     elif key.data == "control":
                         control.serve_one()
+                    elif key.data == "hook":
+                        self._hooked(hook)
                     else:
                         try:
                             while wake_r.recv(64):
                                 pass
                         except BlockingIOError:
                             pass
+                if self.learner is not None:
+                    self._learn()
                 if self._reload_requested:
                     self._reload_requested = False
                     self.reload("SIGHUP")
@@ -319,13 +346,52 @@ class Daemon:
             signal.set_wakeup_fd(-1)
             sel.close()
             control.close()
+            if hook is not None:
+                hook.close()
             nfq.unbind()
             self.injector.close()
+            if self.learner is not None:
+                self.learner.close()
             self.logins.close()
             wake_r.close()
             wake_w.close()
             log.info("stopped")
         return 0
+
+    def _learner(self, config: Config) -> LogLearner | None:
+        # one worker follows the logs: the store is shared, and two would race on positions
+        if not config.login_logs or self.worker != 0:
+            return None
+        return LogLearner(config.login_logs, self.logins, config.auth_ttl, config.run_dir)
+
+    def _learn(self) -> None:
+        assert self.learner is not None
+        now = time.time()
+        if now < self._next_learn:
+            return
+        self._next_learn = now + LEARN_INTERVAL
+        try:
+            learned = self.learner.poll(now)
+        except Exception:  # a bug in following the logs must not stop the packet path
+            log.exception("log learner failure")
+            self.engine.counters["engine_errors"] += 1
+            return
+        for login in learned:
+            self.engine.counters["logins"] += 1
+            notice = Notice("login", login.address, user=login.user, time=now,
+                            reason=f"log:{login.server} {login.service} {login.method or ''}".rstrip())
+            log.info("%s", notice)
+            self.recent.note(notice, self.config.auth_ttl)
+
+    def _hooked(self, hook: HookServer | None) -> None:
+        assert hook is not None
+        now = time.time()
+        login = hook.serve_one(self.logins, self.config.auth_ttl, now)
+        if login is not None:
+            self.engine.counters["logins"] += 1
+            notice = Notice("login", login.address, user=login.user, time=now, reason="hook")
+            log.info("%s", notice)
+            self.recent.note(notice, self.config.auth_ttl)
 
     def _purge(self) -> None:
         try:

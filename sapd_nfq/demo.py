@@ -8,7 +8,11 @@ the lines sapd-nfq logged for it:
 2. a local sender relaying outside without a login is refused with 550 (row 3);
 3. the user logs in by POP3 (curl), and sapd-nfq records the login;
 4. the same relay passes (row 2);
-5. once auth_ttl has run out, the same relay is refused again.
+5. once auth_ttl has run out, the same relay is refused again;
+6. where the gate can read Dovecot's log (the namespace lab), the user logs in
+   by POP3S, a login no one can read on the wire, and sapd-nfq learns it
+   from the log;
+7. the same relay passes again.
 
 The story needs only `lab.run` and a `Gate`, so it plays as well on the
 VMs of vagrant/ as in the namespace lab (labcli.py builds and removes that).
@@ -29,6 +33,7 @@ OUTSIDER = "carol@external.example"
 USER = "alice"
 LOCAL_SENDER = "alice@lab.example"
 REMOTE_RECIPIENT = "dave@external.example"
+HELO = "client.lab.example"
 SMTP_TIMEOUT = 15  # seconds swaks waits for each reply
 WINDOW_MARGIN = 1.0  # seconds past the end of the login window before the last try
 # curl -v shows the server's lines as "< ..."; these answer the login and the LIST.
@@ -75,6 +80,18 @@ class Story:
         results.append(self.smtp(
             5, "The same relay once more. The window has closed: refused again.",
             LOCAL_SENDER, REMOTE_RECIPIENT, accepted=False))
+        if self.gate.login_log is None:
+            self.say("")
+            self.say("(The gate cannot read the mail server's log here: no POP3S step.)")
+            return all(results)
+        login_ok, _ = self.pop3(
+            6, f"{USER} collects her mail by POP3S: TLS from the first byte, so the login "
+               "cannot be read on the wire. sapd-nfq learns it from Dovecot's log "
+               f"({self.gate.login_log}).", tls=True)
+        results.append(login_ok)
+        results.append(self.smtp(
+            7, "The same relay again: the encrypted login opened the window.",
+            LOCAL_SENDER, REMOTE_RECIPIENT, accepted=True))
         return all(results)
 
     # --- the steps -------------------------------------------------------------
@@ -82,7 +99,10 @@ class Story:
     def smtp(self, number: int, text: str, sender: str, recipient: str, *,
              accepted: bool) -> bool:
         self._title(number, text)
-        argv = ["swaks", "--server", self.server, "--from", sender, "--to", recipient]
+        # --helo: swaks would otherwise look up this host's name, a resolver timeout
+        # (~5 s) where /etc/hosts lacks it
+        argv = ["swaks", "--server", self.server, "--helo", HELO, "--from", sender,
+                "--to", recipient]
         offset = self.gate.log_size()
         done = self.lab.run(self.lab.client, [*argv, "--timeout", str(SMTP_TIMEOUT),
                                               "--h-Subject", f"sapd-nfq demo, step {number}"],
@@ -97,17 +117,19 @@ class Story:
                             "the server took the message" if took else "the message was refused",
                             "it should have been " + ("taken" if accepted else "refused")) and logged
 
-    def pop3(self, number: int, text: str) -> tuple[bool, float]:
+    def pop3(self, number: int, text: str, tls: bool = False) -> tuple[bool, float]:
         """The login step; also returns (monotonic) when the login had certainly happened."""
         self._title(number, text)
-        url = f"pop3://{self.server}/"
+        url = f"pop3{'s' if tls else ''}://{self.server}/"
+        # the certificate the lab made for the mail server when it provisioned it
+        ca = ["--cacert", f"{self.lab.state_dir}/mailserver/tls/cert.pem"] if tls else []
         password = lab_users()[USER]
         offset = self.gate.log_size()
         done = self.lab.run(self.lab.client,
-                            ["curl", "-v", "-sS", "--user", f"{USER}:{password}", url],
+                            ["curl", "-v", "-sS", *ca, "--user", f"{USER}:{password}", url],
                             check=False, capture_output=True, text=True)
         logged_in_at = time.monotonic()
-        self._command(["curl", "--user", f"{USER}:PASSWORD", url])
+        self._command(["curl", *ca, "--user", f"{USER}:PASSWORD", url])
         for line in done.stderr.splitlines():
             if _POP3_ANSWERS.match(line):
                 self._show("client", line)

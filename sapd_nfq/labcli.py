@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 DEMO_PREFIX = "sapd-demo"
 LAB_PREFIX = "sapd-try"
@@ -195,7 +195,8 @@ def _guide(lab, gate, started: bool) -> None:
 
     me = _self()
     client, gw = (f"ip netns exec {lab.host(role).netns}" for role in ("client", "gw"))
-    relay = (f"{client} swaks --server {lab.server.ipv4} --from alice@lab.example "
+    relay = (f"{client} swaks --server {lab.server.ipv4} --helo client.lab.example "
+             "--from alice@lab.example "
              "--to dave@external.example")
     say(f"The lab {lab.prefix} is up; its files are under {lab.state_dir}.")
     say(f"  client  {lab.client.ipv4}, {lab.client.ipv6}  (netns {lab.client.netns})")
@@ -240,8 +241,10 @@ def _build(lab, auth_ttl: int, start_gate: bool = True):
     from .lab import MailServer
     from .lab.gate import Gate
 
-    gate = Gate(lab, auth_ttl=auth_ttl)
-    parts = [("namespaces", lab.up), ("Postfix and Dovecot", MailServer(lab).start),
+    mail = MailServer(lab)
+    # the gw shares the server's files here: it can follow Dovecot's log
+    gate = Gate(lab, auth_ttl=auth_ttl, login_log=PurePosixPath(mail.dovecot_log))
+    parts = [("namespaces", lab.up), ("Postfix and Dovecot", mail.start),
              ("sapd-nfq", gate.start if start_gate else gate.setup)]
     timings = []
     for what, start in parts:

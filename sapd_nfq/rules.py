@@ -104,6 +104,7 @@ class RuleSpec:
     mode: str = "input"
     smtp_ports: tuple[int, ...] = (25,)
     pop3_ports: tuple[int, ...] = (110,)
+    imap_ports: tuple[int, ...] = (143,)
     interfaces: tuple[str, ...] = ()
     queue: int = 0
     workers: int = 1
@@ -114,11 +115,17 @@ class RuleSpec:
             raise ConfigError(f"mode: must be one of {', '.join(MODES)}, not {self.mode!r}")
         smtp = _ports("smtp_ports", self.smtp_ports)
         pop3 = _ports("pop3_ports", self.pop3_ports)
+        imap = _ports("imap_ports", self.imap_ports)
         if not smtp:
             raise ConfigError("smtp_ports: at least one port is needed")
-        if set(smtp) & set(pop3):
-            both = ", ".join(map(str, sorted(set(smtp) & set(pop3))))
-            raise ConfigError(f"smtp_ports, pop3_ports: port {both} cannot be both SMTP and POP3")
+        for (key_a, a, name_a), (key_b, b, name_b) in (
+                (("smtp_ports", smtp, "SMTP"), ("pop3_ports", pop3, "POP3")),
+                (("smtp_ports", smtp, "SMTP"), ("imap_ports", imap, "IMAP")),
+                (("pop3_ports", pop3, "POP3"), ("imap_ports", imap, "IMAP"))):
+            if set(a) & set(b):
+                both = ", ".join(map(str, sorted(set(a) & set(b))))
+                raise ConfigError(f"{key_a}, {key_b}: port {both} cannot be both "
+                                  f"{name_a} and {name_b}")
         names = _listed("interfaces", self.interfaces)
         for name in names:
             check_name(name)
@@ -137,6 +144,7 @@ class RuleSpec:
             raise ConfigError(f"pop3_fail_open: must be true or false, not {self.pop3_fail_open!r}")
         object.__setattr__(self, "smtp_ports", smtp)
         object.__setattr__(self, "pop3_ports", pop3)
+        object.__setattr__(self, "imap_ports", imap)
         object.__setattr__(self, "interfaces", tuple(dict.fromkeys(names)))
 
     @classmethod
@@ -217,7 +225,9 @@ def _dispatch(chain: str, option: str, spec: RuleSpec, skip: str | None = None) 
     lines = []
     if skip is not None and spec.mode == "forward":
         lines += [f"-A {chain} {skip} {name} -j RETURN" for name in spec.interfaces]
-    for ports, target in ((spec.smtp_ports, SMTP_CHAIN), (spec.pop3_ports, POP3_CHAIN)):
+    # IMAP shares the POP3 chain: both only teach logins, and both fail open alike.
+    for ports, target in ((spec.smtp_ports, SMTP_CHAIN), (spec.pop3_ports, POP3_CHAIN),
+                          (spec.imap_ports, POP3_CHAIN)):
         for start in range(0, len(ports), MULTIPORT_MAX):
             listed = ",".join(map(str, ports[start:start + MULTIPORT_MAX]))
             lines.append(f"-A {chain} -p tcp -m multiport --{option} {listed} -j {target}")
@@ -229,7 +239,7 @@ def _guard(spec: RuleSpec) -> str:
     client interface, from an address not routed back through it, is a spoof."""
     if spec.mode != "forward":
         return ""
-    ports = (*spec.smtp_ports, *spec.pop3_ports)
+    ports = (*spec.smtp_ports, *spec.pop3_ports, *spec.imap_ports)
     return "\n".join(
         f"-A {GUARD} -p tcp -m multiport --sports {','.join(map(str, ports[i:i + MULTIPORT_MAX]))} "
         "-m rpfilter --invert -j DROP"
@@ -256,9 +266,9 @@ def render(spec: RuleSpec, family: Family = IPV4, present: Sequence[Hook] = ()) 
     `present` are the jumps into our chains found on the host (see `parse_save`);
     only the difference to `hooks(spec)` is written.
     """
-    pop3_policy = ("fails open: with no daemon bound to the queue the kernel accepts "
+    pop3_policy = ("and IMAP fail open: with no daemon bound to the queue the kernel accepts "
                    "the packet (--queue-bypass)." if spec.pop3_fail_open else
-                   "fails closed, as configured: with no daemon the kernel drops the packet.")
+                   "and IMAP fail closed, as configured: with no daemon the kernel drops the packet.")
     text = _template("sapd-nfq.rules.in").substitute(
         family=family.name, restore=family.restore,
         to_server=TO_SERVER, from_server=FROM_SERVER, smtp=SMTP_CHAIN, pop3=POP3_CHAIN,

@@ -30,8 +30,11 @@ CLIENT6, SERVER6 = "2001:db8:1::2", "2001:db8:2::2"
 
 
 def make_engine(**config) -> Engine:
+    """An engine on the test table. It refuses whole sessions unless told
+    `refusal="recipient"`: most tests tell that a command was judged by the
+    session refusal's drop and reset (test_refusal.py covers the other)."""
     logins = MemoryLoginStore()
-    cfg = Config(**{"state": "memory", **config})
+    cfg = Config(**{"state": "memory", "refusal": "session", **config})
     policy = RelayPolicy(VirtUserTable.parse(VIRTUSERTABLE, "test-virtusertable"), logins,
                          trusted_networks=cfg.trusted_networks,
                          never_relay_networks=cfg.never_relay_networks)

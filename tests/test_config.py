@@ -23,6 +23,7 @@ def test_defaults():
     assert (c.auth_ttl, c.state) == (1800, "/var/lib/sapd-nfq/logins.sqlite")
     assert (c.trusted_networks, c.never_relay_networks) == ((), ())
     assert (c.smtp_starttls, c.pop3_stls, c.smtp_auth_relays) == ("strip", "allow", True)
+    assert (c.imap_ports, c.imap_starttls) == ((143,), "allow")
     assert (c.max_flows, c.queue, c.interfaces, c.log_level) == (65536, 0, (), "info")
 
 
@@ -43,6 +44,7 @@ never_relay_networks = ["198.18.0.128/25"]
 smtp_starttls = "relay-clients"
 pop3_stls = "strip"
 smtp_auth_relays = false
+refusal = "session"
 max_flows = 16
 queue = 65535
 interfaces = ["eth0", "veth+"]
@@ -55,7 +57,7 @@ log_level = "debug"
                           ip_network("198.19.0.1/32")),
         never_relay_networks=(ip_network("198.18.0.128/25"),),
         smtp_starttls="relay-clients", pop3_stls="strip", smtp_auth_relays=False,
-        max_flows=16, queue=65535, interfaces=("eth0", "veth+"), log_level="debug")
+        refusal="session", max_flows=16, queue=65535, interfaces=("eth0", "veth+"), log_level="debug")
 
 
 def test_config_is_frozen():
@@ -91,6 +93,7 @@ BAD_VALUES = [
     ("smtp_ports", "[25, 25]", "without repeats; got 25"),
     ("smtp_ports", "[25.0]", "got 25.0"),
     ("pop3_ports", "[-1]", "ports 1..65535"),
+    ("imap_ports", "[143, 143]", "without repeats"),
     ("virtusertable", '""', "needs postfix_maps"),
     ("virtusertable", "[]", "a file path"),
     ("postfix_maps", '"hash:/etc/postfix/virtual"', "a list of Postfix maps"),
@@ -121,8 +124,10 @@ BAD_VALUES = [
     ("never_relay_networks", '["198.18.0.0/24", "198.18.0.0/24"]', "without repeats"),
     ("smtp_starttls", '"allow"', '"strip" or "relay-clients"'),
     ("pop3_stls", '"relay-clients"', '"allow" or "strip"'),
+    ("imap_starttls", '"relay-clients"', '"allow" or "strip"'),
     ("smtp_auth_relays", '"yes"', "true or false"),
     ("smtp_auth_relays", "1", "true or false"),
+    ("refusal", '"rcpt"', '"recipient" or "session"'),
     ("max_flows", "15", "an integer >= 16"),
     ("max_flows", "1e6", "an integer >= 16"),
     ("queue", "65536", "an integer 0..65535"),
@@ -138,6 +143,11 @@ BAD_VALUES = [
     ("queue_maxlen", "8", "an integer >= 16"),
     ("pop3_fail_open", '"no"', "true or false"),
     ("run_dir", '""', "a file path"),
+    ("login_logs", '"/var/log/dovecot.log"', "a list of file paths"),
+    ("login_logs", '[""]', "a list of file paths"),
+    ("login_logs", '["a", "a"]', "without repeats"),
+    ("login_hook", "1", "a file path"),
+    ("login_hook_group", '"Bad Group"', "a group name"),
     ("log_level", '"trace"', '"debug" or "info" or "warning" or "error"'),
     ("log_level", '"INFO"', '"debug" or "info"'),
 ]
@@ -171,6 +181,15 @@ def test_ports_must_not_overlap(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="got 25 in both"):
         load_config(write(tmp_path, "pop3_ports = [25]\n"))
+
+
+def test_imap_ports_overlap_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r": imap_ports: expected ports not in pop3_ports; "
+                                          r"got 110 in both"):
+        load_config(write(tmp_path, "imap_ports = [110]\n"))
+    with pytest.raises(ConfigError, match=r": imap_ports: expected ports not in smtp_ports"):
+        load_config(write(tmp_path, "imap_ports = [25]\n"))
+    assert load_config(write(tmp_path, "imap_ports = []\n")).imap_ports == ()
 
 
 def test_empty_pop3_ports_is_allowed(tmp_path):

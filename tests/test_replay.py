@@ -24,7 +24,10 @@ CLIENT4, CLIENT6 = "198.18.1.2", "2001:db8:1::2"
 
 
 def replay(name: str, logged_in: tuple[str, ...] = (), **config):
-    """(notices, verdicts) of the engine over a capture."""
+    """(notices, verdicts) of the engine over a capture. The MTA in the
+    captures answered the commands as sent, so whole sessions are refused
+    unless `refusal="recipient"` is asked for."""
+    config = {"refusal": "session", **config}
     cfg = replace(Config.default(), virtusertable=VIRTUSERTABLE, state="memory", **config)
     logins = MemoryLoginStore()
     engine = Engine(cfg, load_policy(cfg, logins), logins)
@@ -51,6 +54,16 @@ def logins(notices):
 def test_inbound_mail_to_a_local_recipient():
     notices, _ = replay("smtp_inbound_local")
     assert decisions(notices) == [("pass", "alice@lab.example", ROW_RECIPIENT_LOCAL)]
+
+
+def test_a_refused_recipient_the_mta_answered_250_falls_back_to_the_session_refusal():
+    # The capture's MTA relayed for the lab and saw the RCPT as sent: had the
+    # gate rewritten it, a 250 would mean the MTA took the rewritten command.
+    notices, verdicts = replay("smtp_pipelining", refusal="recipient")
+    assert decisions(notices)[1] == ("fail", "erin@external.example", ROW_NOT_LOCAL)
+    assert [n.reason for n in notices if n.event == "reset"] == [
+        "the MTA accepted the command a refused RCPT became"]
+    assert verdicts[-1] is DROP
 
 
 def test_local_sender_to_external_fails_without_login_and_passes_with_one():
@@ -180,3 +193,42 @@ def test_replay_command_prints_json_lines(tmp_path, capsys):
     assert [(line["event"], line["client"]) for line in lines] == [("login", CLIENT4), ("pass", CLIENT4)]
     assert lines[0]["user"] == "alice"
     assert (lines[1]["sender"], lines[1]["recipient"]) == ("alice@lab.example", "dave@external.example")
+
+
+# --- IMAP ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, user", [("imap_login", "alice"), ("imap_authenticate_plain", "bob"),
+                                        ("imap_literal_login", "alice")])
+def test_imap_logins(name, user):
+    notices, _ = replay(name)
+    assert logins(notices) == [(CLIENT4, user)]
+    assert not [n for n in notices if n.event == "error"]
+
+
+def test_imap_ipv6_login():
+    assert logins(replay("imap_ipv6_login")[0]) == [(CLIENT6, "bob")]
+
+
+def test_imap_failed_login_and_starttls_learn_nothing():
+    notices, _ = replay("imap_failed_login")
+    assert logins(notices) == [] and [n.event for n in notices] == ["login-failed"]
+    notices, _ = replay("imap_starttls")
+    assert logins(notices) == [] and [n.event for n in notices] == ["tls"]
+
+
+def test_imap_starttls_stripped_on_request():
+    notices, verdicts = replay("imap_starttls", imap_starttls="strip")
+    assert [n.event for n in notices] == ["tls"] and DROP in verdicts
+    assert "STARTTLS not allowed" in notices[0].reason
+
+
+def test_imap_login_then_relay_passes():
+    notices, _ = replay("imap_then_smtp_relay")
+    assert logins(notices) == [(CLIENT4, "alice")]
+    assert decisions(notices) == [("pass", "dave@external.example", ROW_LOGGED_IN)]
+
+
+def test_no_imap_password_reaches_a_notice():
+    for name in ("imap_login", "imap_authenticate_plain", "imap_literal_login", "imap_failed_login"):
+        for notice in replay(name)[0]:
+            assert "lab-pw" not in repr(notice)

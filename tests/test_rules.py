@@ -37,8 +37,10 @@ EXPECTED_RULES = """\
 :SAPD_NFQ_GUARD - [0:0]
 -A SAPD_NFQ_TO_SERVER -p tcp -m multiport --dports 25,587 -j SAPD_NFQ_SMTP
 -A SAPD_NFQ_TO_SERVER -p tcp -m multiport --dports 110 -j SAPD_NFQ_POP3
+-A SAPD_NFQ_TO_SERVER -p tcp -m multiport --dports 143 -j SAPD_NFQ_POP3
 -A SAPD_NFQ_FROM_SERVER -p tcp -m multiport --sports 25,587 -j SAPD_NFQ_SMTP
 -A SAPD_NFQ_FROM_SERVER -p tcp -m multiport --sports 110 -j SAPD_NFQ_POP3
+-A SAPD_NFQ_FROM_SERVER -p tcp -m multiport --sports 143 -j SAPD_NFQ_POP3
 -A SAPD_NFQ_SMTP -m mark --mark 0x5a9d0000/0xffff0000 -j RETURN
 -A SAPD_NFQ_SMTP -m mark --mark 0x1000/0x1000 -j CONNMARK --save-mark --nfmask 0x1000 --ctmask 0x1000
 -A SAPD_NFQ_SMTP -m mark --mark 0x1000/0x1000 -j RETURN
@@ -127,8 +129,9 @@ def test_dispatch_picks_client_packets_by_dport_and_server_packets_by_sport(spec
             ports = words[5].split(",")
             assert len(ports) <= rules.MULTIPORT_MAX
             by_target[words[-1]] += map(int, ports)
+        # IMAP shares the POP3 chain
         assert by_target == {SMTP_CHAIN: list(spec.smtp_ports),
-                             POP3_CHAIN: list(spec.pop3_ports)}
+                             POP3_CHAIN: [*spec.pop3_ports, *spec.imap_ports]}
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
@@ -219,7 +222,7 @@ def test_forward_mode_drops_spoofed_server_packets_before_routing(spec):
     if spec.mode == "input":
         assert guard == []  # OUTPUT sees only what this host sends
         return
-    ports = [*spec.smtp_ports, *spec.pop3_ports]
+    ports = [*spec.smtp_ports, *spec.pop3_ports, *spec.imap_ports]
     listed = []
     for rule in guard:
         words = rule.split()
@@ -256,6 +259,9 @@ def test_mark_constants_do_not_overlap():
     ({"pop3_ports": 110}, "pop3_ports:"),
     ({"interfaces": "eth0"}, "interfaces:"),
     ({"smtp_ports": (25, 110)}, "smtp_ports, pop3_ports:"),
+    ({"smtp_ports": (25, 143)}, "smtp_ports, imap_ports:"),
+    ({"pop3_ports": (110, 143)}, "pop3_ports, imap_ports:"),
+    ({"imap_ports": 143}, "imap_ports:"),
     ({"mode": "forward"}, "interfaces:"),
     ({"interfaces": ("lo",)}, "interfaces:"),
     ({"interfaces": ("l+",)}, "interfaces:"),

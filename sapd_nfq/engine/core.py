@@ -17,8 +17,8 @@ Safe verdicts, in one place:
   half-open flows would make us send for each one;
 - an SMTP stream that breaks the protocol or rewrites inspected bytes: the
   session is refused like a relay attempt;
-- POP3 trouble never opens a relay (it can only lose a login), so POP3 flows
-  we cannot follow leave the queue instead;
+- POP3 and IMAP trouble never opens a relay (it can only lose a login), so
+  such flows we cannot follow leave the queue instead;
 - a packet whose ports say one direction while the binding says it came in
   from the other side (a client forging the server's replies on its own
   link): DROP, counted as `wrong_direction`. Where the binding tells where a
@@ -34,6 +34,7 @@ from typing import Protocol
 from . import craft
 from .errors import MalformedPacket, ProtocolError
 from .events import (
+    Answered,
     LoginFailed,
     LoginSucceeded,
     MailFrom,
@@ -44,10 +45,12 @@ from .events import (
     TLSStarted,
 )
 from .flows import Flow, FlowTable, State
+from .imap import IMAPMachine
 from .logins import LoginStore, StoreError
-from .packet import ACK, RST, SYN, URG, Segment, Truncated, parse, with_payload_bytes, without_urgent
+from .packet import ACK, RST, SYN, URG, Segment, Truncated, parse, with_stream_bytes, without_urgent
 from .policy import Fail, RelayPolicy
 from .pop3 import POP3Machine
+from .refusal import Refusals
 from .smtp import SMTPMachine
 from .stream import Outcome, Stream
 from .verdicts import ACCEPT, BYPASS, DROP, Decision, Notice
@@ -57,6 +60,12 @@ SMTP_REFUSED = b"554 5.7.1 Session refused by the relay gate\r\n"
 SMTP_NO_TLS = b"454 4.7.0 TLS not available\r\n"
 POP3_NO_TLS = b"-ERR TLS not available\r\n"
 POP3_REFUSED = b"-ERR Session refused by the relay gate\r\n"
+IMAP_NO_TLS = b"* BYE TLS not available\r\n"
+IMAP_REFUSED = b"* BYE Session refused by the relay gate\r\n"
+_MACHINES: dict[str, type[SMTPMachine | POP3Machine | IMAPMachine]] = {
+    "smtp": SMTPMachine, "pop3": POP3Machine, "imap": IMAPMachine}
+_NO_TLS = {"smtp": SMTP_NO_TLS, "pop3": POP3_NO_TLS, "imap": IMAP_NO_TLS}
+_REFUSED = {"smtp": SMTP_REFUSED, "pop3": POP3_REFUSED, "imap": IMAP_REFUSED}
 
 _MASK = 0xFFFFFFFF
 FAILED = "failed"
@@ -81,22 +90,31 @@ class Settings(Protocol):
     def smtp_starttls(self) -> str: ...
     @property
     def pop3_stls(self) -> str: ...
+    @property
+    def refusal(self) -> str: ...
+    @property
+    def imap_ports(self) -> Sequence[int]: ...
+    @property
+    def imap_starttls(self) -> str: ...
 
 
 class Session:
     """What the engine knows of one connection beyond TCP."""
 
-    __slots__ = ("smtp", "machine", "sender", "authenticated", "user", "hidden")
+    __slots__ = ("protocol", "smtp", "machine", "sender", "authenticated", "user", "hidden", "refusals")
 
-    def __init__(self, smtp: bool) -> None:
-        self.smtp = smtp
-        self.machine: SMTPMachine | POP3Machine = SMTPMachine() if smtp else POP3Machine()
+    def __init__(self, protocol: str) -> None:
+        self.protocol = protocol  # "smtp", "pop3" or "imap": also the source of its logins
+        self.smtp = protocol == "smtp"
+        self.machine: SMTPMachine | POP3Machine | IMAPMachine = _MACHINES[protocol]()
         self.sender: str | None = None
         self.authenticated = False
         #: the SMTP AUTH login name, once the server accepted it
         self.user: str | None = None
         #: server-stream (offset, length) ranges overwritten to hide TLS
         self.hidden: list[tuple[int, int]] = []
+        #: recipients refused in place (refusal.py), once there is one
+        self.refusals: Refusals | None = None
 
 
 class Engine:
@@ -118,8 +136,10 @@ class Engine:
 
     def _set_ports(self, config: Settings) -> None:
         self._smtp_ports = frozenset(config.smtp_ports)
-        self._pop3_ports = frozenset(config.pop3_ports)
-        self._mail_ports = self._smtp_ports | self._pop3_ports
+        self._protocols = {**{p: "imap" for p in config.imap_ports},
+                           **{p: "pop3" for p in config.pop3_ports},
+                           **{p: "smtp" for p in config.smtp_ports}}
+        self._mail_ports = frozenset(self._protocols)
 
     # -- the per-packet path ------------------------------------------------
 
@@ -150,27 +170,24 @@ class Engine:
                 from_client = True
             elif seg.sport in self._smtp_ports:
                 from_client = False
-            elif seg.dport in self._pop3_ports:
+            elif seg.dport in self._mail_ports:
                 from_client = True
-            elif seg.sport in self._pop3_ports:
+            elif seg.sport in self._mail_ports:
                 from_client = False
             else:
                 counters["foreign"] += 1
                 return Decision(ACCEPT)
         else:
             from_client = from_client_side
-        port = seg.dport if from_client else seg.sport
-        if port in self._smtp_ports:
-            smtp = True
-        elif port in self._pop3_ports:
-            smtp = False
-        elif (seg.sport if from_client else seg.dport) in self._mail_ports:
-            # e.g. "from the server" by its ports, but it came in on a client interface
-            counters["wrong_direction"] += 1
-            return Decision(DROP)
-        else:
+        protocol = self._protocols.get(seg.dport if from_client else seg.sport)
+        if protocol is None:
+            if (seg.sport if from_client else seg.dport) in self._mail_ports:
+                # e.g. "from the server" by its ports, but it came in on a client interface
+                counters["wrong_direction"] += 1
+                return Decision(DROP)
             counters["foreign"] += 1
             return Decision(ACCEPT)
+        smtp = protocol == "smtp"
         normalised = None
         if seg.flags & URG:  # the receiver must read the urgent byte in line, as we do
             counters["urgent_cleared"] += 1
@@ -190,7 +207,7 @@ class Engine:
             if not opening:
                 return self._untracked(seg, smtp, now)
             flow = self.flows.open(key, seg, now)
-            flow.app = Session(smtp)
+            flow.app = Session(protocol)
             counters["flows"] += 1
 
         if flow.fate is FAILED:
@@ -218,6 +235,8 @@ class Engine:
             decision.packet = self._hide(session, flow.server, seg, packet)
         if decision.packet is None:
             decision.packet = normalised
+        if session.refusals is not None and seg.payload:
+            self._rewrite(session.refusals, flow, seg, decision, packet, from_client)
         if decision.verdict is BYPASS:
             flow.fate = BYPASSED
             flow.release()  # what follows is no longer compared
@@ -238,7 +257,8 @@ class Engine:
             else:
                 decision.verdict = BYPASS
                 decision.notices.append(Notice("error", client, server, time=now,
-                                               reason=f"POP3: {exc.hint}; not followed further"))
+                                               reason=f"{session.protocol.upper()}: {exc.hint}; "
+                                                      "not followed further"))
             return
 
         for event in events:
@@ -254,6 +274,8 @@ class Engine:
                     sender=session.sender or "", recipient=event.recipient,
                     row=verdict.row, reason=verdict.reason, time=now))
                 if failed:
+                    if self._refuse_in_place(session, flow, event, data):
+                        continue
                     self._refuse(flow, seg, from_client, now, None, into=decision,
                                  reply=SMTP_RELAY_DENIED)
                     return
@@ -273,14 +295,22 @@ class Engine:
                 if not self._tls_allowed(session, client, now):
                     self.counters["tls_refused"] += 1
                     self._refuse(flow, seg, from_client, now, "STARTTLS not allowed by policy",
-                                 into=decision, reply=SMTP_NO_TLS if session.smtp else POP3_NO_TLS,
+                                 into=decision, reply=_NO_TLS[session.protocol],
                                  event="tls")
                     return
             elif isinstance(event, TLSStarted):
                 decision.verdict = BYPASS
                 decision.notices.append(Notice("tls", client, server,
                                                reason="TLS started; session no longer inspected", time=now))
-        if isinstance(session.machine, POP3Machine) and session.machine.settled:
+        if session.refusals is not None and not from_client and flow.server is not None:
+            assert isinstance(machine, SMTPMachine)  # only SMTP has recipients
+            answered = [event for event in events if isinstance(event, Answered)]
+            if not session.refusals.replies(data, flow.server.offset - len(data), answered,
+                                            machine.reply_under_way):
+                self._refuse(flow, seg, from_client, now,
+                             "the MTA accepted the command a refused RCPT became", into=decision)
+                return
+        if not isinstance(machine, SMTPMachine) and machine.settled:
             decision.verdict = BYPASS
 
     def _login(self, session: Session, client: str, server: str,
@@ -290,7 +320,7 @@ class Engine:
             session.user = event.user
             source = "smtp-auth"
         else:
-            source = "pop3"
+            source = session.protocol
             try:
                 self.logins.add(client, event.user, now, self.config.auth_ttl, source=source)
             except StoreError as exc:  # the session goes on; only the login is lost
@@ -306,7 +336,8 @@ class Engine:
         if session.smtp:
             return (self.config.smtp_starttls == "relay-clients"
                     and self.policy.may_relay(client, now))
-        return self.config.pop3_stls == "allow"
+        policy = self.config.pop3_stls if session.protocol == "pop3" else self.config.imap_starttls
+        return policy == "allow"
 
     # -- refusing -----------------------------------------------------------
 
@@ -332,7 +363,7 @@ class Engine:
         flow.state = State.CLOSED
         self.flows.touch(flow, now)
         if reply is None:
-            reply = SMTP_REFUSED if session.smtp else POP3_REFUSED
+            reply = _REFUSED[session.protocol]
         if from_client:
             decision.inject += [craft.reply_and_close(seg, reply), craft.reset_receiver(seg)]
             # The server expects the seq after the bytes we passed (a resend that
@@ -369,16 +400,41 @@ class Engine:
             decision.inject.append(craft.reset_receiver(seg))
         return decision
 
+    # -- refusing one recipient in place (refusal.py) --------------------------
+
+    def _refuse_in_place(self, session: Session, flow: Flow, event: RcptTo, data: bytes) -> bool:
+        """Refuse only this recipient, if the whole command line is in the
+        new bytes: what went on to the MTA before cannot be rewritten."""
+        if self.config.refusal != "recipient" or flow.client is None:
+            return False
+        if event.offset < flow.client.offset - len(data):
+            return False
+        assert isinstance(session.machine, SMTPMachine)  # only SMTP has recipients
+        if session.refusals is None:
+            session.refusals = Refusals()
+        session.refusals.refuse(event)
+        session.machine.watch(event.number)
+        return True
+
+    @staticmethod
+    def _rewrite(refusals: Refusals, flow: Flow, seg: Segment, decision: Decision,
+                 packet: bytes, from_client: bool) -> None:
+        """Lay the refusals' rewrites over this segment, retransmissions too."""
+        if decision.verdict is DROP or flow.client is None or flow.server is None:
+            return
+        stream = flow.client if from_client else flow.server
+        refusals.forget(flow.client.offset - flow.client.retained,
+                        flow.server.offset - flow.server.retained)
+        changed = with_stream_bytes(decision.packet or packet, seg,
+                                    (seg.seq - stream.isn - 1) & _MASK,
+                                    refusals.client if from_client else refusals.server)
+        if changed is not None:
+            decision.packet = changed
+
     # -- hiding TLS offers --------------------------------------------------
 
     @staticmethod
     def _hide(session: Session, stream: Stream, seg: Segment, packet: bytes) -> bytes | None:
         """Overwrite hidden keywords with X in this server segment, if any."""
-        start = (seg.seq - stream.isn - 1) & _MASK
-        end = start + len(seg.payload)
-        changed = packet
-        for offset, length in session.hidden:
-            lo, hi = max(offset, start), min(offset + length, end)
-            if lo < hi:
-                changed = with_payload_bytes(changed, seg, lo - start, b"X" * (hi - lo))
-        return changed if changed is not packet else None
+        return with_stream_bytes(packet, seg, (seg.seq - stream.isn - 1) & _MASK,
+                                 ((offset, b"X" * length) for offset, length in session.hidden))

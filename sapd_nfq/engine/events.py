@@ -8,7 +8,7 @@ SYN), so the engine can map them onto the segment being judged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # --- SMTP: client commands -------------------------------------------------
 
@@ -22,10 +22,31 @@ class MailFrom:
 
 @dataclass(frozen=True, slots=True)
 class RcptTo:
-    """RCPT TO: one recipient, to be judged before the server sees it."""
+    """RCPT TO: one recipient, to be judged before the server sees it.
+
+    `number` counts the command among all sent on the connection (0 first);
+    `offset` and `length` place the command line in the client stream, line
+    ending excluded, so the line can be overwritten in place.
+    """
 
     recipient: str
     params: str = ""
+    # where it is, not what it says: two RcptTo of one recipient are equal
+    number: int = field(default=0, compare=False)
+    offset: int = field(default=0, compare=False)
+    length: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """The server's final reply to command `number`, which the engine asked
+    to watch: its three-digit `code`, and server-stream offsets from its
+    first byte to past its end."""
+
+    number: int
+    code: str
+    start: int
+    end: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +116,6 @@ class Quit:
 
 
 Event = (
-    MailFrom | RcptTo | SessionReset | DataStarted | MessageEnded | TLSOffered
+    MailFrom | RcptTo | Answered | SessionReset | DataStarted | MessageEnded | TLSOffered
     | StartTLSRequested | TLSStarted | LoginSucceeded | LoginFailed | Quit
 )

@@ -64,6 +64,13 @@ class LineBuffer:
         self._consume_to(self._start + n)
         return n
 
+    def read(self, n: int) -> bytes:
+        """Consume and return up to n bytes (an IMAP literal's content)."""
+        n = min(n, len(self))
+        data = bytes(self._buf[self._start:self._start + n])
+        self._consume_to(self._start + n)
+        return data
+
     def take_all(self) -> bytes:
         data = bytes(self._buf[self._start:])
         self._consume_to(len(self._buf))

@@ -20,6 +20,7 @@ fragments, foreign protocols or bytes we did not receive:
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from functools import lru_cache
 from ipaddress import IPv4Address, IPv6Address
 
@@ -219,3 +220,18 @@ def _with_checksum(out: bytearray, seg: Segment) -> bytes:
     out[field:field + 2] = b"\0\0"
     _CHECKSUM.pack_into(out, field, -_checksum_residue(out, seg) % 0xFFFF)
     return bytes(out)
+
+
+def with_stream_bytes(packet: bytes, seg: Segment, seg_offset: int,
+                      ranges: Iterable[tuple[int, bytes]]) -> bytes | None:
+    """`packet`, whose payload starts at stream offset `seg_offset`, with
+    each (stream offset, bytes) range laid over it where they meet; None if
+    none does."""
+    end = seg_offset + len(seg.payload)
+    changed = packet
+    for offset, data in ranges:
+        lo, hi = max(offset, seg_offset), min(offset + len(data), end)
+        if lo < hi:
+            changed = with_payload_bytes(changed, seg, lo - seg_offset,
+                                         data[lo - offset:hi - offset])
+    return changed if changed is not packet else None

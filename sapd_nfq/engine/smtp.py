@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from . import smtp_grammar as grammar
 from .errors import ProtocolError
 from .events import (
+    Answered,
     DataStarted,
     Event,
     LoginFailed,
@@ -151,6 +152,7 @@ class _Pending:
     cmd: _Cmd
     cost: int  # bytes charged against the budget until the reply comes
     sasl: SaslLogin | None = None
+    watched: bool = False  # its reply is reported (Answered)
 
 
 class SMTPMachine:
@@ -160,7 +162,7 @@ class SMTPMachine:
     # per tracked connection, tens of thousands of them.
     __slots__ = ("_client", "_server", "_max_pending_bytes", "_mode", "_pending", "_head",
                  "_pending_bytes", "_pushed", "_last_mail", "_last_close", "_greeted",
-                 "_reply_code", "_reply_lines", "_transaction", "_chunking", "_chunk_left",
+                 "_reply_code", "_reply_lines", "_reply_start", "_transaction", "_chunking", "_chunk_left",
                  "_chunk_last", "_scan", "_error")
 
     def __init__(self, max_line: int = MAX_LINE,
@@ -183,6 +185,7 @@ class SMTPMachine:
         self._greeted = False
         self._reply_code: bytes | None = None  # of a multiline reply under way
         self._reply_lines = 0
+        self._reply_start = 0  # server-stream offset of that reply's first byte
         self._transaction = False  # the MTA's, as confirmed by its replies
         self._chunking = False     # the last EHLO reply offered CHUNKING
         self._chunk_left = 0
@@ -202,6 +205,24 @@ class SMTPMachine:
 
     def __repr__(self) -> str:
         return f"<SMTPMachine {self._mode.value}, {self._waiting} pending>"
+
+    @property
+    def reply_under_way(self) -> tuple[int, int] | None:
+        """(number of the command the server answers next, server-stream
+        offset where that reply starts), while a command waits: the server
+        bytes from there on, complete lines or not, belong to its reply."""
+        if not self._greeted or not self._waiting:
+            return None
+        start = self._server.offset if self._reply_code is None else self._reply_start
+        return self._pushed - self._waiting, start
+
+    def watch(self, number: int) -> None:
+        """Report the final reply to command `number`, still waiting, as an
+        Answered event (the engine rewrites it)."""
+        first = self._pushed - self._waiting
+        if not first <= number < self._pushed:
+            raise ValueError(f"command {number} is not waiting for a reply")
+        self._pending[self._head + number - first].watched = True
 
     @property
     def _waiting(self) -> int:
@@ -278,7 +299,7 @@ class SMTPMachine:
                 if mode is _Mode.SASL:
                     self._sasl_response(line)
                 else:
-                    self._command(line, self._client.offset - start, events)
+                    self._command(line, start, self._client.offset - start, events)
 
     def _message(self, data: bytes, events: list[Event]) -> bool:
         """Scan message text for its end; True if it ended (the rest of
@@ -320,8 +341,9 @@ class SMTPMachine:
         sasl.client_response(line)
         self._mode = _Mode.COMMAND
 
-    def _command(self, line: bytes, size: int, events: list[Event]) -> None:
-        """One command line, `size` bytes on the wire with its line ending."""
+    def _command(self, line: bytes, start: int, size: int, events: list[Event]) -> None:
+        """One command line at client-stream offset `start`, `size` bytes on
+        the wire with its line ending."""
         if b"\0" in line:
             raise ProtocolError("NUL byte in a command line")
         verb, args = grammar.split_command(line)
@@ -333,8 +355,9 @@ class SMTPMachine:
             events.append(MailFrom(sender, params))
         elif verb == b"RCPT":
             recipient, params = grammar.rcpt_to(args)
+            number = self._pushed
             self._push(_Cmd.RCPT, size)
-            events.append(RcptTo(recipient, params))
+            events.append(RcptTo(recipient, params, number, start, len(line)))
         elif verb == b"DATA":
             self._push(_Cmd.DATA, size)
             self._mode = _Mode.AWAIT_DATA
@@ -412,7 +435,7 @@ class SMTPMachine:
         if self._reply_code is None:
             if self._greeted and not self._waiting:
                 raise ProtocolError(f"server reply {code.decode()} with no command waiting")
-            self._reply_code, self._reply_lines = code, 0
+            self._reply_code, self._reply_lines, self._reply_start = code, 0, start
         elif code != self._reply_code:
             raise ProtocolError("reply code changed within a multiline reply")
         if self._greeted and self._pending[self._head].cmd is _Cmd.EHLO and code == b"250":
@@ -446,6 +469,9 @@ class SMTPMachine:
         outcome = _lookup(_REPLIES[pending.cmd], code)
         if outcome is None:
             raise ProtocolError(f"reply {code} does not answer {pending.cmd.value}")
+        if pending.watched:
+            events.append(Answered(self._pushed - self._waiting, code,
+                                   self._reply_start, self._server.offset))
         if outcome is _Reply.CHALLENGE:
             if self._waiting > 1:
                 raise ProtocolError("commands pipelined behind a challenged AUTH")

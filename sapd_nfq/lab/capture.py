@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sapd_nfq.lab.topology import Host, Lab, LabError
 
-MAIL_FILTER = "tcp port 25 or tcp port 110"
+MAIL_FILTER = "tcp port 25 or tcp port 110 or tcp port 143"
 START_TIMEOUT = 5.0  # seconds for tcpdump to open the interface
 SETTLE = 0.3  # seconds to let the last FIN/ACKs arrive before stopping
 

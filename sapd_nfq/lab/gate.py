@@ -46,10 +46,12 @@ class Gate:
     """
 
     def __init__(self, lab: Any, *, auth_ttl: int, state_dir: PurePosixPath | None = None,
-                 sapd_nfq: Sequence[str] | None = None, script: PurePosixPath | None = None
-                 ) -> None:
+                 sapd_nfq: Sequence[str] | None = None, script: PurePosixPath | None = None,
+                 login_log: PurePosixPath | None = None) -> None:
         self.lab = lab
         self.auth_ttl = auth_ttl
+        #: the mail server's log the gate learns encrypted logins from, where it can read it
+        self.login_log = login_log
         self.state_dir = PurePosixPath(state_dir or PurePosixPath(lab.state_dir) / "gate")
         self.sapd_nfq = tuple(sapd_nfq or local_command())
         self.script = PurePosixPath(script or SCRIPT)
@@ -78,7 +80,8 @@ class Gate:
 
     def setup(self) -> None:
         """Write the config (forward mode, interfaces [to-client]) and the virtusertable."""
-        self._script("setup", str(self.state_dir), CLIENT_INTERFACE, str(self.auth_ttl))
+        log = [] if self.login_log is None else [str(self.login_log)]
+        self._script("setup", str(self.state_dir), CLIENT_INTERFACE, str(self.auth_ttl), *log)
 
     def start(self) -> None:
         """Set up, install the rules, start the daemon; return once it is bound."""

@@ -1,4 +1,4 @@
-"""Real Postfix and Dovecot (POP3) in the lab's server namespace.
+"""Real Postfix and Dovecot (POP3, IMAP) in the lab's server namespace.
 
 The configuration is written by provision/mailserver.sh (the same script can
 provision a VM) into a directory under the lab's state dir; the daemons run
@@ -7,8 +7,10 @@ or /etc/dovecot.
 
 Postfix: port 25 on the server's IPv4 and IPv6 address, relays for every lab
 client, delivers lab.example (alice, bob, postmaster -> alice) to maildirs and
-discards every other domain. Dovecot: POP3 on 110 with USER/PASS, SASL PLAIN,
-LOGIN and CRAM-MD5, STLS. Both use one self-signed certificate.
+discards every other domain. Dovecot: POP3 on 110 (STLS) and 995 (TLS), IMAP
+on 143 (STARTTLS) and 993 (TLS), with USER/PASS, LOGIN, SASL PLAIN, LOGIN and
+CRAM-MD5; its log is `dovecot_log`. Both use one self-signed certificate, made
+at provisioning (`cert`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ LOCAL_DOMAIN = "lab.example"
 
 SMTP_PORT = 25
 POP3_PORT = 110
+IMAP_PORT = 143
+POP3S_PORT = 995
+IMAPS_PORT = 993
+MAIL_PORTS = frozenset((SMTP_PORT, POP3_PORT, IMAP_PORT, POP3S_PORT, IMAPS_PORT))
 READY_TIMEOUT = 15.0  # seconds for both daemons to listen after start
 DELIVERY_TIMEOUT = 10.0
 _POLL = 0.05
@@ -83,7 +89,7 @@ class MailServer:
         self._script(None, "setup", str(self.state_dir), server.ipv4, server.ipv6)
         self._script(server, "start", str(self.state_dir))
         deadline = time.monotonic() + READY_TIMEOUT
-        while not {SMTP_PORT, POP3_PORT} <= self._listening():
+        while not MAIL_PORTS <= self._listening():
             if time.monotonic() > deadline:
                 raise LabError(f"mail server not listening after {READY_TIMEOUT}s\n"
                                + self._log_tails())

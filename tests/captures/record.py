@@ -14,6 +14,7 @@ short session (two for the login-then-relay ones) from the client namespace.
 from __future__ import annotations
 
 import argparse
+import imaplib
 import os
 import poplib
 import smtplib
@@ -84,6 +85,10 @@ class Session:
                             f"smtp://{self.lab.server.ipv4}/{HELO}",
                             "--mail-from", sender, "--mail-rcpt", recipient,
                             "-T", str(path)])
+
+    def imap(self, address: str | None = None) -> imaplib.IMAP4:
+        with self.lab.inside("client"):
+            return imaplib.IMAP4(address or self.lab.server.ipv4, timeout=TIMEOUT)
 
     def pop3(self, address: str | None = None) -> poplib.POP3:
         with self.lab.inside("client"):
@@ -363,6 +368,99 @@ def pop3_failed_then_smtp_relay(s: Session) -> None:
         s.curl_smtp("alice@lab.example", "dave@external.example")
 
 
+def failed_imap_login(s: Session) -> None:
+    """imaplib logs in as alice with a wrong password and logs out."""
+    imap = s.imap()
+    try:
+        imap.login("alice", "not-the-password")
+    except imaplib.IMAP4.error:
+        pass
+    else:
+        raise RuntimeError("a wrong password was accepted")
+    imap.logout()
+
+
+@scenario("imaplib: `CAPABILITY`, `LOGIN alice \"...\"` -> tagged `OK`, `SELECT INBOX`, `LOGOUT`",
+          "login: alice from 198.18.1.2 (learned from the tagged `OK` to `LOGIN`)")
+def imap_login(s: Session) -> None:
+    with s.capture():
+        imap = s.imap()
+        imap.login("alice", s.password("alice"))
+        imap.select("INBOX")
+        imap.logout()
+
+
+@scenario("curl imap://: `CAPABILITY`, `AUTHENTICATE PLAIN` with the initial response (SASL-IR) "
+          "-> tagged `OK`, `LIST`, `LOGOUT`",
+          "login: bob from 198.18.1.2 (SASL PLAIN, user read from the initial response)")
+def imap_authenticate_plain(s: Session) -> None:
+    with s.capture():
+        s.client(["curl", "-sS", "--max-time", str(TIMEOUT), "-u", f"bob:{s.password('bob')}",
+                  f"imap://{s.lab.server.ipv4}/"])
+
+
+@scenario("raw client: `a LOGIN {5}` -> `+`, `alice {n}` -> `+`, the password; tagged `OK`; "
+          "`b LOGOUT`; each send its own segment",
+          "login: alice from 198.18.1.2 (synchronising literals, user read from the first)")
+def imap_literal_login(s: Session) -> None:
+    password = s.password("alice").encode()
+    with s.capture():
+        with s.lab.inside("client"):
+            sock = socket.create_connection((s.lab.server.ipv4, 143), TIMEOUT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = sock.makefile("rb")
+        reader.readline()
+        for send in (b"a LOGIN {5}\r\n", b"alice {%d}\r\n" % len(password)):
+            sock.sendall(send)
+            if not reader.readline().startswith(b"+"):
+                raise RuntimeError("no continuation for a literal")
+        sock.sendall(password + b"\r\n")
+        if not reader.readline().startswith(b"a OK"):
+            raise RuntimeError("the literal login failed")
+        sock.sendall(b"b LOGOUT\r\n")
+        reader.read()
+        sock.close()
+
+
+@scenario("imaplib: `LOGIN alice` (wrong) -> `NO [AUTHENTICATIONFAILED]`, `LOGOUT`",
+          "no login (the server said `NO`)")
+def imap_failed_login(s: Session) -> None:
+    with s.capture():
+        failed_imap_login(s)
+
+
+@scenario("imaplib: `STARTTLS` -> tagged `OK`, TLS 1.3; inside it `LOGIN alice`, `LOGOUT`",
+          "login not visible on the wire (no login learned)")
+def imap_starttls(s: Session) -> None:
+    context = ssl.create_default_context(cafile=s.mail.cert)
+    with s.capture():
+        imap = s.imap()
+        imap.starttls(context)
+        imap.login("alice", s.password("alice"))
+        imap.logout()
+
+
+@scenario("imaplib over IPv6: `LOGIN bob` -> tagged `OK`, `LOGOUT`",
+          "login: bob from 2001:db8:1::2")
+def imap_ipv6_login(s: Session) -> None:
+    with s.capture():
+        imap = s.imap(s.lab.server.ipv6)
+        imap.login("bob", s.password("bob"))
+        imap.logout()
+
+
+@scenario("imaplib `LOGIN alice` -> tagged `OK`, `LOGOUT`; then curl smtp:// from the same "
+          "address: `MAIL FROM:<alice@lab.example> SIZE=n`, `RCPT TO:<dave@external.example>`, "
+          "`DATA`",
+          "login: alice from 198.18.1.2, then PASS (row 2: local sender, logged in)")
+def imap_then_smtp_relay(s: Session) -> None:
+    with s.capture():
+        imap = s.imap()
+        imap.login("alice", s.password("alice"))
+        imap.logout()
+        s.curl_smtp("alice@lab.example", "dave@external.example")
+
+
 # --- recording ------------------------------------------------------------------
 
 README_HEAD = """\
@@ -370,11 +468,12 @@ README_HEAD = """\
 
 Real sessions recorded in the namespace lab (`sapd_nfq/lab`) by `record.py` (run as root:
 `python tests/captures/record.py`; it rewrites this file). Each pcap is Ethernet, full
-packets, taken with tcpdump on the server's link (`tcp port 25 or tcp port 110`), offloads
-off so segments are MTU-sized with valid checksums. Client 198.18.1.2 / 2001:db8:1::2,
-server (Postfix 3.7, Dovecot 2.3 POP3) 198.18.2.2 / 2001:db8:2::2. Local = listed in
-`sapd_nfq/lab/provision/virtusertable` (alice, bob, postmaster @lab.example). The POP3
-passwords in the captures are the lab's throwaway ones (`sapd_nfq/lab/provision/users`).
+packets, taken with tcpdump on the server's link (`tcp port 25 or tcp port 110 or tcp port
+143`), offloads off so segments are MTU-sized with valid checksums. Client 198.18.1.2 /
+2001:db8:1::2, server (Postfix 3.7, Dovecot 2.3 POP3 and IMAP) 198.18.2.2 / 2001:db8:2::2.
+Local = listed in `sapd_nfq/lab/provision/virtusertable` (alice, bob, postmaster
+@lab.example). The POP3 and IMAP passwords in the captures are the lab's throwaway ones
+(`sapd_nfq/lab/provision/users`).
 "Row n" refers to the relay table in the project brief.
 
 | capture | contents | relay table |
@@ -405,7 +504,8 @@ def main() -> int:
     if os.geteuid() != 0:
         parser.error("must run as root (network namespaces, tcpdump, Postfix, Dovecot)")
 
-    with Lab() as lab, MailServer(lab) as mail:
+    # SAPD_LAB_PREFIX names the namespaces, as for the lab tests
+    with Lab(prefix=os.environ.get("SAPD_LAB_PREFIX", "sapd")) as lab, MailServer(lab) as mail:
         for sc in chosen:
             sc.run(Session(lab, mail, sc.name))
             print(summary(HERE / f"{sc.name}.pcap"))

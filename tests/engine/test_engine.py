@@ -385,6 +385,60 @@ def test_pop3_stls_allowed_by_default_and_hidden_on_request():
     assert_refused(strip.client(b"STLS\r\n"), strip, b"-ERR")
 
 
+IMAP_GREETING = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ STARTTLS AUTH=PLAIN] Dovecot ready.\r\n"
+
+
+def test_imap_login_then_relay_passes_and_imap_leaves_the_queue():
+    engine = make_engine()
+    imap = Conn(engine, cport=41000, sport=143)
+    imap.handshake()
+    assert imap.server(IMAP_GREETING).packet is None
+    imap.client(b"a1 LOGIN {5+}\r\nalice secret\r\n")
+    d = imap.server(b"a1 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+    assert d.verdict is BYPASS
+    [n] = notices(d, "login")
+    assert (n.user, n.reason) == ("alice", "imap LOGIN") and "secret" not in repr(d)
+    [login] = engine.logins.entries(imap.now)
+    assert (login.user, login.source) == ("alice", "imap")
+    smtp = Conn(engine, now=imap.now)
+    smtp.smtp_greeting()
+    assert smtp.client(RELAY).verdict is ACCEPT
+
+
+def test_failed_imap_login_grants_nothing():
+    engine = make_engine()
+    imap = Conn(engine, sport=143)
+    imap.handshake()
+    imap.server(IMAP_GREETING)
+    imap.client(b"a1 LOGIN alice wrong\r\n")
+    d = imap.server(b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+    assert d.verdict is ACCEPT and notices(d, "login-failed")
+    assert not engine.logins.is_logged_in(imap.client_addr, imap.now)
+
+
+def test_imap_starttls_allowed_by_default_and_hidden_on_request():
+    allow = Conn(make_engine(), sport=143)
+    allow.handshake()
+    assert allow.server(IMAP_GREETING).packet is None
+    allow.client(b"a STARTTLS\r\n")
+    assert allow.server(b"a OK Begin TLS negotiation now.\r\n").verdict is BYPASS
+
+    strip = Conn(make_engine(imap_starttls="strip"), sport=143)
+    strip.handshake()
+    assert b" XXXXXXXX " in parse(strip.server(IMAP_GREETING).packet).payload
+    assert_refused(strip.client(b"a STARTTLS\r\n"), strip, b"* BYE")
+
+
+def test_an_imap_stream_it_cannot_follow_leaves_the_queue():
+    imap = Conn(make_engine(), sport=143)
+    imap.handshake()
+    imap.server(IMAP_GREETING)
+    d = imap.client(b"a* LOGIN bob x\r\n")
+    assert d.verdict is BYPASS
+    [n] = notices(d, "error")
+    assert n.reason.startswith("IMAP: ")
+
+
 def test_untracked_smtp_connection_is_reset_both_ways():
     conn = Conn(make_engine())
     d = conn.client(b"RCPT TO:<dave@external.example>\r\n")

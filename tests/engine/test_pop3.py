@@ -450,8 +450,11 @@ def sessions(draw, clean: bool):
         status = b"+OK r%d\r\n" % n if ok else b"-ERR r%d\r\n" % n
         if not clean and draw(st.integers(0, 5)) == 0:
             # no challenge to AUTH: it makes the next client line a SASL response, in
-            # the server as in the machine, and the script could no longer tell logins
-            misfits = [b"+OK\r\n", b".\r\n", b"junk\r\n"] + ([] if "AUTH" in kind else [b"+ \r\n"])
+            # the server as in the machine, and the script could no longer tell logins;
+            # no bare +OK to LIST or RETR either: it opens a body, which the script's
+            # next lines would not be
+            misfits = ([b".\r\n", b"junk\r\n"] + ([] if "AUTH" in kind else [b"+ \r\n"])
+                       + ([] if kind in ("LIST", "RETR") else [b"+OK\r\n"]))
             status = draw(st.sampled_from(misfits))
         if kind == "USER":
             s.answer(s.say(b"USER u%d\r\n" % n), status)

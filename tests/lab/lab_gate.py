@@ -314,7 +314,9 @@ def curl_pop3_plain(lab: Lab, mail: MailServer, source: str, server: str, user: 
 def swaks(lab: Lab, source: str, server: str, sender: str, recipient: str,
           subject: str, *extra: str) -> subprocess.CompletedProcess:
     """One swaks session from `source` (IPv4 only: swaks here lacks IO::Socket::INET6)."""
+    # --helo: no lookup of this host's own name (a resolver timeout where /etc/hosts lacks it)
     return lab.run("client", ["swaks", "--server", server, "--local-interface", source,
+                              "--helo", "client.lab.example",
                               "--from", sender, "--to", recipient, "--h-Subject", subject,
                               "--timeout", str(int(CLIENT_TIMEOUT)), *extra],
                    capture_output=True, text=True, check=False)
@@ -371,6 +373,39 @@ def try_rcpt(lab: Lab, source: str, server: str, sender: str, recipient: str,
         return Refused(code, text.decode())
     finally:
         smtp.close()
+
+
+def raw_transaction(lab: Lab, family: int, source: str, server: str, sender: str,
+                    rcpts: list[str], tag: str) -> list[bytes]:
+    """After EHLO, write MAIL, the RCPTs and DATA in one send(); the reply lines to
+    them, then (if DATA got 354) to a message whose subject holds `tag`, and to QUIT."""
+    with lab.inside("client"):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(CLIENT_TIMEOUT)
+    sock.bind((source, 0))
+    sock.connect((server, 25))
+    reader = sock.makefile("rb")
+    try:
+        reader.readline()  # the greeting
+        sock.sendall(b"EHLO client.lab.example\r\n")
+        while reader.readline()[3:4] == b"-":
+            pass
+        burst = b"MAIL FROM:<" + sender.encode() + b">\r\n"
+        burst += b"".join(b"RCPT TO:<" + r.encode() + b">\r\n" for r in rcpts) + b"DATA\r\n"
+        sock.sendall(burst)
+        replies = [reader.readline() for _ in range(len(rcpts) + 2)]
+        if replies[-1].startswith(b"354"):
+            sock.sendall(f"Subject: in one segment {tag}\r\n\r\n{tag}\r\n.\r\n".encode())
+            replies.append(reader.readline())
+        try:
+            sock.sendall(b"QUIT\r\n")
+            replies.append(reader.readline())
+        except OSError:  # a refused session is reset
+            replies.append(b"")
+        return replies
+    finally:
+        reader.close()
+        sock.close()
 
 
 # --- the Postfix log -------------------------------------------------------------

@@ -43,7 +43,13 @@ STORY = {
     5: ("<** 550 5.7.1 ",
         "INFO FAIL client=198.18.1.2 sender='alice@lab.example' "
         "recipient='dave@external.example' row=row 3: "),
+    # POP3S: learned from Dovecot's log (in the namespace lab; the VMs do not share it)
+    6: ("< +OK Logged in.", "INFO LOGIN client=198.18.1.2 user=alice reason=log:dovecot pop3"),
+    7: ("<-  250 2.0.0 Ok: queued as ",
+        "INFO PASS client=198.18.1.2 user=alice sender='alice@lab.example' "
+        "recipient='dave@external.example' row=row 2: "),
 }
+VAGRANT_STORY = {n: step for n, step in STORY.items() if n <= 5}
 
 
 def _require_lab() -> None:
@@ -122,8 +128,9 @@ def test_the_demo_tells_the_story_and_leaves_nothing():
         demo.read_until("Ready in ")
     assert demo.finish() == 0, demo.output
     steps = _steps(demo.output)
-    assert sorted(steps) == sorted(STORY), demo.output
-    for number, (client, logged) in STORY.items():
+    story = VAGRANT_STORY if VAGRANT else STORY
+    assert sorted(steps) == sorted(story), demo.output
+    for number, (client, logged) in story.items():
         shown = steps[number]
         assert re.search(rf"^   client   \| {re.escape(client)}", shown, re.MULTILINE), shown
         assert re.search(rf"^   sapd-nfq \| .*{re.escape(logged)}", shown, re.MULTILINE), shown

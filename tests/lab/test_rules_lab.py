@@ -194,7 +194,7 @@ def test_installed_reports_what_is_there(ns):
         assert [(h["chain"], h["position"], h["rule"]) for h in report[family]["hooks"]] == [
             ("INPUT", 1, "! -i lo -j SAPD_NFQ_TO_SERVER"),
             ("OUTPUT", 1, "! -o lo -j SAPD_NFQ_FROM_SERVER")]
-        assert len(report[family]["rules"]) == 16
+        assert len(report[family]["rules"]) == 18  # IMAP adds a dispatch rule each way
         assert all(isinstance(r["packets"], int) for r in report[family]["rules"])
     rules.remove(runner)
     assert not any(r["installed"] or r["chains"] for r in rules.installed(runner).values())
@@ -296,6 +296,11 @@ def test_packets_meet_the_queue(pair, family, server, client):
     assert connect(client_ns, server, 110) == "refused"
     after_pop3 = counters(server_ns, family)
     assert queued(after_pop3, POP3_CHAIN) >= 2  # the client's SYN and the server's RST
+    # IMAP: through the same chain, failing open alike.
+    assert connect(client_ns, server, 143) == "refused"
+    after_imap = counters(server_ns, family)
+    assert queued(after_imap, POP3_CHAIN) >= queued(after_pop3, POP3_CHAIN) + 2
+    after_pop3 = after_imap
     # Other ports never reach our queue chains.
     assert connect(client_ns, server, 80) == "refused"
     assert counters(server_ns, family) == after_pop3

@@ -2,12 +2,13 @@
 # sapd-nfq on the lab's gateway, in forward mode in front of the mail server, entirely under
 # one state directory.
 #
-#   gateway.sh setup STATE_DIR INTERFACE AUTH_TTL   write the config and the gate's virtusertable
+#   gateway.sh setup STATE_DIR INTERFACE AUTH_TTL [LOGIN_LOG]
+#                                 write the config and the gate's virtusertable
 #   gateway.sh start STATE_DIR    install the rules, start the daemon, wait until it is bound
 #   gateway.sh stop  STATE_DIR    stop the daemon and wait until it has exited, remove the rules
 #
 # INTERFACE is the one clients come in through (the lab's "to-client"), AUTH_TTL the login
-# window in seconds. The config is STATE_DIR/sapd-nfq.toml; the daemon logs to
+# window in seconds, LOGIN_LOG a mail server log to learn logins from (login_logs). The config is STATE_DIR/sapd-nfq.toml; the daemon logs to
 # STATE_DIR/log/sapd-nfq.log and keeps its logins in STATE_DIR/logins.sqlite. $SAPD_NFQ is
 # the command that runs sapd-nfq (default "sapd-nfq"; split at spaces, so
 # SAPD_NFQ="python3 -m sapd_nfq" works). Used by sapd_nfq/lab/gate.py inside the lab's gw
@@ -21,7 +22,8 @@ QUEUE=0
 READY_WAIT=150  # tenths of a second for the daemon to bind its queue
 
 usage() {
-    echo "usage: $0 setup STATE_DIR INTERFACE AUTH_TTL | start STATE_DIR | stop STATE_DIR" >&2
+    echo "usage: $0 setup STATE_DIR INTERFACE AUTH_TTL [LOGIN_LOG] | start STATE_DIR |" \
+        "stop STATE_DIR" >&2
     exit 2
 }
 
@@ -41,6 +43,9 @@ run_dir = "run"
 queue = $QUEUE
 log_level = "info"
 TOML
+    if [ -n "$LOGIN_LOG" ]; then
+        echo "login_logs = [\"$LOGIN_LOG\"]" >> "$STATE/sapd-nfq.toml"
+    fi
 }
 
 start() {
@@ -71,7 +76,8 @@ stop() {
 STATE=$2
 absolute_state "$STATE"
 case "$1" in
-    setup) [ $# -eq 4 ] || usage; INTERFACE=$3; AUTH_TTL=$4; setup ;;
+    setup) [ $# -eq 4 ] || [ $# -eq 5 ] || usage; INTERFACE=$3; AUTH_TTL=$4
+        LOGIN_LOG=${5:-}; setup ;;
     start) [ $# -eq 2 ] || usage; start ;;
     stop) [ $# -eq 2 ] || usage; stop ;;
     *) usage ;;

@@ -1,11 +1,12 @@
 #!/bin/sh
-# Postfix + Dovecot (POP3) for the sapd-nfq lab, entirely under one state directory.
+# Postfix + Dovecot (POP3, IMAP) for the sapd-nfq lab, entirely under one state directory.
 #
 #   mailserver.sh setup STATE_DIR IPV4 IPV6   write configs, TLS cert, users, mail dirs
 #   mailserver.sh start STATE_DIR             start Postfix and Dovecot from those configs
 #   mailserver.sh stop  STATE_DIR             stop both and wait until they have exited
 #
-# IPV4/IPV6 are the server addresses to listen on (port 25 and 110). Nothing is written
+# IPV4/IPV6 are the server addresses to listen on (25; 110, 995; 143, 993). Dovecot logs
+# to STATE_DIR/log/dovecot.log. Nothing is written
 # outside STATE_DIR: Postfix runs with `postfix -c STATE_DIR/postfix`, Dovecot with
 # `dovecot -c STATE_DIR/dovecot/dovecot.conf`. Mailboxes belong to $VMAIL_USER (default:
 # mail). Used by sapd_nfq/lab/mail.py inside a network namespace, and usable as is to
@@ -45,13 +46,27 @@ setup() {
          !/^#/ && NF == 2 && $1 !~ /^@/ && ($2 in user) { print $1 "\t" $2 "/Maildir/" }' \
         "$HERE/users" "$HERE/virtusertable" > "$STATE/postfix/vmailbox"
 
+    # The post-login hook: sapd-nfq's script, told where the lab's gate listens. Without
+    # python3 to run it a login would fail, so then there is no hook.
+    install -d -m 755 "$STATE/hook"
+    rm -f "$STATE/dovecot/postlogin.conf"
+    if [ -x /usr/bin/python3 ]; then
+        install -m 755 "$HERE/../../../packaging/sapd-nfq-postlogin" \
+            "$STATE/dovecot/sapd-nfq-postlogin"
+        printf '#!/bin/sh\nSAPD_NFQ_HOOK_SOCKET=%s exec %s "$@"\n' "$STATE/hook/login.sock" \
+            "$STATE/dovecot/sapd-nfq-postlogin" > "$STATE/dovecot/postlogin"
+        chmod 755 "$STATE/dovecot/postlogin"
+        render postlogin.conf.in > "$STATE/dovecot/postlogin.conf"
+    fi
+
     # Dovecot passdb/userdb; the auth process reads it as the dovecot user.
     (umask 027; awk -F: -v uid="$VUID" -v gid="$VGID" -v base="$STATE/mail" \
         '!/^#/ && NF == 2 { print $1 ":{PLAIN}" $2 ":" uid ":" gid "::" base "/" $1 "::" }' \
         "$HERE/users" > "$STATE/dovecot/passwd")
     chgrp dovecot "$STATE/dovecot/passwd"
 
-    # Self-signed certificate for STARTTLS and STLS; both daemons read the key as root.
+    # Self-signed certificate for STARTTLS, STLS, POP3S and IMAPS; both daemons read the
+    # key as root.
     if [ ! -s "$STATE/tls/key.pem" ]; then
         (umask 077; openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
             -days 365 -subj "/CN=mail.lab.example" \

@@ -1,0 +1,172 @@
+"""The gate in front of Sendmail, the seed's MTA (sapd_nfq/lab/sendmail.py).
+
+Sendmail runs in the server namespace beside Postfix, on an address of its
+own, reading the lab's virtusertable compiled with makemap; the gate reads
+the text file that map was compiled from. Shown here:
+
+- what Sendmail itself answers to the command a refused RCPT becomes
+  (asked from inside the server, no gate): `500 5.5.1 Command unrecognized`,
+  the transaction kept;
+- the relay table's rows through the gate;
+- one recipient refused in place, pipelined in one segment and by the
+  lab's sending Postfix: the local copies arrive in Sendmail's mailboxes;
+- hostile grammar: a bare LF, a source route, odd case and whitespace,
+  each refused in place while the session goes on; `%` and `!` routing and
+  a second address, which the gate's grammar will not guess at, end
+  the session as before.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import uuid
+from socket import AF_INET
+
+import pytest
+from lab_gate import CLIENT_TIMEOUT, raw_transaction, try_rcpt, wait_until
+
+from sapd_nfq.engine.refusal import REPLY, command
+from sapd_nfq.lab.client_mta import ClientMTA
+from sapd_nfq.lab.sendmail import Sendmail
+from sapd_nfq.lab.topology import LabError
+
+pytestmark = pytest.mark.lab
+
+SENDER = "alice@lab.example"
+OUTSIDE = "dave@external.example"
+
+
+@pytest.fixture(scope="module")
+def sendmail(lab):
+    mta = Sendmail(lab)
+    try:
+        mta.start()
+    except LabError as exc:
+        mta.stop()
+        pytest.skip(f"Sendmail could not be set up here: {exc}")
+    yield mta
+    mta.stop()
+
+
+@pytest.fixture
+def gate(make_gate, sendmail):
+    return make_gate(virtusertable=str(sendmail.virtusertable))
+
+
+def converse(lab, host: str, source: str | None, server: str, lines: list[bytes]) -> list[bytes]:
+    """Greeting and EHLO, then each line written alone and its reply read."""
+    with lab.inside(host):
+        sock = socket.socket()
+    sock.settimeout(CLIENT_TIMEOUT)
+    if source:
+        sock.bind((source, 0))
+    sock.connect((server, 25))
+    reader = sock.makefile("rb")
+    try:
+        reader.readline()
+        sock.sendall(b"EHLO client.lab.example\r\n")
+        while reader.readline()[3:4] == b"-":
+            pass
+        replies = []
+        for line in lines:
+            sock.sendall(line)
+            reply = reader.readline()
+            while reply[3:4] == b"-":
+                reply += reader.readline()
+            replies.append(reply)
+        return replies
+    finally:
+        reader.close()
+        sock.close()
+
+
+def test_sendmail_refuses_the_rewritten_command_and_keeps_the_transaction(lab, sendmail):
+    rcpt = b"RCPT TO:<" + OUTSIDE.encode() + b">"
+    replies = converse(lab, "server", None, sendmail.address, [
+        b"MAIL FROM:<" + SENDER.encode() + b">\r\n", command(len(rcpt)) + b"\r\n",
+        b"RCPT TO:<alice@lab.example>\r\n", b"QUIT\r\n"])
+    print("Sendmail answered:", replies[1])
+    assert replies[1].startswith(b"500 5.5.1 Command unrecognized")
+    assert len(replies[1]) >= len(REPLY) + 2  # Sendmail quotes the command: room for the 550
+    assert replies[2].startswith(b"250")
+
+
+@pytest.mark.parametrize(("sender", "recipient", "login", "refused"), [
+    ("dave@external.example", "alice@lab.example", False, False),   # row 1
+    ("alice@lab.example", "dave@external.example", True, False),    # row 2
+    ("alice@lab.example", "dave@external.example", False, True),    # row 3
+    ("dave@external.example", "erin@external.example", True, True),  # row 4
+    ("dave@external.example", "ann@lab.example", False, True),       # error: in the map: not local
+])
+def test_the_relay_table_in_front_of_sendmail(lab, sendmail, gate, fresh,
+                                              sender, recipient, login, refused):
+    source = fresh()
+    if login:
+        gate.cli("auth", "add", source)
+    outcome = try_rcpt(lab, source, sendmail.address, sender, recipient)
+    if refused:
+        assert outcome is not None and outcome.code == 550
+        assert outcome.text == REPLY[4:].decode().rstrip(), outcome
+    else:
+        assert outcome is None
+
+
+def delivered(sendmail, user: str, tag: str) -> bytes:
+    return wait_until(lambda: next((m for m in sendmail.mailbox(user) if tag.encode() in m), None),
+                      60, f"the message tagged {tag} in {user}'s Sendmail mailbox")
+
+
+def test_one_segment_local_refused_local_through_sendmail(lab, sendmail, gate, fresh):
+    tag = uuid.uuid4().hex[:8]
+    rcpts = [f"alice+{tag}@lab.example", OUTSIDE, f"bob+{tag}@lab.example"]
+    replies = raw_transaction(lab, AF_INET, fresh(), sendmail.address, SENDER, rcpts, tag)
+    assert [r[:3] for r in replies] == [b"250", b"250", b"550", b"250", b"354", b"250", b"221"]
+    assert replies[2].startswith(REPLY) and replies[2].endswith(b"\r\n")
+    assert replies[2][len(REPLY):-2].strip() == b""  # padded with spaces to Sendmail's length
+    for user in ("alice", "bob"):
+        delivered(sendmail, user, tag)
+
+
+def test_the_sending_postfix_through_the_gate_to_sendmail(lab, sendmail, gate):
+    tag = uuid.uuid4().hex[:8]
+    rcpts = [f"alice+{tag}@lab.example", OUTSIDE, f"bob+{tag}@lab.example"]
+    with ClientMTA(lab, relayhost=sendmail.address) as mta:
+        offset = mta.send(SENDER, rcpts, f"via sendmail {tag}")
+        statuses = {r: mta.wait_for_status(r, offset) for r in rcpts}
+        log = mta.log_since(offset)
+    assert "status=bounced" in statuses[OUTSIDE]
+    # Sendmail's longer reply is padded with spaces, which Postfix keeps in its log
+    assert re.search(rf"said: {REPLY.decode()} *\(in reply to RCPT TO command\)",
+                     statuses[OUTSIDE]), statuses[OUTSIDE]
+    assert all("status=sent" in statuses[r] for r in (rcpts[0], rcpts[2])), statuses
+    assert not [line for line in log if "status=deferred" in line], log
+    for user in ("alice", "bob"):
+        delivered(sendmail, user, tag)
+
+
+@pytest.mark.parametrize("line", [
+    b"RCPT TO:<dave@external.example>\n",                 # bare LF ends the command
+    b"RCPT TO:<@lab.example:dave@external.example>\r\n",  # a source route: judged by its mailbox
+    b"rcpt to:<DAVE@EXTERNAL.EXAMPLE>\r\n",
+    b"RCPT\tTO:<dave@external.example>\r\n",
+])
+def test_hostile_grammar_is_refused_in_place_and_the_session_goes_on(
+        lab, sendmail, gate, fresh, line):
+    replies = converse(lab, "client", fresh(), sendmail.address, [
+        b"MAIL FROM:<dave@external.example>\r\n", line, b"RCPT TO:<alice@lab.example>\r\n",
+        b"RSET\r\n", b"QUIT\r\n"])
+    assert replies[1].startswith(b"550 5.7.1 "), replies
+    assert replies[2].startswith(b"250") and replies[4].startswith(b"221"), replies
+
+
+@pytest.mark.parametrize("line", [
+    b"RCPT TO:<dave%external.example@lab.example>\r\n",   # % routing, which Sendmail follows
+    b"RCPT TO:<external.example!dave@lab.example>\r\n",   # ! routing
+    b"RCPT TO:<alice@lab.example>,<dave@external.example>\r\n",  # two addresses
+])
+def test_addresses_the_gate_cannot_read_as_sendmail_does_refuse_the_session(
+        lab, sendmail, gate, fresh, line):
+    replies = converse(lab, "client", fresh(), sendmail.address, [
+        b"MAIL FROM:<dave@external.example>\r\n", line, b"RCPT TO:<alice@lab.example>\r\n"])
+    assert replies[1].startswith(b"554 5.7.1 ") and replies[2] == b"", replies
