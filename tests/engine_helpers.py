@@ -55,7 +55,8 @@ class Conn:
         self.ingress = ingress
 
     def packet(self, from_client: bool, payload: bytes = b"", flags: str = "PA",
-               seq: int | None = None, ack: int | None = None) -> bytes:
+               seq: int | None = None, ack: int | None = None, **tcp: object) -> bytes:
+        """One segment's bytes; `tcp` are further scapy TCP fields (urgptr, options)."""
         ip = IPv6 if self.v6 else IP
         if from_client:
             src, dst, sp, dp = self.client_addr, self.server_addr, self.cport, self.sport
@@ -66,7 +67,7 @@ class Conn:
             seq = self.sseq if seq is None else seq
             ack = self.cseq if ack is None else ack
         return bytes(ip(src=src, dst=dst) / TCP(sport=sp, dport=dp, seq=seq & 0xFFFFFFFF,
-                                                ack=ack & 0xFFFFFFFF, flags=flags) / payload)
+                                                ack=ack & 0xFFFFFFFF, flags=flags, **tcp) / payload)
 
     def feed(self, packet: bytes, from_client_side: bool | None = None) -> Decision:
         self.now += 0.01

@@ -12,7 +12,9 @@ Safe verdicts, in one place:
   whether it carries an uninspected RCPT; the client reconnects and is
   inspected from the start. A receiver ahead of the packet's seq ignores
   that RST, so it also gets an ACK probe: its duplicate ACK, untracked in
-  turn, draws a RST at its own ack;
+  turn, draws a RST at its own ack. A SYN-ACK is only dropped: carrying
+  nothing, it is not worth the crafted packets that a SYN flood evicting
+  half-open flows would make us send for each one;
 - an SMTP stream that breaks the protocol or rewrites inspected bytes: the
   session is refused like a relay attempt;
 - POP3 and IMAP trouble never opens a relay (it can only lose a login), so
@@ -45,7 +47,7 @@ from .events import (
 from .flows import Flow, FlowTable, State
 from .imap import IMAPMachine
 from .logins import LoginStore, StoreError
-from .packet import ACK, RST, SYN, Segment, Truncated, parse, with_stream_bytes
+from .packet import ACK, RST, SYN, URG, Segment, Truncated, parse, with_stream_bytes, without_urgent
 from .policy import Fail, RelayPolicy
 from .pop3 import POP3Machine
 from .refusal import Refusals
@@ -186,6 +188,11 @@ class Engine:
             counters["foreign"] += 1
             return Decision(ACCEPT)
         smtp = protocol == "smtp"
+        normalised = None
+        if seg.flags & URG:  # the receiver must read the urgent byte in line, as we do
+            counters["urgent_cleared"] += 1
+            packet = normalised = without_urgent(packet, seg)
+            seg = parse(packet)
 
         if from_client:
             key = (seg.src, seg.sport, seg.dst, seg.dport)
@@ -228,6 +235,8 @@ class Engine:
             decision.packet = self._hide(session, flow.server, seg, packet)
         if session.refusals is not None and seg.payload:
             self._rewrite(session.refusals, flow, seg, decision, packet, from_client)
+        if decision.packet is None:
+            decision.packet = normalised
         if decision.verdict is BYPASS:
             flow.fate = BYPASSED
             flow.release()  # what follows is no longer compared
@@ -339,7 +348,8 @@ class Engine:
 
         The reply goes to the client with FIN, so it reads a definite answer
         before the connection ends; the server is reset at the seq of the
-        dropped segment, so the offending bytes never reach it.
+        dropped segment, so the offending bytes never reach it (and after
+        the bytes we passed, where that differs).
         """
         session: Session = flow.app
         decision = into if into is not None else Decision(DROP)
@@ -356,6 +366,12 @@ class Engine:
             reply = _REFUSED[session.protocol]
         if from_client:
             decision.inject += [craft.reply_and_close(seg, reply), craft.reset_receiver(seg)]
+            # The server expects the seq after the bytes we passed (a resend that
+            # overlaps them starts before it), or this segment's if those were lost
+            # after us; only the exact one resets it (RFC 5961), so send both.
+            passed = None if flow.client is None else (flow.client.next_seq - flow.client.added) & _MASK
+            if passed is not None and passed != seg.seq:
+                decision.inject.append(craft.reset_receiver(seg, passed))
         else:
             decision.inject += [craft.reset_receiver(seg), craft.reset_sender(seg)]
         if hint is not None:
@@ -374,7 +390,7 @@ class Engine:
         if not smtp:
             return Decision(BYPASS)
         decision = Decision(DROP)
-        if not seg.flags & RST:
+        if not seg.flags & (RST | SYN):
             decision.inject.append(craft.reset_sender(seg))
             if seg.flags & ACK:
                 # Its answer, if the receiver is ahead of seg (say, a client

@@ -44,10 +44,11 @@ def reply_and_close(seg: Segment, text: bytes) -> bytes:
     return bytes(pkt)
 
 
-def reset_receiver(seg: Segment) -> bytes:
-    """RST to the receiver of `seg`, as if from its sender, at `seg`'s seq."""
+def reset_receiver(seg: Segment, seq: int | None = None) -> bytes:
+    """RST to the receiver of `seg`, as if from its sender, at `seg`'s seq
+    (or at `seq`)."""
     pkt = _ip(seg.version, seg.src, seg.dst) / TCP(
-        sport=seg.sport, dport=seg.dport, seq=seg.seq, flags="R"
+        sport=seg.sport, dport=seg.dport, seq=seg.seq if seq is None else seq, flags="R"
     )
     return bytes(pkt)
 

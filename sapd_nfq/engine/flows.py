@@ -6,11 +6,20 @@ Outcomes as a Stream, adding what only the connection knows:
 - the client's SYN and the server's SYN-ACK create the streams; a resent
   SYN with the same ISN is DUPLICATE, another ISN is CONFLICT; a SYN may
   carry data (TCP Fast Open), which is judged like any other data;
+- except on a live connection: there a client SYN with another ISN changes
+  nothing and is passed on (DUPLICATE), as RFC 5961 has the server answer it
+  with a challenge ACK and keep the connection. A blind SYN on a client's
+  ports therefore cannot end its session. Data or FIN on such a SYN is
+  CONFLICT: a server that had lost the connection would take it for a new
+  one's and read the data uninspected;
 - no data is accepted from the client before it has acknowledged the
   server's SYN-ACK, nor from a side whose SYN we did not see (GAP), nor in a
   segment without ACK, which every receiver's TCP discards (CONFLICT);
-- URG is CONFLICT: the receiver's TCP takes the urgent byte out of the
-  stream, so the server would read other bytes than we inspected;
+- URG means nothing here: its bytes are judged in line like any others.
+  That is only true for the receiver because the engine clears the flag and
+  the urgent pointer of every segment it lets through (README, "Urgent
+  data"): a receiver that saw them would take the urgent byte out of the
+  stream it hands the MTA;
 - a RST closes the flow only at the exact sequence number the receiver's TCP
   accepts outright (RFC 5961), or, before the server's SYN-ACK, when it
   acknowledges the client's SYN. Either way it is DUPLICATE: forward it, the
@@ -28,8 +37,9 @@ its state calls for, so each queue's head is its next flow to time out, and
 per flow otherwise.
 
 Eviction, when a new flow finds the table full: first the closed flow idle
-longest, then the half-open flow idle longest, and only when neither exists
-the established flow idle longest. A SYN flood therefore evicts its own
+longest (the engine makes a refused session one), then the half-open
+flow idle longest, and only when neither exists the established flow idle
+longest. A SYN flood therefore evicts its own
 half-open flows: it cannot grow memory past `max_flows` and cannot push out
 established sessions while any half-open flow is left to evict.
 
@@ -50,7 +60,7 @@ import enum
 from collections import OrderedDict
 from typing import Any
 
-from .packet import ACK, FIN, RST, SYN, URG, Segment
+from .packet import ACK, FIN, RST, SYN, Segment
 from .stream import Outcome, RetainBudget, Stream, seq_diff
 
 FlowKey = tuple[str, int, str, int]  # client addr, client port, server addr, server port
@@ -96,19 +106,28 @@ class Flow:
         return f"Flow({self.key!r}, {self.state.name})"
 
     def handle(self, seg: Segment, from_client: bool) -> tuple[Outcome, bytes]:
-        """Judge one segment; NEW comes with the bytes to inspect."""
+        """Judge one segment; NEW comes with the bytes to inspect.
+
+        Afterwards the sender's stream's `added` says how far this segment
+        moved it (0 unless NEW).
+        """
+        sender = self.client if from_client else self.server
+        if sender is not None:
+            sender.added = 0
         flags = seg.flags
         if flags & RST:
             self._rst(seg, from_client)
             return _NOTHING
         carries = bool(seg.payload or flags & (SYN | FIN))
-        if flags & URG or (flags & SYN and flags & FIN):
+        if flags & SYN and flags & FIN:
             return _CONFLICT
         if self.reset:
             return _CONFLICT if carries else _NOTHING
 
         opened = False
         if flags & SYN:
+            if from_client and self._live_elsewhere(seg):
+                return _CONFLICT if seg.payload or flags & FIN else _NOTHING
             stream, opened = self._syn(seg, from_client)
             if stream is None:
                 return _CONFLICT
@@ -116,7 +135,7 @@ class Flow:
         else:
             if not flags & ACK:
                 return _CONFLICT if carries else _NOTHING
-            stream = self.client if from_client else self.server
+            stream = sender
             if stream is None:
                 return _GAP if carries else _NOTHING
             if from_client and self.state is State.SYN_SENT:
@@ -143,6 +162,11 @@ class Flow:
         for stream in (self.client, self.server):
             if stream is not None:
                 stream.release()
+
+    def _live_elsewhere(self, seg: Segment) -> bool:
+        """A client's SYN (no ACK) with another ISN while the connection is established."""
+        return (not seg.flags & ACK and self.state in (State.ESTABLISHED, State.CLOSING)
+                and self.client is not None and seg.seq != self.client.isn)
 
     def _syn(self, seg: Segment, from_client: bool) -> tuple[Stream | None, bool]:
         """The stream a SYN belongs to and whether it just opened it; None if bogus."""

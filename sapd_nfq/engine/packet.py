@@ -197,6 +197,25 @@ def with_payload_bytes(packet: bytes, seg: Segment, start: int, data: bytes) -> 
     out = bytearray(packet)
     at = seg.payload_offset + start
     out[at:at + len(data)] = data
+    return _with_checksum(out, seg)
+
+
+def without_urgent(packet: bytes, seg: Segment) -> bytes:
+    """`packet` with the URG flag and the urgent pointer cleared.
+
+    The receiver then reads the urgent byte in line with the rest, as the
+    stream inspected it (README, "Urgent data"). Only the checksum changes
+    besides.
+    """
+    out = bytearray(packet)
+    out[seg.tcp_offset + 13] &= ~URG & 0xFF
+    out[seg.tcp_offset + 18:seg.tcp_offset + 20] = b"\0\0"
+    return _with_checksum(out, seg)
+
+
+def _with_checksum(out: bytearray, seg: Segment) -> bytes:
+    """`out` (the packet `seg` was parsed from, edited in place without
+    changing a length) with its TCP checksum recomputed."""
     field = seg.tcp_offset + 16
     out[field:field + 2] = b"\0\0"
     _CHECKSUM.pack_into(out, field, -_checksum_residue(out, seg) % 0xFFFF)

@@ -4,7 +4,11 @@ Pure functions from bytes to values; each raises ProtocolError for input it
 cannot read unambiguously. Where Postfix is lenient (RFC 822 comments, junk
 around the address, several addresses in one argument) we are strict: an
 envelope address we might read differently from the MTA is refused, never
-guessed. Hints name the problem and never echo peer bytes.
+guessed. Two spellings Postfix delivers to the plain address are read as that
+address, so that mail to a local user is not turned away: a quoted local part
+that needs no quotes (`"alice"@dom`, `"al\\ice"@dom` are `alice@dom`), and
+one trailing dot after the domain (`alice@dom.`). Hints name the problem and
+never echo peer bytes.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ _ATEXT = rb"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\x80-\xff]"
 _DOT_STRING = _ATEXT + rb"+(?:\." + _ATEXT + rb"+)*"
 _QUOTED = rb'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\x20-\x7e])*"'
 _LABEL = rb"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_DOMAIN = rb"(?:" + _LABEL + rb"(?:\." + _LABEL + rb")*|\[[\x21-\x5a\x5e-\x7e]+\])"
+_DOMAIN = rb"(?:" + _LABEL + rb"(?:\." + _LABEL + rb")*\.?|\[[\x21-\x5a\x5e-\x7e]+\])"
 _MAILBOX = rb"(?P<local>" + _DOT_STRING + rb"|" + _QUOTED + rb")(?:@(?P<domain>" + _DOMAIN + rb"))?"
 _ROUTE = rb"@" + _DOMAIN + rb"(?:,@" + _DOMAIN + rb")*:"
 
+_PLAIN_LOCAL = re.compile(_DOT_STRING)
 _BRACKETED = re.compile(rb"<(?:(?:" + _ROUTE + rb")?" + _MAILBOX + rb")?>")
 _BARE = re.compile(_MAILBOX)
 _PARAM = re.compile(rb"[A-Za-z0-9][A-Za-z0-9-]*(?:=[\x21-\x3c\x3e-\x7e\x80-\xff]+)?")
@@ -89,12 +94,14 @@ def _path(args: bytes, keyword: re.Pattern[bytes], what: str, allow_null: bool) 
         plain = _UNQUOTE.sub(rb"\1", local[1:-1]) if local[:1] == b'"' else local
         if _ROUTING.search(plain):
             raise ProtocolError(f"{what}: routing characters in the local part")
+        if _PLAIN_LOCAL.fullmatch(plain):
+            local = plain
         try:
             address = local.decode("utf-8")
         except UnicodeDecodeError:
             raise ProtocolError(f"{what}: local part is not UTF-8") from None
         if found["domain"] is not None:
-            address += "@" + found["domain"].decode("ascii")
+            address += "@" + found["domain"].decode("ascii").removesuffix(".")
     return address, b" ".join(params).decode("utf-8", "replace")
 
 

@@ -77,9 +77,12 @@ class Stream:
 
     `offset` counts the bytes delivered so far; `fin` says the sender's FIN
     was accepted (it sits at `offset`, which then never grows again).
+    `added` is how far the latest receive() moved next_seq (0 unless NEW):
+    next_seq - added is where the stream stood before that segment.
     """
 
-    __slots__ = ("isn", "max_unacked", "budget", "offset", "fin", "_base", "_buf", "_start")
+    __slots__ = ("isn", "max_unacked", "budget", "offset", "fin", "added", "_base", "_buf",
+                 "_start")
 
     def __init__(self, isn: int, max_unacked: int = MAX_UNACKED,
                  budget: RetainBudget | None = None) -> None:
@@ -88,6 +91,7 @@ class Stream:
         self.budget = budget
         self.offset = 0
         self.fin = False
+        self.added = 0
         self._base = 0              # stream offset of the first retained byte
         self._buf = bytearray()     # retained bytes from _buf[_start] on
         self._start = 0
@@ -104,6 +108,7 @@ class Stream:
 
     def receive(self, seq: int, payload: bytes, fin: bool = False) -> tuple[Outcome, bytes]:
         """Judge a segment of this direction; NEW comes with the new bytes."""
+        self.added = 0
         if not payload and not fin:
             return Outcome.DUPLICATE, b""
         offset = self.offset
@@ -139,6 +144,7 @@ class Stream:
                 self._start = 0
             self._buf += new
             self.offset = end
+        self.added = len(new) + (fin and not self.fin)
         if fin:
             self.fin = True
         return Outcome.NEW, new

@@ -12,7 +12,7 @@ from scapy.layers.inet import IP, TCP
 from streams import random_chunks
 
 from sapd_nfq.engine.logins import StoreError
-from sapd_nfq.engine.packet import ACK, FIN, RST, parse, tcp_checksum_ok
+from sapd_nfq.engine.packet import ACK, FIN, RST, URG, parse, tcp_checksum_ok
 from sapd_nfq.engine.policy import ROW_LOGGED_IN, ROW_NOT_LOCAL, ROW_NOT_LOGGED_IN, ROW_RECIPIENT_LOCAL
 from sapd_nfq.engine.smtp import MAX_PENDING_BYTES
 from sapd_nfq.engine.verdicts import ACCEPT, BYPASS, DROP
@@ -45,6 +45,18 @@ def test_inbound_mail_to_a_local_recipient_passes():
     [n] = notices(d, "pass")
     assert (n.client, n.sender, n.recipient, n.row) == (
         conn.client_addr, "dave@external.example", "Alice@LAB.example", ROW_RECIPIENT_LOCAL)
+
+
+def test_spellings_postfix_delivers_to_a_local_user_pass_as_local():
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    conn.client(b"MAIL FROM:<dave@external.example>\r\n")
+    for spelled in (b'<"alice"@lab.example>', b'<"al\\ice"@lab.example>', b"<alice@lab.example.>"):
+        d = conn.client(b"RCPT TO:" + spelled + b"\r\n")
+        assert d.verdict is ACCEPT
+        [n] = notices(d, "pass")
+        assert (n.recipient, n.row) == ("alice@lab.example", ROW_RECIPIENT_LOCAL)
+    assert_refused(conn.client(b'RCPT TO:<"dave"@external.example.>\r\n'), conn, b"550 5.7.1")
 
 
 def test_relay_without_login_is_refused_with_550_and_resets():
@@ -265,6 +277,58 @@ def test_starttls_offer_is_hidden_in_place_by_default():
     assert tcp_checksum_ok(d.packet)
 
 
+def assert_urgent_cleared(decision, sent: bytes) -> None:
+    """The verdict's packet is `sent` without URG and urgent pointer."""
+    assert decision.verdict is ACCEPT and decision.packet is not None
+    out, original = parse(decision.packet), parse(sent)
+    assert not out.flags & URG and out.flags == original.flags & ~URG
+    assert decision.packet[out.tcp_offset + 18:out.tcp_offset + 20] == b"\0\0"
+    assert tcp_checksum_ok(decision.packet)
+
+
+def test_urgent_data_reaches_the_server_in_line():
+    # The MTA's TCP would take the urgent byte 'X' out of the stream and hand
+    # Postfix "RCPT TO:..." while we read "XRCPT": cleared, it reads "XRCPT" too.
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    hidden = b"XRCPT TO:<dave@external.example>\r\n"
+    sent = conn.packet(True, hidden, flags="PAU", urgptr=1)
+    d = conn.feed(sent)
+    assert_urgent_cleared(d, sent)
+    assert parse(d.packet).payload == hidden and not d.notices
+    conn.cseq += len(hidden)
+    assert conn.server(b"502 5.5.2 Error: command not recognized\r\n").verdict is ACCEPT
+    assert conn.engine.counters["urgent_cleared"] == 1
+    assert_refused(conn.client(RELAY), conn, b"550 5.7.1")
+
+
+def test_urgent_pointer_aiming_at_later_data_is_cleared_too():
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    sent = conn.packet(True, flags="AU", urgptr=40)
+    assert_urgent_cleared(conn.feed(sent), sent)
+
+
+def test_urgent_flag_on_a_hidden_starttls_offer():
+    conn = Conn(make_engine())
+    conn.handshake()
+    conn.server(b"220 mx ESMTP\r\n")
+    conn.client(b"EHLO c\r\n")
+    reply = b"250-mx\r\n250-STARTTLS\r\n250 8BITMIME\r\n"
+    sent = conn.packet(False, reply, flags="PAU", urgptr=3)
+    d = conn.feed(sent)
+    assert_urgent_cleared(d, sent)
+    assert parse(d.packet).payload == reply.replace(b"STARTTLS", b"XXXXXXXX")
+
+
+def test_urgent_data_on_pop3_is_read_in_line():
+    conn = Conn(make_engine(), sport=110)
+    conn.handshake()
+    conn.server(b"+OK Dovecot ready.\r\n")
+    sent = conn.packet(True, b"USER alice\r\n", flags="PAU", urgptr=5)
+    assert_urgent_cleared(conn.feed(sent), sent)
+
+
 def test_starttls_offer_split_over_segments_is_hidden_where_it_completes():
     conn = Conn(make_engine())
     conn.handshake()
@@ -401,6 +465,37 @@ def test_an_untracked_reset_is_dropped_and_answered_with_nothing():
     assert d.verdict is DROP and d.inject == []
 
 
+def test_a_syn_flood_that_overflows_the_table_costs_no_crafted_packets():
+    # Half-open flows are evicted first; their SYN-ACKs are dropped, never answered.
+    engine = make_engine(max_flows=8)
+    conns = [Conn(engine, cport=41000 + i) for i in range(20)]
+    for conn in conns:
+        assert not conn.feed(conn.packet(True, flags="S", ack=0)).inject
+    for conn in conns:
+        conn.cseq += 1
+        d = conn.feed(conn.packet(False, flags="SA"))
+        assert d.inject == [] and (d.verdict is DROP) is (conn.cport < 41012)
+    assert engine.flows.evicted == 12 and len(engine.flows) == 8
+    # the client whose SYN-ACK was dropped sends its SYN again and gets through
+    again = conns[0]
+    again.cseq -= 1
+    assert again.handshake()[1].verdict is ACCEPT
+
+
+def test_refused_sessions_give_their_slots_up_before_live_ones():
+    # A relay flood leaves a refused flow per attempt: it must not push out the
+    # idle sessions nor the handshakes that come after it.
+    engine = make_engine(max_flows=4)
+    idle = Conn(engine, cport=40100)
+    idle.smtp_greeting()
+    for i in range(10):
+        attempt = Conn(engine, cport=40200 + i, now=idle.now)
+        attempt.smtp_greeting()
+        assert_refused(attempt.client(RELAY), attempt, b"550 5.7.1")
+    assert engine.flows.get((idle.client_addr, idle.cport, idle.server_addr, idle.sport)) is not None
+    assert idle.client(b"QUIT\r\n").verdict is ACCEPT
+
+
 def test_untracked_pop3_connection_leaves_the_queue():
     conn = Conn(make_engine(), sport=110)
     assert conn.client(b"RETR 1\r\n").verdict is BYPASS
@@ -415,6 +510,35 @@ def test_a_retransmission_with_different_bytes_is_refused():
     d = conn.feed(forged)
     assert d.verdict is DROP and d.inject
     assert conn.engine.counters["conflicts"] == 1
+
+
+def resets_to_server(decision, conn) -> list[int]:
+    """The seqs of the RSTs the refusal sends the server."""
+    return sorted(seg.seq for seg in map(parse, decision.inject)
+                  if seg.flags & RST and seg.dst == conn.server_addr)
+
+
+def test_a_conflict_resets_the_server_where_it_may_stand():
+    # The server may hold what we let through (it starts a resend that differs) or
+    # have lost it after us: only the exact seq resets it, so both go.
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    start = conn.cseq
+    assert conn.client(b"RCPT TO:<bo").verdict is ACCEPT
+    d = conn.feed(conn.packet(True, b"RCPT TO:<dave@external.example>\r\n", seq=start))
+    assert d.verdict is DROP and conn.engine.counters["conflicts"] == 1
+    assert resets_to_server(d, conn) == [start, start + 11]
+
+
+def test_a_refused_resend_that_overlaps_resets_the_server_after_what_passed():
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    start = conn.cseq
+    mail = b"MAIL FROM:<alice@lab.example>\r\n"
+    assert conn.client(mail).verdict is ACCEPT  # passed; its ACK not seen yet
+    d = conn.feed(conn.packet(True, mail + b"RCPT TO:<dave@external.example>\r\n", seq=start))
+    assert d.verdict is DROP and notices(d, "fail")
+    assert resets_to_server(d, conn) == [start, start + len(mail)]
 
 
 def test_data_beyond_a_gap_waits_for_the_gap():
@@ -463,6 +587,19 @@ def test_a_closed_connection_can_be_reopened_from_the_same_port():
     again.cseq = 777777
     assert again.handshake()[0].verdict is ACCEPT
     assert again.client(b"EHLO x\r\n").verdict is ACCEPT
+
+
+def test_a_blind_syn_on_a_live_sessions_ports_does_not_end_it():
+    conn = Conn(make_engine())
+    conn.smtp_greeting()
+    conn.client(b"MAIL FROM:<alice@lab.example>\r\n")
+    conn.server(b"250 2.1.0 Ok\r\n")
+    d = conn.feed(conn.packet(True, flags="S", seq=conn.cseq + 99999, ack=0))
+    assert d.verdict is ACCEPT and not d.inject  # the server answers with a challenge ACK
+    assert conn.client(b"RCPT TO:<bob@lab.example>\r\n").verdict is ACCEPT
+    conn.server(b"250 2.1.5 Ok\r\n")
+    assert_refused(conn.client(b"RCPT TO:<dave@external.example>\r\n"), conn, b"550 5.7.1")
+    assert conn.engine.counters["conflicts"] == 0
 
 
 def test_reconfigure_keeps_flows_and_logins():

@@ -78,6 +78,29 @@ def test_resent_syns() -> None:
     assert conn.flow.client.isn == conn.cisn and conn.flow.server.isn == conn.sisn
 
 
+@pytest.mark.parametrize("closing", [False, True])
+def test_a_syn_with_another_isn_on_a_live_connection_changes_nothing(closing: bool) -> None:
+    # RFC 5961: the server answers it with a challenge ACK and keeps the connection
+    conn = established()
+    conn.say(True, b"EHLO c\r\n")
+    if closing:
+        conn.say(False, b"421 bye\r\n", flags=ACK | FIN)
+    state = conn.flow.state
+    assert conn.client(SYN, seq=conn.cisn + 12345, ack=0) == NOTHING
+    assert conn.flow.state is state and conn.flow.client.isn == conn.cisn
+    assert conn.say(True, b"QUIT\r\n") == (NEW, b"QUIT\r\n")
+
+
+@pytest.mark.parametrize("flags, payload", [
+    (SYN, b"RCPT TO:<x>\r\n"),   # a server that lost the connection would read it uninspected
+    (SYN | FIN, b""),
+    (SYN | ACK, b""),             # not what a client sends
+])
+def test_a_live_connection_refuses_other_syns(flags: int, payload: bytes) -> None:
+    conn = established()
+    assert conn.client(flags, payload, seq=conn.cisn + 12345, ack=0) == (CONFLICT, b"")
+
+
 @pytest.mark.parametrize("from_client, flags, ack", [
     (True, SYN | ACK, None),        # simultaneous open
     (False, SYN, None),             # the server's SYN must acknowledge ours
@@ -127,13 +150,20 @@ def test_fast_open_data_is_judged() -> None:
     (PSH, b"RCPT TO:<x>\r\n", CONFLICT),   # no ACK: the receiver discards it
     (FIN, b"", CONFLICT),
     (0, b"", DUPLICATE),
-    (ACK | URG, b"XRCPT TO:<x>\r\n", CONFLICT),
-    (ACK | URG, b"", CONFLICT),            # the urgent pointer can aim at later data
 ])
 def test_flags(flags: int, payload: bytes, outcome: Outcome) -> None:
     conn = established()
     assert conn.client(flags, payload) == (outcome, b"")
     assert conn.flow.client.offset == 0
+
+
+def test_urgent_bytes_are_judged_in_line() -> None:
+    # The engine clears URG before the segment goes on, so the receiver reads
+    # the urgent byte where the stream does.
+    conn = established()
+    assert conn.say(True, b"XRCPT TO:<x>\r\n", flags=ACK | PSH | URG) == (NEW, b"XRCPT TO:<x>\r\n")
+    assert conn.client(ACK | URG) == NOTHING
+    assert conn.say(True, b"QUIT\r\n") == (NEW, b"QUIT\r\n")
 
 
 # --- RST ------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from sapd_nfq.engine.packet import (
     parse,
     tcp_checksum_ok,
     with_payload_bytes,
+    without_urgent,
 )
 
 TCP_OPTIONS = {"options": [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1, 2)),
@@ -199,6 +200,25 @@ def test_with_payload_bytes_every_alignment(start: int, data: bytes) -> None:
     assert parse(out).payload[start:start + len(data)] == data
     assert tcp_checksum_ok(out)
     assert _scapy_checksum(out)[0] == _scapy_checksum(out)[1]
+
+
+@pytest.mark.parametrize("packet", [
+    v4(b"XRCPT TO:<a@b>\r\n", flags="PAU", tcp={"urgptr": 1}),
+    v4(b"", flags="AU", tcp={"urgptr": 4000, **TCP_OPTIONS}),  # aims at later data
+    v4(b"odd", flags="FPAU", tcp={"urgptr": 2}, ip={"options": [IPOption_NOP()] * 4}),
+    v6(b"XUSER alice\r\n", flags="PAU", dport=110, tcp={"urgptr": 1},
+       ext=(IPv6ExtHdrHopByHop(), IPv6ExtHdrDestOpt())),
+], ids=["v4", "v4-pointer-ahead", "v4-ip-options", "v6-ext"])
+def test_without_urgent_clears_flag_and_pointer_only(packet: bytes) -> None:
+    seg = parse(packet)
+    out = without_urgent(packet, seg)
+    tcp = (IP(out) if seg.version == 4 else IPv6(out))[TCP]
+    assert tcp.urgptr == 0 and int(tcp.flags) == seg.flags & ~URG
+    after = parse(out)
+    assert (after.seq, after.ack, after.window, after.payload) == (seg.seq, seg.ack, seg.window,
+                                                                   seg.payload)
+    assert len(out) == len(packet) and out[:seg.tcp_offset] == packet[:seg.tcp_offset]
+    assert tcp_checksum_ok(out) and _scapy_checksum(out)[0] == _scapy_checksum(out)[1]
 
 
 @pytest.mark.parametrize("start, data", [(-1, b"x"), (4, b"xx"), (6, b"")])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import random
+import re
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -138,6 +139,12 @@ RCPT_OK = [
     (b"RCPT TO:<@relay,@relay2:user@dom.example>", "user@dom.example", ""),
     (b"RCPT TO:<Postmaster>", "Postmaster", ""),
     (b"RCPT TO:<User@Example.COM>", "User@Example.COM", ""),
+    # spellings Postfix delivers to the plain address, read as it
+    (b'RCPT TO:<"alice"@lab.example>', "alice@lab.example", ""),
+    (b'RCPT TO:"alice+tag"@lab.example', "alice+tag@lab.example", ""),
+    (b'RCPT TO:<"al\\ice"@lab.example>', "alice@lab.example", ""),
+    (b"RCPT TO:<alice@lab.example.>", "alice@lab.example", ""),
+    (b"RCPT TO:<@relay.example.:alice@lab.example.>", "alice@lab.example", ""),
 ]
 
 ENVELOPE_BAD = [
@@ -146,7 +153,8 @@ ENVELOPE_BAD = [
     b"RCPT TO:<x@y.example>z", b"RCPT TO:<a@b.example>,<c@d.example>",
     b"RCPT TO:<a@b.example> <c@d.example>", b"RCPT TO:<a@b.example> SIZE==1",
     b"RCPT TO:<a @b.example>", b"RCPT TO:<a(comment)@b.example>", b"RCPT TO:<a..b@c.example>",
-    b"RCPT TO:<a@b.example.>", b"RCPT TO:<a@-b.example>", b"RCPT TO:<a@b\xc3\xa9.example>",
+    b"RCPT TO:<a@b.example..>", b"RCPT TO:<a@.>", b"RCPT TO:<a@[192.0.2.1].>",
+    b"RCPT TO:<a@-b.example>", b"RCPT TO:<a@b\xc3\xa9.example>",
     b"RCPT TO:<\xff@b.example>", b"RCPT TO:<a@b.example>\x00", b"RCPT TO:@r.example:a@b.example",
     # addresses the MTA may route elsewhere than they read
     b"RCPT TO:<victim%evil.example@us.example>", b"RCPT TO:<evil.example!victim@us.example>",
@@ -767,18 +775,27 @@ locals_ = st.one_of(
     st.lists(atoms, min_size=1, max_size=3).map(".".join),
     st.text("abc xyz<>:,;", min_size=1, max_size=8).map(lambda s: f'"{s}"'),
 )
-addresses = st.builds(lambda local, domain: f"{local}@{domain}", locals_, domains)
+
+
+def read_as(local: str) -> str:
+    """The local part as the grammar reads it: quotes it does not need are dropped."""
+    return local[1:-1] if re.fullmatch(r'"[a-z]+"', local) else local
+
+
+# (address as sent, address as read)
+addresses = st.builds(lambda local, domain: (f"{local}@{domain}", f"{read_as(local)}@{domain}"),
+                      locals_, domains)
 
 
 @st.composite
 def paths(draw):
-    address = draw(addresses)
+    address, read = draw(addresses)
     route = draw(st.sampled_from(["", "@relay.example:", "@a.example,@b.example:"]))
     bracket = draw(st.booleans()) or route or '"' in address
     text = f"<{route}{address}>" if bracket else address
     space = draw(st.sampled_from(["", " "]))
     params = draw(st.sampled_from(["", " SIZE=100", " BODY=8BITMIME", " NOTIFY=NEVER"]))
-    return space + text + params, address, params.strip()
+    return space + text + params, read, params.strip()
 
 
 body_lines = st.lists(st.one_of(

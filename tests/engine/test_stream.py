@@ -70,6 +70,19 @@ def test_conflicting_retransmission_changes_nothing() -> None:
     assert s.send(19, b"QUIT\r\n") == (NEW, b"QUIT\r\n")
 
 
+def test_added_is_how_far_the_latest_segment_moved_the_stream() -> None:
+    s = Sender()
+    s.send(0, b"MAIL FROM:<a@b>\r\n")
+    assert s.stream.added == 17
+    s.send(10, b"<a@b>\r\nRCPT")          # overlapping: only the new bytes count
+    assert s.stream.added == 4
+    for offset, data in ((0, b"MAIL"), (0, b"XXXX"), (99, b"gap")):  # duplicate, conflict, gap
+        s.send(offset, data)
+        assert s.stream.added == 0
+    s.send(21, b" TO:<c@d>\r\n", fin=True)  # the FIN takes a sequence number too
+    assert s.stream.added == 12 and s.stream.next_seq - s.stream.added == s.seq(21)
+
+
 def test_gap_is_dropped_not_buffered() -> None:
     s = Sender()
     assert s.send(0, b"AB") == (NEW, b"AB")

@@ -16,7 +16,7 @@ from pathlib import Path
 from socket import AF_INET, AF_INET6
 
 import pytest
-from lab_gate import Gate, mangle_rules
+from lab_gate import Gate, stop_and_check
 
 REQUIRED_BINARIES = ("ip", "iptables-restore", "ip6tables-restore", "tcpdump", "postfix",
                      "dovecot", "openssl", "swaks", "curl")
@@ -103,19 +103,5 @@ def make_gate(lab, mail_server, tmp_path):
         return gate
 
     yield make
-    problems = []
-    for gate in gates:
-        gate.unsupervise()
-        if gate.running:
-            code = gate.stop()
-            if code != 0:
-                problems.append(f"sapd-nfq run exited {code} on SIGTERM")
-        gate.down()
-        if mangle_rules(lab, gate.host) != gate.rules_before:
-            problems.append(f"`down` left rules behind in {gate.host}")
-        log = gate.log()
-        if "Traceback" in log:
-            problems.append("the daemon logged a traceback")
-        if any(password in log for password in mail_server.users.values()):
-            problems.append("a password reached the daemon's log")
+    problems = [problem for gate in gates for problem in stop_and_check(gate, mail_server)]
     assert not problems, "\n".join(problems) + "\n" + "\n".join(g.log() for g in gates)

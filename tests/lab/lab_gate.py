@@ -250,6 +250,27 @@ class Gate:
         os.replace(new, self.virtusertable)
 
 
+def stop_and_check(gate: Gate, mail: MailServer) -> list[str]:
+    """Stop the daemon (and its supervisor, if any) and remove its rules; what went
+    wrong: no clean exit on SIGTERM, rules left behind, a traceback or a password in
+    its log."""
+    problems = []
+    gate.unsupervise()
+    if gate.running:
+        code = gate.stop()
+        if code != 0:
+            problems.append(f"sapd-nfq run exited {code} on SIGTERM")
+    gate.down()
+    if mangle_rules(gate.lab, gate.host) != gate.rules_before:
+        problems.append(f"`down` left rules behind in {gate.host}")
+    log = gate.log()
+    if "Traceback" in log:
+        problems.append("the daemon logged a traceback")
+    if any(password in log for password in mail.users.values()):
+        problems.append("a password reached the daemon's log")
+    return problems
+
+
 # --- mail clients on the client host -------------------------------------------
 
 class SourcePOP3(poplib.POP3):
