@@ -44,7 +44,7 @@ from .events import (
     TLSOffered,
     TLSStarted,
 )
-from .flows import Flow, FlowTable, State
+from .flows import Flow, FlowTable, State, payload_offset
 from .imap import IMAPMachine
 from .logins import LoginStore, StoreError
 from .packet import ACK, RST, SYN, URG, Segment, Truncated, parse, with_stream_bytes, without_urgent
@@ -233,10 +233,10 @@ class Engine:
                 return decision
         if session.hidden and not from_client and seg.payload and flow.server is not None:
             decision.packet = self._hide(session, flow.server, seg, packet)
-        if session.refusals is not None and seg.payload:
-            self._rewrite(session.refusals, flow, seg, decision, packet, from_client)
         if decision.packet is None:
             decision.packet = normalised
+        if session.refusals is not None and seg.payload:
+            self._rewrite(session.refusals, flow, seg, decision, packet, from_client)
         if decision.verdict is BYPASS:
             flow.fate = BYPASSED
             flow.release()  # what follows is no longer compared
@@ -420,13 +420,15 @@ class Engine:
     def _rewrite(refusals: Refusals, flow: Flow, seg: Segment, decision: Decision,
                  packet: bytes, from_client: bool) -> None:
         """Lay the refusals' rewrites over this segment, retransmissions too."""
-        if decision.verdict is DROP or flow.client is None or flow.server is None:
-            return
         stream = flow.client if from_client else flow.server
+        if decision.verdict is DROP or flow.client is None or stream is None:
+            return
+        # A SYN's data (TCP Fast Open) comes before the server has a stream.
+        server = flow.server
         refusals.forget(flow.client.offset - flow.client.retained,
-                        flow.server.offset - flow.server.retained)
+                        0 if server is None else server.offset - server.retained)
         changed = with_stream_bytes(decision.packet or packet, seg,
-                                    (seg.seq - stream.isn - 1) & _MASK,
+                                    payload_offset(stream, seg),
                                     refusals.client if from_client else refusals.server)
         if changed is not None:
             decision.packet = changed
@@ -436,5 +438,5 @@ class Engine:
     @staticmethod
     def _hide(session: Session, stream: Stream, seg: Segment, packet: bytes) -> bytes | None:
         """Overwrite hidden keywords with X in this server segment, if any."""
-        return with_stream_bytes(packet, seg, (seg.seq - stream.isn - 1) & _MASK,
+        return with_stream_bytes(packet, seg, payload_offset(stream, seg),
                                  ((offset, b"X" * length) for offset, length in session.hidden))

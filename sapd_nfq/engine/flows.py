@@ -75,6 +75,12 @@ _GAP = (Outcome.GAP, b"")
 _CONFLICT = (Outcome.CONFLICT, b"")
 
 
+def payload_offset(stream: Stream, seg: Segment) -> int:
+    """The stream offset of `seg`'s first payload byte: a SYN's data (TCP
+    Fast Open) starts one past the SYN's own sequence number."""
+    return stream.offset_of((seg.seq + bool(seg.flags & SYN)) & 0xFFFFFFFF)
+
+
 class State(enum.Enum):
     SYN_SENT = "syn-sent"        # the client's SYN seen, handshake not completed
     ESTABLISHED = "established"  # the client acknowledged the server's SYN-ACK

@@ -149,6 +149,11 @@ class Stream:
             self.fin = True
         return Outcome.NEW, new
 
+    def offset_of(self, seq: int) -> int:
+        """The stream offset of the byte at sequence number `seq` (near the
+        stream's end: within 2**31 of it)."""
+        return self.offset + seq_diff(seq, (self.isn + 1 + self.offset) & _MASK)
+
     def acks_sent(self, ack: int) -> bool:
         """Whether `ack` lies between the first retained byte and next_seq."""
         sent = self.offset - self._base + self.fin

@@ -160,6 +160,18 @@ def test_retransmissions_are_rewritten_identically_and_compared_with_the_client_
     assert conn.feed(conn.packet(False, replies, seq=sseq)).packet == first.packet
 
 
+def test_a_refused_rcpt_on_a_fast_open_syn_is_rewritten_where_it_is():
+    # A SYN's data starts one past its seq: the rewrite must land on the RCPT, or
+    # the MTA reads the refused recipient as sent (seen in the lab with TFO on).
+    conn = Conn(make_engine(refusal="recipient"))
+    burst = b"EHLO c\r\n" + MAIL + OUTSIDE
+    syn = conn.packet(True, burst, flags="S", ack=0)
+    d = conn.feed(syn)
+    assert d.verdict is ACCEPT and [n.event for n in d.notices] == ["fail"]
+    at = burst.index(OUTSIDE)
+    assert payload(d, burst) == burst[:at] + command(len(OUTSIDE) - 2) + b"\r\n"
+
+
 def test_a_refused_line_begun_in_an_earlier_segment_falls_back_to_the_session_refusal():
     conn = _session()
     conn.client(MAIL + OUTSIDE[:12])  # already passed to the MTA as sent

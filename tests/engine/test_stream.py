@@ -83,6 +83,14 @@ def test_added_is_how_far_the_latest_segment_moved_the_stream() -> None:
     assert s.stream.added == 12 and s.stream.next_seq - s.stream.added == s.seq(21)
 
 
+@pytest.mark.parametrize("isn", [1000, MASK - 3], ids=["small", "wraps"])
+def test_offset_of_a_sequence_number(isn: int) -> None:
+    s = Sender(isn)
+    s.send(0, b"MAIL FROM:<a@b>\r\n")
+    for offset in (0, 5, 17, 30):
+        assert s.stream.offset_of(s.seq(offset)) == offset
+
+
 def test_gap_is_dropped_not_buffered() -> None:
     s = Sender()
     assert s.send(0, b"AB") == (NEW, b"AB")
