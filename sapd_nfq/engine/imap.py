@@ -43,7 +43,7 @@ from .events import (
     TLSOffered,
     TLSStarted,
 )
-from .linebuffer import LineBuffer
+from .login_machine import LoginMachine, Phase
 from .sasl import SaslLogin, login_name
 
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
@@ -176,13 +176,7 @@ def _literal(segment: bytes, continued: bool) -> tuple[bytes, int, bool] | None:
     return head, int(match.group(2)), not match.group(3)
 
 
-class _Phase(Enum):
-    LEARNING = "learning"
-    DONE = "done"    # logged in, TLS started, logged out: nothing more to learn
-    ERROR = "error"
-
-
-class IMAPMachine:
+class IMAPMachine(LoginMachine):
     """Both directions of one IMAP connection, fed as in-order stream bytes.
 
     `receive_client` and `receive_server` return the events the new bytes
@@ -191,15 +185,12 @@ class IMAPMachine:
     protocol violation they raise ProtocolError, and keep raising it.
     """
 
-    __slots__ = ("max_pending", "_client", "_server", "_pending", "_current", "_literal",
-                 "_keep", "_await_plus", "_challenged", "_server_literal", "_server_rest",
-                 "_greeted",
-                 "_phase", "_error")
+    __slots__ = ("max_pending", "_pending", "_current", "_literal", "_keep", "_await_plus",
+                 "_challenged", "_server_literal", "_server_rest", "_greeted")
 
     def __init__(self, max_line: int = 2048, max_pending: int = 100) -> None:
         self.max_pending = max_pending
-        self._client = LineBuffer(max_line)
-        self._server = LineBuffer(max_line)
+        super().__init__(max_line)
         self._pending: dict[bytes, _Command] = {}
         self._current: _Command | None = None     # a command whose literal comes next
         self._literal = 0                         # client literal octets still to come
@@ -209,51 +200,15 @@ class IMAPMachine:
         self._server_literal = 0
         self._server_rest = False
         self._greeted = False
-        self._phase = _Phase.LEARNING
-        self._error = ""
-
-    @property
-    def settled(self) -> bool:
-        """Nothing more to learn: logged in, TLS started, or logged out."""
-        return self._phase is _Phase.DONE
-
-    @property
-    def opaque(self) -> bool:
-        """Further bytes are not read (for IMAP, exactly when settled)."""
-        return self._phase is _Phase.DONE
-
-    def receive_client(self, data: bytes) -> list[Event]:
-        return self._receive(self._client, data)
-
-    def receive_server(self, data: bytes) -> list[Event]:
-        return self._receive(self._server, data)
 
     def __repr__(self) -> str:
         return f"<IMAPMachine {self._phase.value}, {len(self._pending)} pending>"
-
-    def _receive(self, buf: LineBuffer, data: bytes) -> list[Event]:
-        if self._phase is _Phase.DONE:
-            return []
-        if self._phase is _Phase.ERROR:
-            raise ProtocolError(self._error)
-        out: list[Event] = []
-        try:
-            buf.feed(data)
-            if buf is self._server:
-                self._server_lines(out)
-            else:
-                self._client_lines(out)
-        except ProtocolError as exc:
-            self._phase = _Phase.ERROR
-            self._error = exc.hint
-            raise
-        return out
 
     # --- client -> server ----------------------------------------------------
 
     def _client_lines(self, out: list[Event]) -> None:
         buf = self._client
-        while self._phase is _Phase.LEARNING and len(buf):
+        while self._phase is Phase.LEARNING and len(buf):
             if self._await_plus or self._in_flight(_Kind.AUTHENTICATE, _Kind.CANCELLED):
                 if len(buf) > buf.max_line:
                     raise ProtocolError("client data piled up awaiting the server")
@@ -367,7 +322,7 @@ class IMAPMachine:
 
     def _server_lines(self, out: list[Event]) -> None:
         buf = self._server
-        while self._phase is _Phase.LEARNING:
+        while self._phase is Phase.LEARNING:
             if self._server_literal:
                 self._server_literal -= buf.take(self._server_literal)
                 if self._server_literal:
@@ -434,7 +389,7 @@ class IMAPMachine:
         if word == b"OK":
             self._greeted = True
         elif word in (b"PREAUTH", b"BYE"):
-            self._phase = _Phase.DONE  # logged in without a login, or turned away
+            self._phase = Phase.DONE  # logged in without a login, or turned away
         else:
             raise ProtocolError("server greeting is neither OK, PREAUTH nor BYE")
 
@@ -460,14 +415,14 @@ class IMAPMachine:
             case _Action.LOGIN:
                 user = command.sasl.user if command.sasl is not None else command.user
                 out.append(LoginSucceeded(None if command.broken else user, command.method))
-                self._phase = _Phase.DONE
+                self._phase = Phase.DONE
             case _Action.FAILED:
                 user = command.sasl.user if command.sasl is not None else command.user
                 out.append(LoginFailed(user, command.method))
             case _Action.TLS:
                 out.append(TLSStarted())
-                self._phase = _Phase.DONE
+                self._phase = Phase.DONE
             case _Action.CLOSED:
-                self._phase = _Phase.DONE
+                self._phase = Phase.DONE
             case _Action.NOTHING:
                 pass

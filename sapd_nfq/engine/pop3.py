@@ -44,7 +44,7 @@ from .events import (
     TLSOffered,
     TLSStarted,
 )
-from .linebuffer import LineBuffer
+from .login_machine import LoginMachine, Phase
 from .sasl import SaslLogin, login_name
 
 MAX_COMMAND = 255
@@ -160,13 +160,7 @@ def _command(verb: bytes, arg: bytes) -> _Command:
     return _Other(None)
 
 
-class _Phase(Enum):
-    LEARNING = "learning"
-    DONE = "done"    # logged in, TLS started or quit: nothing more to learn
-    ERROR = "error"
-
-
-class POP3Machine:
+class POP3Machine(LoginMachine):
     """Both directions of one POP3 connection, fed as in-order stream bytes.
 
     `receive_client` and `receive_server` return the events the new bytes
@@ -175,62 +169,24 @@ class POP3Machine:
     they raise ProtocolError, and keep raising it on every later call.
     """
 
-    __slots__ = ("max_pending", "_client", "_server", "_pending", "_user", "_body",
-                 "_pipelining", "_phase", "_error")
+    __slots__ = ("max_pending", "_pending", "_user", "_body", "_pipelining")
 
     def __init__(self, max_line: int = 2048, max_pending: int = 100) -> None:
         self.max_pending = max_pending
-        self._client = LineBuffer(max_line)
-        self._server = LineBuffer(max_line)
+        super().__init__(max_line)
         self._pending: list[_Command] = [_Greeting()]  # short: pop(0) is cheap
         self._user: _User | None = None           # the USER the next PASS logs in as
         self._body: _Body | None = None           # inside a multi-line response
         self._pipelining = False                  # the server's CAPA offered PIPELINING
-        self._phase = _Phase.LEARNING
-        self._error = ""
-
-    @property
-    def settled(self) -> bool:
-        """Nothing more to learn: logged in, TLS started, or QUIT answered."""
-        return self._phase is _Phase.DONE
-
-    @property
-    def opaque(self) -> bool:
-        """Further bytes are not read (for POP3, exactly when settled)."""
-        return self._phase is _Phase.DONE
-
-    def receive_client(self, data: bytes) -> list[Event]:
-        return self._receive(self._client, data)
-
-    def receive_server(self, data: bytes) -> list[Event]:
-        return self._receive(self._server, data)
 
     def __repr__(self) -> str:
         return f"<POP3Machine {self._phase.value}, {len(self._pending)} pending>"
-
-    def _receive(self, buf: LineBuffer, data: bytes) -> list[Event]:
-        if self._phase is _Phase.DONE:
-            return []
-        if self._phase is _Phase.ERROR:
-            raise ProtocolError(self._error)
-        out: list[Event] = []
-        try:
-            buf.feed(data)
-            if buf is self._server:
-                self._server_lines(out)
-            else:
-                self._client_lines(out)
-        except ProtocolError as exc:
-            self._phase = _Phase.ERROR
-            self._error = exc.hint
-            raise
-        return out
 
     # --- client -> server ----------------------------------------------------
 
     def _client_lines(self, out: list[Event]) -> None:
         buf = self._client
-        while self._phase is _Phase.LEARNING and len(buf):
+        while self._phase is Phase.LEARNING and len(buf):
             last = self._pending[-1] if self._pending else None
             if isinstance(last, _Stls):
                 raise ProtocolError("client sent data after STLS before the server answered")
@@ -286,7 +242,7 @@ class POP3Machine:
 
     def _server_lines(self, out: list[Event]) -> None:
         buf = self._server
-        while self._phase is _Phase.LEARNING:
+        while self._phase is Phase.LEARNING:
             start = buf.offset
             line = buf.next_line()
             if line is None:
@@ -345,15 +301,15 @@ class POP3Machine:
                 self._login(False, sasl.user, sasl.method, out)
             case _Stls(), _Status.OK:
                 out.append(TLSStarted())
-                self._phase = _Phase.DONE
+                self._phase = Phase.DONE
             case _Quit(), _Status.OK:
-                self._phase = _Phase.DONE
+                self._phase = Phase.DONE
             case _:
                 raise ProtocolError(f"{status.value} is no valid reply to {command.name}")
 
     def _login(self, ok: bool, user: str | None, method: str, out: list[Event]) -> None:
         if ok:
             out.append(LoginSucceeded(user, method))
-            self._phase = _Phase.DONE
+            self._phase = Phase.DONE
         else:
             out.append(LoginFailed(user, method))
