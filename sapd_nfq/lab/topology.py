@@ -6,9 +6,14 @@ families. The client link also carries a pool of extra client addresses
 (198.18.3.0/24, 2001:db8:3::/64) for tests that need many senders.
 
 The namespaces are wired only to each other, so no lab packet can reach any
-other network. Everything the lab creates is a named namespace, a process
-inside one, or a file under its state directory; `Lab.down()` removes all
-three from whatever state it finds, so a crashed run is cleaned up by the
+other network. Nor does a lab process wait on a resolver: `ip netns exec`
+gives each namespace its own /etc/hosts and /etc/resolv.conf from
+/etc/netns/<name>/ (the lab's hosts, and the machine's own name, which swaks
+and Postfix look up; a resolver on the namespace's loopback, where nothing
+listens, so any other lookup fails at once instead of timing out).
+Everything the lab creates is a named namespace, a process inside one, a file
+under its state directory or under /etc/netns/<name>/; `Lab.down()` removes
+them all from whatever state it finds, so a crashed run is cleaned up by the
 next one.
 """
 
@@ -18,6 +23,7 @@ import ipaddress
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -38,6 +44,8 @@ _IFA_F_TENTATIVE = 0x40
 _POOL4 = ipaddress.ip_network("198.18.3.0/24")
 _POOL6 = ipaddress.ip_network("2001:db8:3::/64")
 _POOL_FIRST = 10  # pool addresses start at .10 / ::a, gw holds .1 / ::1
+NETNS_ETC = Path("/etc/netns")  # where `ip netns exec` finds a namespace's own /etc files
+LAB_DOMAIN = "lab.example"
 
 # (role, interface) -- (role, interface): the two veth pairs
 _LINKS = (
@@ -137,6 +145,7 @@ class Lab:
             for host in self.hosts.values():
                 netns.create(host.netns)
                 self._sysctl(host, _SYSCTLS_ALL)
+                self._name_files(host)
             self._sysctl(self.gw, _SYSCTLS_GW)
             for (role_a, if_a), (role_b, if_b) in _LINKS:
                 with IPRoute(netns=self.hosts[role_a].netns) as ipr:
@@ -161,7 +170,30 @@ class Lab:
                     for pid in pids])
         for name in present:
             netns.remove(name)
+        for name in names:
+            shutil.rmtree(NETNS_ETC / name, ignore_errors=True)
+        try:
+            NETNS_ETC.rmdir()  # only if no one else keeps files there
+        except OSError:
+            pass
         shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def hosts_file(self) -> str:
+        """The /etc/hosts every lab namespace sees: the lab's hosts, and this machine's name."""
+        lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback",
+                 f"127.0.1.1\t{socket.gethostname()}"]
+        for host in self.hosts.values():
+            names = f"{host.role}.{LAB_DOMAIN}" + (f" mail.{LAB_DOMAIN}" if host is self.server
+                                                   else "")
+            lines += [f"{host.ipv4}\t{names}", f"{host.ipv6}\t{names}"]
+        return "\n".join(lines) + "\n"
+
+    def _name_files(self, host: Host) -> None:
+        directory = NETNS_ETC / host.netns
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "hosts").write_text(self.hosts_file())
+        # nothing listens there: a lookup the hosts file cannot answer fails at once
+        (directory / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
 
     def _sysctl(self, host: Host, values: dict[str, str]) -> None:
         # /proc/sys/net belongs to the namespace of the task that opens it.

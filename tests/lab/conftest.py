@@ -8,9 +8,11 @@ a missing capability fails them instead, so CI never passes by skipping.
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import itertools
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from socket import AF_INET, AF_INET6
@@ -48,6 +50,43 @@ def require_lab() -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason} (CI=true: a missing capability is a failure)", pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_name_lookups() -> Iterator[None]:
+    """The lab's clients in this process name hosts by address only.
+
+    A lookup here would go to the machine's own resolver, which may time out
+    (smtplib, say, looks up this machine's name unless it is given one): a
+    test that made one would depend on a fast resolver, so it fails at once.
+    """
+    def literal(host: object) -> bool:
+        if host is None:  # a passive socket: no name
+            return True
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        if name in ("", "localhost"):
+            return True
+        try:
+            ipaddress.ip_address(name.split("%")[0])
+        except ValueError:
+            return False
+        return True
+
+    def guard(name: str, allowed) -> object:
+        real = getattr(socket, name)
+
+        def guarded(host="", *args, **kwargs):
+            if not allowed(host):
+                raise AssertionError(f"socket.{name}({host!r}): the lab names hosts by address")
+            return real(host, *args, **kwargs)
+        return guarded
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("getaddrinfo", "gethostbyname", "gethostbyname_ex"):
+            patch.setattr(socket, name, guard(name, literal))
+        for name in ("gethostbyaddr", "getfqdn"):  # reverse lookups, whatever the argument
+            patch.setattr(socket, name, guard(name, lambda host: False))
+        yield
 
 
 @pytest.fixture(scope="session")

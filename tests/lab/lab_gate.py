@@ -326,7 +326,8 @@ def smtp_session(lab: Lab, source: str, server: str,
                  timeout: float = CLIENT_TIMEOUT) -> smtplib.SMTP:
     """An SMTP connection from `source` after EHLO; the socket stays in the client host."""
     with lab.inside("client"):
-        smtp = smtplib.SMTP(server, 25, source_address=(source, 0), timeout=timeout)
+        smtp = smtplib.SMTP(server, 25, source_address=(source, 0), timeout=timeout,
+                            local_hostname="client.lab.example")
     smtp.ehlo("client.lab.example")
     return smtp
 

@@ -25,7 +25,8 @@ RELAY_DENIED = "550 5.7.1"
 def attempt(server: str, source: str, sender: str, timeout: float) -> str:
     recipient = f"flood-{uuid.uuid4().hex[:10]}@external.example"
     try:
-        smtp = smtplib.SMTP(server, 25, source_address=(source, 0), timeout=timeout)
+        smtp = smtplib.SMTP(server, 25, source_address=(source, 0), timeout=timeout,
+                            local_hostname="flood.lab.example")
     except (OSError, smtplib.SMTPException):
         return "error"
     try:
