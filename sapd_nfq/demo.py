@@ -20,6 +20,7 @@ VMs of vagrant/ as in the namespace lab (labcli.py builds and removes that).
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 import time
@@ -36,6 +37,10 @@ REMOTE_RECIPIENT = "dave@external.example"
 HELO = "client.lab.example"
 SMTP_TIMEOUT = 15  # seconds swaks waits for each reply
 WINDOW_MARGIN = 1.0  # seconds past the end of the login window before the last try
+# The login window must hold step 3 (the login, then `auth list`) and step 4 (a relay):
+# three client runs, none slower than the slowest of steps 1 and 2, plus slack.
+WINDOW_RUNS = 3
+WINDOW_SLACK = 2.0  # seconds
 # curl -v shows the server's lines as "< ..."; these answer the login and the LIST.
 _POP3_ANSWERS = re.compile(r"< (\+OK (Logged in|\d+ messages)|-ERR)")
 _INDENT = "   "
@@ -49,6 +54,12 @@ def swaks_view(transcript: str) -> list[str]:
     return refused or [line for line in lines if "queued as" in line] or lines[-1:]
 
 
+def login_window(step: float, auth_ttl: int) -> int:
+    """The login window (s) for steps that take up to `step` seconds: `auth_ttl`,
+    or longer where steps 3 and 4 would not fit in it."""
+    return max(auth_ttl, math.ceil(WINDOW_RUNS * step + WINDOW_SLACK))
+
+
 class Story:
     """The demo's steps against `lab` with `gate` on its gw; `say` prints a line."""
 
@@ -58,6 +69,7 @@ class Story:
         self.say = say
         self.server = lab.server.ipv4
         self.client = lab.client.ipv4
+        self.slowest = 0.0  # seconds: the slowest SMTP step so far
 
     def play(self) -> bool:
         """Run every step; True if each came out as the relay table says."""
@@ -69,6 +81,7 @@ class Story:
                          f"from {self.client}, which has not logged in: a relay, refused.",
                       LOCAL_SENDER, REMOTE_RECIPIENT, accepted=False),
         ]
+        self.size_window(self.slowest)
         login_ok, logged_in_at = self.pop3(
             3, f"{USER} collects her mail by POP3 from the same address. sapd-nfq sees "
                "the server accept the login and opens the relay for that address.")
@@ -104,9 +117,11 @@ class Story:
         argv = ["swaks", "--server", self.server, "--helo", HELO, "--from", sender,
                 "--to", recipient]
         offset = self.gate.log_size()
+        began = time.monotonic()
         done = self.lab.run(self.lab.client, [*argv, "--timeout", str(SMTP_TIMEOUT),
                                               "--h-Subject", f"sapd-nfq demo, step {number}"],
                             check=False, capture_output=True, text=True)
+        self.slowest = max(self.slowest, time.monotonic() - began)
         self._command(argv)
         view = swaks_view(done.stdout + done.stderr)
         for line in view:
@@ -139,6 +154,18 @@ class Story:
         ok = self._expect(done.returncode == 0, f"curl failed ({done.returncode})",
                           "the login should have succeeded")
         return ok and logged, logged_in_at
+
+    def size_window(self, step: float) -> None:
+        """Widen the login window where steps take long (a slow machine), so that
+        the login and the relay after it fit in it."""
+        needed = login_window(step, self.gate.auth_ttl)
+        if needed == self.gate.auth_ttl:
+            return
+        self.say("")
+        self.say(f"(A step takes about {step:.1f} s on this machine: the login window is "
+                 f"widened from {self.gate.auth_ttl} s to {needed} s so that steps 3 and 4 "
+                 "fit in it.)")
+        self.gate.set_auth_ttl(needed)
 
     def wait_for_window(self, logged_in_at: float) -> None:
         left = logged_in_at + self.gate.auth_ttl + WINDOW_MARGIN - time.monotonic()

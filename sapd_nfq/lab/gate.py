@@ -88,6 +88,12 @@ class Gate:
         self.setup()
         self._script("start", str(self.state_dir))
 
+    def set_auth_ttl(self, auth_ttl: int) -> None:
+        """Rewrite the config with another login window and reload the running daemon."""
+        self.auth_ttl = auth_ttl
+        self.setup()
+        self.cli("reload")
+
     def stop(self) -> None:
         """Stop the daemon, remove the rules."""
         self._script("stop", str(self.state_dir))
