@@ -28,7 +28,7 @@ against the directory of the config file.
 | `workers` | integer 1..16 | `1` | daemon processes; the rules balance flows over queues `queue`.. `queue+workers-1` |
 | `queue_maxlen` | integer >= 16 | `4096` | packets the kernel holds for a worker; past that it drops them (fail closed: TCP retransmits) |
 | `pop3_fail_open` | `true` or `false` | `true` | with no daemon bound, POP3 and IMAP packets pass (learning stops, mail still flows); SMTP always fails closed |
-| `login_logs` | list of paths | `[]` | mail server log files whose success lines are logins (Dovecot 2.3/2.4, Courier); see loglearner.py |
+| `login_logs` | list of paths, `"journal"` or `"journal:DIR"` | `[]` | mail server log files whose success lines are logins (Dovecot 2.3/2.4, Courier), or the systemd journal's Dovecot entries (of DIR's journal files); see loglearner.py |
 | `login_hook` | path or `""` | `""` | a unix socket for Dovecot's post-login script (packaging/sapd-nfq-postlogin); `""`: none |
 | `login_hook_group` | group name | `"sapd-hook"` | the only group (besides root) that may use `login_hook` |
 | `run_dir` | path | `"/run/sapd-nfq"` | where the daemon's control sockets live, and the log learner's positions |
@@ -42,6 +42,7 @@ import difflib
 import ipaddress
 import os
 import re
+import shutil
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from typing import Any
 
 from .engine.addresses import IPNetwork, parse_network
 from .engine.errors import ConfigError
+from .engine.loglines import JOURNAL
 from .interfaces import check_name
 from .logins import store_kind
 from .postfix_maps import split_spec
@@ -83,7 +85,7 @@ class Config:
     workers: int = 1
     queue_maxlen: int = 4096
     pop3_fail_open: bool = True
-    login_logs: tuple[Path, ...] = ()
+    login_logs: tuple[Path | str, ...] = ()  # str: a journal source, "journal[:DIR]"
     login_hook: Path | None = None
     login_hook_group: str = "sapd-hook"
     run_dir: Path = Path("/run/sapd-nfq")
@@ -196,13 +198,21 @@ def _path(value: Any, base: Path) -> Path:
     return base / value
 
 
-def _paths(value: Any, base: Path) -> tuple[Path, ...]:
-    what = "file paths"
-    items = _list(value, what)
-    for item in items:
+def _login_sources(value: Any, base: Path) -> tuple[Path | str, ...]:
+    what = "log file paths or \"journal\""
+    sources: list[Path | str] = []
+    for item in _list(value, what):
         if not isinstance(item, str) or not item or "\0" in item:
             raise _Bad(f"a list of {what}", item)
-    return _unique([base / item for item in items], what)
+        if item == JOURNAL or item.startswith(JOURNAL + ":"):
+            if shutil.which("journalctl") is None:
+                raise _Bad(f"{what}, with journalctl installed", item,
+                           "the journal is read with journalctl, which is not installed")
+            directory = item.partition(":")[2]
+            sources.append(f"{JOURNAL}:{base / directory}" if directory else JOURNAL)
+        else:
+            sources.append(base / item)
+    return _unique(sources, what)
 
 
 def _group(value: Any, base: Path) -> str:
@@ -284,7 +294,7 @@ _CHECKS: dict[str, Check] = {
     "workers": _int(1, 16),
     "queue_maxlen": _int(16),
     "pop3_fail_open": _bool,
-    "login_logs": _paths,
+    "login_logs": _login_sources,
     "login_hook": _optional_path,
     "login_hook_group": _group,
     "run_dir": _path,

@@ -27,6 +27,13 @@ is never logged (a crash) stops renewing after SESSION_MAX seconds.
 A log learner trusts whoever can write the file: follow the server's own log
 (Dovecot's `log_path`, root-owned), not a syslog file that any local user can
 append to with logger(1).
+
+The systemd journal ("journal" in `login_logs`) is read through
+`journalctl --follow --output=json`, a child whose output is a non-blocking
+pipe: only the entries journald's own fields show Dovecot wrote count
+(engine/loglines.py), so `logger -t dovecot` opens nothing. The cursor of the
+last entry read is the position kept across restarts. A journalctl that exits
+is started again after RESTART_INTERVAL, from that cursor.
 """
 
 from __future__ import annotations
@@ -35,13 +42,24 @@ import json
 import logging
 import os
 import stat
+import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .engine.logins import LoginStore, StoreError
-from .engine.loglines import MAX_LINE, LogLogin, LogSessionEnd, parse_line
+from .engine.loglines import (
+    JOURNAL,
+    JOURNAL_EXES,
+    JOURNAL_UNITS,
+    MAX_JOURNAL_ENTRY,
+    MAX_LINE,
+    LogLogin,
+    LogSessionEnd,
+    journal_entry,
+    parse_line,
+)
 from .logsetup import LOGGER
 
 READ_BUDGET = 256 * 1024  # bytes a poll reads from one file
@@ -49,9 +67,38 @@ SESSION_MAX = 24 * 3600.0  # seconds a session's login is renewed without its en
 MAX_SESSIONS = 65536
 SAVE_INTERVAL = 10.0  # seconds between saves of the positions while lines come in
 STATE_NAME = "login-logs.json"
+RESTART_INTERVAL = 5.0  # seconds before a journalctl that exited is started again
+STOP_TIMEOUT = 1.0  # seconds journalctl gets to exit on SIGTERM
+STDERR_TAIL = 512  # octets of journalctl's error output kept for the log
 HEAD = 256  # bytes of a file's start kept to recognise it after a restart
 
 log = logging.getLogger(LOGGER)
+
+
+class LineSplitter:
+    """Complete lines out of a byte stream; a line longer than `limit` is dropped whole."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.done = 0  # octets of the stream in lines returned or dropped
+        self.partial = b""
+        self._skipping = False  # inside a line too long to read
+
+    def reset(self) -> None:
+        self.done, self.partial, self._skipping = 0, b"", False
+
+    def feed(self, data: bytes, lines: list[bytes]) -> None:
+        chunks = (self.partial + data).split(b"\n")
+        self.partial = chunks.pop()
+        for chunk in chunks:
+            self.done += len(chunk) + 1
+            if self._skipping:
+                self._skipping = False  # the end of a line too long to read
+                continue
+            lines.append(chunk.removesuffix(b"\r"))
+        if len(self.partial) > self.limit:
+            self.done += len(self.partial)
+            self.partial, self._skipping = b"", True
 
 
 class FileFollower:
@@ -63,10 +110,14 @@ class FileFollower:
         self._resume = resume  # (inode, offset, head) from before a restart
         self._fd: int | None = None
         self._inode = 0
-        self._offset = 0       # stream offset of the first byte not yet returned in a line
-        self._partial = b""
-        self._skipping = False  # inside a line too long to read
-        self._first = True      # the first open starts at the end (or the resumed offset)
+        self._start = 0        # where in the file the splitter's stream begins
+        self._lines = LineSplitter(MAX_LINE)
+        self._first = True     # the first open starts at the end (or the resumed offset)
+
+    @property
+    def _offset(self) -> int:
+        """The file offset of the first byte not yet returned in a line."""
+        return self._start + self._lines.done
 
     @property
     def position(self) -> tuple[int, int, str] | None:
@@ -107,8 +158,8 @@ class FileFollower:
             else:
                 start = st.st_size
         self._first = False
-        self._offset = start
-        self._partial, self._skipping = b"", False
+        self._start = start
+        self._lines.reset()
         if start:
             os.lseek(fd, start, os.SEEK_SET)
         return True
@@ -128,21 +179,8 @@ class FileFollower:
                 self._rotated()
                 return lines
             budget -= len(data)
-            self._split(data, lines)
+            self._lines.feed(data, lines)
         return lines
-
-    def _split(self, data: bytes, lines: list[bytes]) -> None:
-        chunks = (self._partial + data).split(b"\n")
-        self._partial = chunks.pop()
-        for chunk in chunks:
-            self._offset += len(chunk) + 1
-            if self._skipping:
-                self._skipping = False  # the end of a line too long to read
-                continue
-            lines.append(chunk.removesuffix(b"\r"))
-        if len(self._partial) > MAX_LINE:
-            self._offset += len(self._partial)
-            self._partial, self._skipping = b"", True
 
     def _rotated(self) -> None:
         """At the end of what we have: has the path moved on to a new file?"""
@@ -154,9 +192,127 @@ class FileFollower:
         if st.st_ino != self._inode:
             self.close()  # read to its end already; the new file is read from its start
             self._open()
-        elif stat.S_ISREG(st.st_mode) and st.st_size < self._offset + len(self._partial):
+        elif stat.S_ISREG(st.st_mode) and st.st_size < self._offset + len(self._lines.partial):
             os.lseek(self._fd, 0, os.SEEK_SET)  # copytruncate
-            self._offset, self._partial, self._skipping = 0, b"", False
+            self._start = 0
+            self._lines.reset()
+
+
+class JournalFollower:
+    """The journal's Dovecot entries, read from `journalctl --follow --output=json`."""
+
+    def __init__(self, source: str, resume: str | None = None,
+                 command: Sequence[str] = ("journalctl",)) -> None:
+        self.path = source
+        directory = source.partition(":")[2]
+        # journalctl's own filter keeps the pipe to Dovecot's entries; journal_entry checks again
+        matches = [f"_SYSTEMD_UNIT={unit}" for unit in sorted(JOURNAL_UNITS)]
+        matches += ["+", *(f"_EXE={exe}" for exe in sorted(JOURNAL_EXES))]
+        self._argv = [*command, "--follow", "--output=json", "--no-pager", "--quiet",
+                      *(["--directory", directory] if directory else []), *matches]
+        self._cursor = resume
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lines = LineSplitter(MAX_JOURNAL_ENTRY)
+        self._errors = b""
+        self._entries = 0  # read since journalctl last started
+        self._next_start = 0.0
+
+    @property
+    def position(self) -> str | None:
+        return self._cursor
+
+    def _start(self) -> bool:
+        now = time.monotonic()
+        if now < self._next_start:
+            return False
+        where = [f"--after-cursor={self._cursor}"] if self._cursor else ["--lines=0"]
+        try:
+            self._proc = subprocess.Popen([*self._argv, *where], stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as exc:
+            log.error("cannot run journalctl for login_logs: %s", exc)
+            self._next_start = now + RESTART_INTERVAL
+            return False
+        assert self._proc.stdout is not None and self._proc.stderr is not None
+        for pipe in (self._proc.stdout, self._proc.stderr):
+            os.set_blocking(pipe.fileno(), False)
+        self._lines.reset()
+        self._errors, self._entries = b"", 0
+        return True
+
+    def read_lines(self, budget: int = READ_BUDGET) -> list[bytes]:
+        """The messages of the Dovecot entries journalctl gave since the last call."""
+        if self._proc is None and not self._start():
+            return []
+        assert self._proc is not None and self._proc.stdout is not None
+        self._drain_errors()
+        raw: list[bytes] = []
+        while budget > 0:
+            try:
+                data = os.read(self._proc.stdout.fileno(), min(65536, budget))
+            except BlockingIOError:
+                break
+            if not data:
+                self._ended()
+                break
+            budget -= len(data)
+            self._lines.feed(data, raw)
+        messages = []
+        for line in raw:
+            entry = journal_entry(line)
+            if entry is None:
+                continue
+            self._entries += 1
+            if entry.cursor is not None:
+                self._cursor = entry.cursor
+            if entry.message is not None:
+                messages.append(entry.message)
+        return messages
+
+    def _drain_errors(self) -> None:
+        assert self._proc is not None and self._proc.stderr is not None
+        try:
+            while chunk := os.read(self._proc.stderr.fileno(), 4096):
+                self._errors = (self._errors + chunk)[-STDERR_TAIL:]
+        except BlockingIOError:
+            pass
+
+    def _ended(self) -> None:
+        assert self._proc is not None
+        self._drain_errors()
+        status = self._proc.wait()
+        said = self._errors.decode("utf-8", "replace").strip().replace("\n", "; ")
+        log.error("journalctl for login_logs exited with status %s%s; again in %.0f s",
+                  status, f": {said}" if said else "", RESTART_INTERVAL)
+        if self._cursor is not None and self._entries == 0:
+            self._cursor = None  # a cursor it cannot seek to: go on from the end
+        self.close()
+        self._next_start = time.monotonic() + RESTART_INTERVAL
+
+    def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+Follower = FileFollower | JournalFollower
+
+
+def follower(source: str | os.PathLike[str], saved: object) -> Follower:
+    """The follower for one `login_logs` entry, resumed from its saved position."""
+    if isinstance(source, str) and (source == JOURNAL or source.startswith(JOURNAL + ":")):
+        return JournalFollower(source, saved if isinstance(saved, str) else None)
+    return FileFollower(source, _pair(saved))
 
 
 @dataclass
@@ -178,7 +334,7 @@ class LogLearner:
         self.state_path = Path(state_dir) / STATE_NAME if state_dir is not None else None
         saved = self._load_state()
         files = saved.get("files", {})
-        self.followers = [FileFollower(p, _pair(files.get(os.fspath(p)))) for p in paths]
+        self.followers = [follower(p, files.get(os.fspath(p))) for p in paths]
         self.sessions: dict[str, _Session] = {
             key: _Session(**value) for key, value in saved.get("sessions", {}).items()
             if isinstance(value, dict)}
@@ -203,7 +359,8 @@ class LogLearner:
     def save(self) -> None:
         if self.state_path is None:
             return
-        files = {f.path: list(pos) for f in self.followers if (pos := f.position) is not None}
+        files = {f.path: pos if isinstance(pos, str) else list(pos)
+                 for f in self.followers if (pos := f.position) is not None}
         sessions = {k: vars(s) for k, s in self.sessions.items()}
         tmp = self.state_path.with_suffix(".tmp")
         try:

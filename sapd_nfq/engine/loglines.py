@@ -15,6 +15,14 @@ server's own text frames it on both sides:
 
 Lines longer than MAX_LINE are never read (the follower drops them whole).
 
+The systemd journal (`journalctl -o json`, one entry a line): an entry counts
+only if journald's own fields say Dovecot wrote it (`journal_message`). Fields
+whose names start with "_" are set by journald from the writer's credentials
+and cannot be sent; SYSLOG_IDENTIFIER can (`logger -t dovecot`), so it is
+never looked at. Dovecot's log process (or its master, under systemd) runs
+as root: an entry counts if `_UID` is 0 and either `_SYSTEMD_UNIT` is
+dovecot.service or `_EXE` is one of Dovecot's binaries.
+
 Servers and formats:
 - Dovecot 2.3 and 2.4, pop3-login, imap-login and submission-login, default
   `login_log_format_elements` (the same in both: user, method, rip, lip, mpid,
@@ -33,6 +41,7 @@ Servers and formats:
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -40,6 +49,12 @@ from .addresses import normalize_ip
 
 MAX_LINE = 4096
 """Octets in a log line we read; Dovecot shortens a user name to 80 characters."""
+JOURNAL = "journal"
+"""A `login_logs` entry that names the systemd journal, not a file ("journal:DIR": DIR's)."""
+MAX_JOURNAL_ENTRY = 16384
+"""Octets of a journal entry in JSON: its message (at most MAX_LINE) and journald's fields."""
+JOURNAL_UNITS = frozenset({"dovecot.service"})
+JOURNAL_EXES = frozenset({"/usr/lib/dovecot/log", "/usr/sbin/dovecot"})
 
 # Timestamps: Dovecot's log_path default and classic syslog ("Dec  2 04:44:31"),
 # RFC 3339 (rsyslog's high-precision format); then an optional host name and the
@@ -116,4 +131,43 @@ def parse_line(line: bytes) -> LogLogin | LogSessionEnd | None:
     m = _DOVECOT_END.match(line)
     if m is not None:
         return LogSessionEnd(m["service"].decode("ascii"), m["session"].decode("ascii"))
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """One journal entry: where it is (to resume after), and its message if Dovecot wrote it."""
+
+    cursor: str | None
+    message: bytes | None
+
+
+def journal_entry(entry: bytes) -> JournalEntry | None:
+    """One line of `journalctl -o json`; None if it is not an entry."""
+    if len(entry) > MAX_JOURNAL_ENTRY:
+        return None
+    try:
+        fields = json.loads(entry)
+    except ValueError:
+        return None
+    if not isinstance(fields, dict):
+        return None
+    cursor = fields.get("__CURSOR")
+    return JournalEntry(cursor if isinstance(cursor, str) else None, _dovecot_message(fields))
+
+
+def _dovecot_message(fields: dict[str, object]) -> bytes | None:
+    if fields.get("_UID") != "0":
+        return None
+    unit, exe = fields.get("_SYSTEMD_UNIT"), fields.get("_EXE")
+    # a field sent twice comes as a list: never Dovecot's
+    if not (isinstance(unit, str) and unit in JOURNAL_UNITS
+            or isinstance(exe, str) and exe in JOURNAL_EXES):
+        return None
+    message = fields.get("MESSAGE")
+    if isinstance(message, str):
+        return message.encode("utf-8")
+    # journald gives a message that is not UTF-8 as its octets
+    if isinstance(message, list) and all(isinstance(o, int) and 0 <= o < 256 for o in message):
+        return bytes(message)
     return None
