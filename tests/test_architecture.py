@@ -110,6 +110,15 @@ def tool(name: str) -> str:
     return found
 
 
+def test_the_daemon_runs_without_scapy():
+    # the packets it injects are packed with struct: scapy (30 MB) is for tests only
+    code = ("import sys, sapd_nfq.daemon, sapd_nfq.cli; "
+            "loaded = [m for m in sys.modules if m.split('.')[0] == 'scapy']; "
+            "sys.exit(f'scapy loaded: {loaded}' if loaded else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def test_mypy_strict_on_the_engine_and_the_login_stores():
     # the packages and the strictness come from [tool.mypy] in pyproject.toml
     result = subprocess.run([tool("mypy")], cwd=ROOT, capture_output=True, text=True)
