@@ -62,9 +62,14 @@ TARGETS = {  # name: (comparison, threshold)
     "smtp_upload_ratio_vs_floor": (">=", 0.7),
     "smtp_upload_ratio_vs_relay": (">=", 1.0),
     "sessions_ratio_vs_nofilter": (">=", 0.8),
+    "sessions_ratio_vs_floor": (">=", 0.8),
     "p99_rtt_ratio_vs_relay": ("<=", 1.0),
-    "rss_mb_10k_flows": ("<=", 64.0),
-    "workers2_speedup": (">=", 1.6),
+    "session_cpu_ratio_vs_relay": ("<=", 1.0),
+    "upload_cpu_ratio_vs_floor": ("<=", 1.5),
+    "rss_mb_10k_flows": ("<=", 48.0),
+    # a second worker must not make a session dearer; its speed-up on 2 CPUs shared with
+    # the load generators would measure the machine, not the daemon
+    "workers2_cpu_per_session_ratio": ("<=", 1.1),
 }
 
 
@@ -705,6 +710,8 @@ def summarise(raw: dict, plan: Plan) -> dict:
             runs, lambda r: r.get("path_cpu_us_per_packet"))
     for name, runs in raw["scaling"].items():
         summary[f"scaling_{name}_per_s"] = _figures(runs, lambda r: r["sessions_per_s"])
+        summary[f"scaling_{name}_cpu_us_per_session"] = _figures(
+            runs, lambda r: r.get("path_cpu_us_per_session"))
     alt = raw.get("alternatives", {})
     if alt:
         key = f"sessions_{plan.scaling_concurrency}"
@@ -738,13 +745,15 @@ def headline(summary: dict, raw: dict, plan: Plan) -> dict:
         "smtp_upload_ratio_vs_floor": _ratio(summary, "upload_mb_s", "sapd", "floor"),
         "smtp_upload_ratio_vs_relay": _ratio(summary, "upload_mb_s", "sapd", "relay"),
         "sessions_ratio_vs_nofilter": _ratio(summary, f"sessions_{top}_per_s", "sapd", "nofilter"),
+        "sessions_ratio_vs_floor": _ratio(summary, f"sessions_{top}_per_s", "sapd", "floor"),
         "p99_rtt_ratio_vs_relay": _ratio(summary, f"sessions_{top}_p99_ms", "sapd", "relay"),
+        "session_cpu_ratio_vs_relay": _ratio(summary, f"sessions_{top}_cpu_us_per_session",
+                                             "sapd", "relay"),
+        "upload_cpu_ratio_vs_floor": _ratio(summary, "upload_cpu_ms_per_mb", "sapd", "floor"),
         "rss_mb_10k_flows": at_10k[0]["rss_mb"] if at_10k else None,
-        "workers2_speedup": None,
+        "workers2_cpu_per_session_ratio": _ratio(summary, "scaling_sapd_cpu_us_per_session",
+                                                 "2", "1"),
     }
-    scale = summary.get("scaling_sapd_per_s", {})
-    if "1" in scale and "2" in scale:
-        out["workers2_speedup"] = round(scale["2"]["median"] / scale["1"]["median"], 3)
     # the same ratios at one client, for the latency-bound case
     out["sessions_ratio_vs_nofilter_1_client"] = _ratio(summary, "sessions_1_per_s", "sapd", "nofilter")
     out["p99_rtt_ratio_vs_relay_1_client"] = _ratio(summary, "sessions_1_p99_ms", "sapd", "relay")
@@ -835,10 +844,13 @@ def format_table(results: dict) -> str:
             lines.append(f"| {point['flows']} | " + " | ".join(cells) + " |")
     for name in results["raw"]["scaling"]:
         v = s.get(f"scaling_{name}_per_s", {})
+        cpu = s.get(f"scaling_{name}_cpu_us_per_session", {})
         if "1" in v and "2" in v:
             lines.append(f"\nscaling, {LABELS[name]}: 1 worker {v['1']['median']:.0f}/s, "
                          f"2 workers {v['2']['median']:.0f}/s "
-                         f"(x{v['2']['median'] / v['1']['median']:.2f})")
+                         f"(x{v['2']['median'] / v['1']['median']:.2f})"
+                         + (f"; path CPU {cpu['1']['median']:.0f} and {cpu['2']['median']:.0f} "
+                            "us/session" if "1" in cpu and "2" in cpu else ""))
     alt = s.get("alternatives")
     if alt:
         def cell(table: str, key: str) -> str:

@@ -125,16 +125,19 @@ def test_results_summary_and_plot(tmp_path: Path) -> None:
     raw = {"pop3": {p: [bulk(100)] for p in run.PATHS},
            "upload": {p: [bulk(50), {"error": "x"}] for p in run.PATHS},
            "memory": {"sapd": [{"flows": f, "rss_mb": 20 + f / 1000} for f in plan.flows]},
-           "scaling": {"sapd": {"1": [sessions(100)], "2": [sessions(150)]}}}
+           "scaling": {"sapd": {"1": [sessions(100)],
+                                "2": [{**sessions(150), "path_cpu_us_per_session": 120.0}]}}}
     for c in plan.concurrency:
         raw[f"sessions_{c}"] = {p: [sessions(1000)] for p in run.PATHS}
     summary = run.summarise(raw, plan)
     assert summary["upload_mb_s"]["sapd"]["n"] == 1  # the failed run is left out
     ratios = run.headline(summary, raw, plan)
     assert ratios["pop3_retr_ratio_vs_nofilter"] == 1.0
-    assert ratios["workers2_speedup"] == 1.5
+    assert ratios["workers2_cpu_per_session_ratio"] == 1.2
+    assert ratios["session_cpu_ratio_vs_relay"] == 1.0 and ratios["sessions_ratio_vs_floor"] == 1.0
     checked = run.targets(ratios)
-    assert checked["rss_mb_10k_flows"] == {"value": 30.0, "target": "<= 64", "met": True}
+    assert checked["rss_mb_10k_flows"] == {"value": 30.0, "target": "<= 48", "met": True}
+    assert checked["workers2_cpu_per_session_ratio"]["met"] is False
     results = {"summary": summary, "raw": raw, "targets": checked, "failures": [],
                "plan": {"paths": run.PATHS, "concurrency": plan.concurrency,
                         "scaling_concurrency": 64},
