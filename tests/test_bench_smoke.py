@@ -148,3 +148,11 @@ def test_results_summary_and_plot(tmp_path: Path) -> None:
     plot = pytest.importorskip("bench.plot")
     plot.plot(results, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_engine_micro_benchmark_replays_a_whole_data_phase() -> None:
+    from bench import engine_micro
+
+    packets, start, end = engine_micro.record()
+    assert end - start == engine_micro.SEGMENTS * 3 // 2
+    assert engine_micro.replay(packets, start, end) > 0

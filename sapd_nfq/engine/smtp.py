@@ -317,6 +317,13 @@ class SMTPMachine:
     def _message_end(self, data: bytes) -> int | None:
         """Index just past the terminating LF in data, or None."""
         at, i, n = self._scan, 0, len(data)
+        # The end is a line that starts with a dot, and a line starts after a LF (or
+        # where the scan is at one): data without either cannot hold the end, and
+        # leaves the scan at a line's start if it ends with a LF, mid-line if not.
+        if n and at != _DOT and b"\n." not in data and not (at == _LINE_START
+                                                            and data[0] == 0x2E):
+            self._scan = _LINE_START if data[-1] == 0x0A else _MID
+            return None
         while i < n:
             if at == _MID:
                 lf = data.find(b"\n", i)

@@ -1,0 +1,84 @@
+"""`python -m bench.engine_micro [-p]`: the pure engine's CPU per packet in a message's DATA phase.
+
+An SMTP session is recorded once (tests/engine_helpers.py builds its packets:
+2,000 full-sized segments of message text, a pure ACK from the server for
+every two), then replayed into fresh engines; the best of 25 replays is
+reported, in microseconds per packet of the DATA phase. `-p` profiles one
+replay. No kernel and no queue: this is what the engine adds to the callback.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from engine_helpers import Conn, make_engine
+
+SEGMENTS = 2000
+REPLAYS = 25
+LINE = b"x" * 76 + b"\r\n"
+
+Packet = tuple[bytes, float, "bool | None"]
+
+
+def record() -> tuple[list[Packet], int, int]:
+    """The session's packets, and where its DATA phase starts and ends."""
+    conn = Conn(make_engine(refusal="recipient"))
+    packets: list[Packet] = []
+    feed = conn.feed
+
+    def recording(packet: bytes, from_client_side: bool | None = None):
+        packets.append((packet, conn.now + 0.01, from_client_side))
+        return feed(packet, from_client_side)
+
+    conn.feed = recording
+    conn.smtp_greeting()
+    for command, reply in ((b"MAIL FROM:<carol@external.example>", b"250 2.1.0 Ok"),
+                           (b"RCPT TO:<alice@lab.example>", b"250 2.1.5 Ok"),
+                           (b"DATA", b"354 End data with <CR><LF>.<CR><LF>")):
+        conn.client(command + b"\r\n")
+        conn.server(reply + b"\r\n")
+    start = len(packets)
+    text = (LINE * 19)[:1448]
+    for i in range(SEGMENTS):
+        conn.client(text, flags="A")
+        if i % 2:
+            conn.server(b"", flags="A")
+    end = len(packets)
+    conn.client(b"\r\n.\r\n")
+    conn.server(b"250 2.0.0 Ok: queued\r\n")
+    return packets, start, end
+
+
+def replay(packets: list[Packet], start: int, end: int, profile: cProfile.Profile | None = None
+           ) -> float:
+    engine = make_engine(refusal="recipient")
+    for packet, now, side in packets[:start]:
+        engine.handle(packet, now, from_client_side=side)
+    if profile is not None:
+        profile.enable()
+    began = time.perf_counter()
+    for packet, now, side in packets[start:end]:
+        engine.handle(packet, now, from_client_side=side)
+    took = time.perf_counter() - began
+    if profile is not None:
+        profile.disable()
+    return took / (end - start)
+
+
+def main() -> None:
+    packets, start, end = record()
+    best = min(replay(packets, start, end) for _ in range(REPLAYS))
+    print(f"DATA phase: {best * 1e6:.2f} us per packet over {end - start} packets")
+    if "-p" in sys.argv:
+        profile = cProfile.Profile()
+        replay(packets, start, end, profile)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(18)
+
+
+if __name__ == "__main__":
+    main()
