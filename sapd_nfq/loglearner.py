@@ -68,7 +68,7 @@ MAX_SESSIONS = 65536
 SAVE_INTERVAL = 10.0  # seconds between saves of the positions while lines come in
 STATE_NAME = "login-logs.json"
 RESTART_INTERVAL = 5.0  # seconds before a journalctl that exited is started again
-STOP_TIMEOUT = 1.0  # seconds journalctl gets to exit on SIGTERM
+STOP_TIMEOUT = 1.0  # seconds journalctl gets to exit on SIGTERM before SIGKILL
 STDERR_TAIL = 512  # octets of journalctl's error output kept for the log
 HEAD = 256  # bytes of a file's start kept to recognise it after a restart
 
@@ -216,6 +216,7 @@ class JournalFollower:
         self._errors = b""
         self._entries = 0  # read since journalctl last started
         self._next_start = 0.0
+        self._stopping: list[tuple[subprocess.Popen[bytes], float]] = []
 
     @property
     def position(self) -> str | None:
@@ -242,6 +243,8 @@ class JournalFollower:
 
     def read_lines(self, budget: int = READ_BUDGET) -> list[bytes]:
         """The messages of the Dovecot entries journalctl gave since the last call."""
+        if self._stopping:
+            self._reap()
         if self._proc is None and not self._start():
             return []
         assert self._proc is not None and self._proc.stdout is not None
@@ -280,29 +283,37 @@ class JournalFollower:
     def _ended(self) -> None:
         assert self._proc is not None
         self._drain_errors()
-        status = self._proc.wait()
+        status = self._proc.poll()
         said = self._errors.decode("utf-8", "replace").strip().replace("\n", "; ")
-        log.error("journalctl for login_logs exited with status %s%s; again in %.0f s",
-                  status, f": {said}" if said else "", RESTART_INTERVAL)
+        log.error("journalctl for login_logs %s%s; again in %.0f s",
+                  "closed its output" if status is None else f"exited with status {status}",
+                  f": {said}" if said else "", RESTART_INTERVAL)
         if self._cursor is not None and self._entries == 0:
             self._cursor = None  # a cursor it cannot seek to: go on from the end
         self.close()
         self._next_start = time.monotonic() + RESTART_INTERVAL
 
     def close(self) -> None:
+        """Stop journalctl without waiting for it: it is reaped by later calls."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:
                 pipe.close()
+        if proc.poll() is None:
+            proc.terminate()
+            self._stopping.append((proc, time.monotonic() + STOP_TIMEOUT))
+
+    def _reap(self) -> None:
+        """Collect the journalctl children told to stop; SIGKILL those past STOP_TIMEOUT."""
+        now, stopping = time.monotonic(), []
+        for proc, deadline in self._stopping:
+            if proc.poll() is None:
+                if now >= deadline:
+                    proc.kill()
+                stopping.append((proc, deadline))
+        self._stopping = stopping
 
 
 Follower = FileFollower | JournalFollower

@@ -80,6 +80,40 @@ def read_until(follower, count, timeout=10.0):
     return got
 
 
+STUBBORN = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+sys.stdout.write(open(sys.argv[1]).read())
+sys.stdout.flush()
+os.close(1)
+time.sleep(60)
+"""
+
+
+def test_a_journalctl_that_ends_is_never_waited_for_and_is_killed_if_it_lingers(
+        tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("sapd_nfq.loglearner.STOP_TIMEOUT", 0.2)
+    script, out = tmp_path / "journalctl.py", tmp_path / "out"
+    script.write_text(STUBBORN)
+    out.write_bytes(entry() + b"\n")
+    follower = JournalFollower("journal", command=(sys.executable, str(script), str(out)))
+    try:
+        got: list[bytes] = []
+        deadline = time.monotonic() + 10
+        while "closed its output" not in caplog.text and time.monotonic() < deadline:
+            started = time.monotonic()
+            got += follower.read_lines()  # its output ends here: the loop must not wait on it
+            assert time.monotonic() - started < 0.1
+        assert got == [LOGIN.encode()]
+        [(child, _)] = follower._stopping
+        assert child.poll() is None  # SIGTERM sent, and ignored
+        while child.poll() is None and time.monotonic() < deadline:
+            follower.read_lines()  # reaped by later calls: SIGKILL once STOP_TIMEOUT is past
+            time.sleep(0.05)
+        assert child.returncode == -9
+    finally:
+        follower.close()
+
 def test_the_follower_reads_entries_resumes_at_the_cursor_and_restarts(tmp_path, monkeypatch):
     monkeypatch.setattr("sapd_nfq.loglearner.RESTART_INTERVAL", 0.0)
     script, calls, out = tmp_path / "journalctl.py", tmp_path / "calls", tmp_path / "out"

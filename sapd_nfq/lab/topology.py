@@ -27,7 +27,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from socket import AF_INET6
@@ -166,8 +166,7 @@ class Lab:
         self._procs.clear()
         names = {h.netns for h in self.hosts.values()}
         present = names & set(netns.listnetns())
-        _terminate([pid for name, pids in netns.ns_pids().items() if name in present
-                    for pid in pids])
+        _terminate(_pids_in(present))
         for name in present:
             netns.remove(name)
         for name in names:
@@ -292,7 +291,8 @@ class Lab:
             except ProcessLookupError:
                 pass
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                with suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         if proc in self._procs:
             self._procs.remove(proc)
@@ -319,6 +319,31 @@ def _terminate(pids: list[int]) -> None:
                 time.sleep(0.05)
         if not pids:
             return
+
+
+def _pids_in(names: set[str]) -> list[int]:
+    """The pids of every process inside the named network namespaces.
+
+    pyroute2's `netns.ns_pids` lets ESRCH through from a process that exits while /proc is
+    read, which a lab being torn down is full of; a process gone is simply not listed.
+    """
+    inodes = set()
+    for name in names:
+        try:
+            st = os.stat(Path(netns.NETNS_RUN_DIR, name))
+        except OSError:
+            continue
+        inodes.add((st.st_dev, st.st_ino))
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                st = os.stat(f"/proc/{entry}/ns/net")
+            except OSError:  # gone (ESRCH, ENOENT) or not ours to read
+                continue
+            if (st.st_dev, st.st_ino) in inodes:
+                pids.append(int(entry))
+    return pids
 
 
 def _alive(pid: int) -> bool:
