@@ -70,6 +70,11 @@ if not TEMPLATE_DIR.is_dir():
     TEMPLATE_DIR = Path(sys.prefix) / "share" / "sapd-nfq" / "rules"
 #: multiport takes at most 15 ports in one rule.
 MULTIPORT_MAX = 15
+#: One pure ACK in this many is still queued at random: the receiver's ACKs are how
+#: the daemon forgets the bytes it keeps for comparing retransmissions.
+PURE_ACKS_QUEUED = 16
+#: TCP header lengths (in 32-bit words) of the pure ACKs let by: no options, timestamps.
+PURE_ACK_DOFFS = (5, 8)
 MAX_QUEUE = 65535
 COMMAND_TIMEOUT = 30.0
 
@@ -211,10 +216,26 @@ def _queue_target(spec: RuleSpec, bypass: bool) -> str:
     return target + (" --queue-bypass" if bypass else "")
 
 
-def _queue_chain(chain: str, target: str) -> str:
+def _pure_acks(chain: str, family: Family) -> str:
+    """RETURN for pure ACKs, matched exactly: only ACK set, and a packet length that
+    leaves no room for a payload once u32 has fixed the IP and TCP header lengths
+    (IPv4: IHL 5 and not a fragment; IPv6: TCP right after the fixed header)."""
+    if family is IPV4:
+        ip_header, ip_checks, doff_at = 20, "0>>22&0x3C=20&&4&0x3FFF=0", 32
+    else:
+        ip_header, ip_checks, doff_at = 40, "4>>8&0xFF=6", 52
+    return "\n".join(
+        f"-A {chain} -p tcp --tcp-flags ALL ACK -m length --length {ip_header + 4 * doff} "
+        f'-m u32 --u32 "{ip_checks}&&{doff_at}>>28={doff}" '
+        f"-m statistic --mode random --probability {1 - 1 / PURE_ACKS_QUEUED:.4f} -j RETURN"
+        for doff in PURE_ACK_DOFFS)
+
+
+def _queue_chain(chain: str, target: str, family: Family) -> str:
     return _template("queue-chain.rules.in").substitute(
         chain=chain, queue=target, inject_mark=hex(INJECT_MARK),
-        inject_mask=hex(INJECT_MASK), bypass=hex(BYPASS_MARK))
+        inject_mask=hex(INJECT_MASK), bypass=hex(BYPASS_MARK),
+        pure_acks=_pure_acks(chain, family))
 
 
 def _dispatch(chain: str, option: str, spec: RuleSpec, skip: str | None = None) -> str:
@@ -275,9 +296,10 @@ def render(spec: RuleSpec, family: Family = IPV4, present: Sequence[Hook] = ()) 
         to_server_rules=_dispatch(TO_SERVER, "dports", spec, skip="-o"),
         from_server_rules=_dispatch(FROM_SERVER, "sports", spec, skip="-i"),
         guard=GUARD, guard_rules=_guard(spec),
-        smtp_rules=_queue_chain(SMTP_CHAIN, _queue_target(spec, bypass=False)),
+        smtp_rules=_queue_chain(SMTP_CHAIN, _queue_target(spec, bypass=False), family),
         pop3_policy=pop3_policy,
-        pop3_rules=_queue_chain(POP3_CHAIN, _queue_target(spec, bypass=spec.pop3_fail_open)),
+        pop3_rules=_queue_chain(POP3_CHAIN, _queue_target(spec, bypass=spec.pop3_fail_open),
+                                family),
         hooks="\n".join(_hook_changes(hooks(spec), present)),
     )
     return "".join(line + "\n" for line in text.splitlines() if line)

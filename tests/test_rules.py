@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -46,12 +47,24 @@ EXPECTED_RULES = """\
 -A SAPD_NFQ_SMTP -m mark --mark 0x1000/0x1000 -j RETURN
 -A SAPD_NFQ_SMTP -m connmark --mark 0x1000/0x1000 -j RETURN
 -A SAPD_NFQ_SMTP -m conntrack --ctstate INVALID -j DROP
+-A SAPD_NFQ_SMTP -p tcp --tcp-flags ALL ACK -m length --length 40 \
+-m u32 --u32 "0>>22&0x3C=20&&4&0x3FFF=0&&32>>28=5" \
+-m statistic --mode random --probability 0.9375 -j RETURN
+-A SAPD_NFQ_SMTP -p tcp --tcp-flags ALL ACK -m length --length 52 \
+-m u32 --u32 "0>>22&0x3C=20&&4&0x3FFF=0&&32>>28=8" \
+-m statistic --mode random --probability 0.9375 -j RETURN
 -A SAPD_NFQ_SMTP -j NFQUEUE --queue-balance 4:5
 -A SAPD_NFQ_POP3 -m mark --mark 0x5a9d0000/0xffff0000 -j RETURN
 -A SAPD_NFQ_POP3 -m mark --mark 0x1000/0x1000 -j CONNMARK --save-mark --nfmask 0x1000 --ctmask 0x1000
 -A SAPD_NFQ_POP3 -m mark --mark 0x1000/0x1000 -j RETURN
 -A SAPD_NFQ_POP3 -m connmark --mark 0x1000/0x1000 -j RETURN
 -A SAPD_NFQ_POP3 -m conntrack --ctstate INVALID -j DROP
+-A SAPD_NFQ_POP3 -p tcp --tcp-flags ALL ACK -m length --length 40 \
+-m u32 --u32 "0>>22&0x3C=20&&4&0x3FFF=0&&32>>28=5" \
+-m statistic --mode random --probability 0.9375 -j RETURN
+-A SAPD_NFQ_POP3 -p tcp --tcp-flags ALL ACK -m length --length 52 \
+-m u32 --u32 "0>>22&0x3C=20&&4&0x3FFF=0&&32>>28=8" \
+-m statistic --mode random --probability 0.9375 -j RETURN
 -A SAPD_NFQ_POP3 -j NFQUEUE --queue-balance 4:5 --queue-bypass
 -I OUTPUT 1 ! -o lo -j SAPD_NFQ_FROM_SERVER
 -I INPUT 1 ! -i lo -j SAPD_NFQ_TO_SERVER
@@ -84,11 +97,32 @@ def test_representative_rule_set_exactly():
     assert text.startswith("# sapd-nfq rules for ipv4")
 
 
-def test_families_differ_only_in_the_comments():
+def test_families_differ_only_in_the_comments_and_the_pure_ack_headers():
     spec = RuleSpec()
     v4, v6 = rules.render(spec, IPV4), rules.render(spec, IPV6)
-    assert rule_lines(v4) == rule_lines(v6)
+    pure_ack = re.compile(r"--length \d+ -m u32 --u32 \"[^\"]*\"")
+    assert ([pure_ack.sub("", line) for line in rule_lines(v4)]
+            == [pure_ack.sub("", line) for line in rule_lines(v6)])
+    assert rule_lines(v4) != rule_lines(v6)
     assert "ip6tables-restore --noflush" in v6
+
+
+@pytest.mark.parametrize("family, lengths, checks", [
+    (IPV4, (40, 52), ("0>>22&0x3C=20", "4&0x3FFF=0", "32>>28=")),  # IHL 5, no fragment
+    (IPV6, (60, 72), ("4>>8&0xFF=6", "52>>28=")),  # TCP straight after the fixed header
+], ids=["ipv4", "ipv6"])
+def test_only_an_empty_ack_with_known_header_lengths_goes_by(family, lengths, checks):
+    text = rules.render(RuleSpec(), family)
+    for chain in (SMTP_CHAIN, POP3_CHAIN):
+        returns = [rule for rule in chain_rules(text, chain) if "-m u32" in rule]
+        assert len(returns) == 2
+        for rule, length, doff in zip(returns, lengths, (5, 8)):
+            # every header length fixed, so the packet length leaves no octet for data
+            assert f"--tcp-flags ALL ACK -m length --length {length} " in rule
+            u32 = rule.split('--u32 "')[1].split('"')[0].split("&&")
+            assert u32 == [*checks[:-1], f"{checks[-1]}{doff}"]
+            assert length == (20 if family is IPV4 else 40) + 4 * doff
+            assert rule.endswith("-m statistic --mode random --probability 0.9375 -j RETURN")
 
 
 SPECS = [
@@ -135,7 +169,7 @@ def test_dispatch_picks_client_packets_by_dport_and_server_packets_by_sport(spec
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
-def test_queue_chains_check_marks_then_invalid_then_queue(spec):
+def test_queue_chains_check_marks_then_invalid_then_pure_acks_then_queue(spec):
     text = rules.render(spec)
     for chain, bypass in ((SMTP_CHAIN, False), (POP3_CHAIN, spec.pop3_fail_open)):
         body = chain_rules(text, chain)
@@ -145,12 +179,15 @@ def test_queue_chains_check_marks_then_invalid_then_queue(spec):
             "RETURN", "RETURN"]
         assert body[3].startswith(f"-m connmark --mark {BYPASS_MARK:#x}/{BYPASS_MARK:#x}")
         assert body[4] == "-m conntrack --ctstate INVALID -j DROP"
-        assert len(body) == 6 and body[5].startswith("-j NFQUEUE ")
-        assert body[5].endswith(" --queue-bypass") is bypass
+        # after INVALID: conntrack has checked a pure ACK's window before it goes by
+        assert all("--tcp-flags ALL ACK" in rule and rule.endswith("-j RETURN")
+                   for rule in body[5:7])
+        assert len(body) == 8 and body[7].startswith("-j NFQUEUE ")
+        assert body[7].endswith(" --queue-bypass") is bypass
         if spec.workers == 1:
-            assert f"--queue-num {spec.queue}" in body[5]
+            assert f"--queue-num {spec.queue}" in body[7]
         else:
-            assert f"--queue-balance {spec.queue}:{spec.queue + spec.workers - 1}" in body[5]
+            assert f"--queue-balance {spec.queue}:{spec.queue + spec.workers - 1}" in body[7]
 
 
 def test_smtp_never_bypasses_the_queue_even_when_pop3_fails_open():

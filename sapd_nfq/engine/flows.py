@@ -83,7 +83,7 @@ def payload_offset(stream: Stream, seg: Segment) -> int:
 
 class State(enum.Enum):
     SYN_SENT = "syn-sent"        # the client's SYN seen, handshake not completed
-    ESTABLISHED = "established"  # the client acknowledged the server's SYN-ACK
+    ESTABLISHED = "established"  # the client acknowledged the SYN-ACK, or the server spoke
     CLOSING = "closing"          # one side sent FIN
     CLOSED = "closed"            # both sent FIN, or an accepted RST
 
@@ -157,6 +157,10 @@ class Flow:
         outcome, data = stream.receive(seq, seg.payload, bool(flags & FIN))
         if opened and outcome is Outcome.DUPLICATE:
             outcome = Outcome.NEW
+        elif outcome is Outcome.NEW and not from_client and self.state is State.SYN_SENT:
+            # The server only speaks once it took the handshake's last ACK, which
+            # the rules may have kept from the queue (a pure ACK: rules/README.md).
+            self.state = State.ESTABLISHED
         if outcome is Outcome.NEW and stream.fin:
             peer = self.server if from_client else self.client
             self.state = State.CLOSED if peer is not None and peer.fin else State.CLOSING

@@ -134,6 +134,26 @@ def test_no_data_before_the_handshake_completes() -> None:
     assert conn.flow.state is State.ESTABLISHED
 
 
+def test_the_servers_first_bytes_establish_a_flow_whose_last_handshake_ack_was_not_seen() -> None:
+    # the rules keep most pure ACKs out of the queue, the handshake's last one too
+    conn = Conn()
+    assert conn.client(SYN, seq=conn.cisn, ack=0) == (NEW, b"")
+    assert conn.server(SYN | ACK, seq=conn.sisn) == (NEW, b"")
+    assert conn.flow.state is State.SYN_SENT
+    assert conn.say(False, b"220 mail ESMTP\r\n") == (NEW, b"220 mail ESMTP\r\n")
+    assert conn.flow.state is State.ESTABLISHED
+    assert conn.say(True, b"EHLO c\r\n") == (NEW, b"EHLO c\r\n")
+
+
+def test_a_server_segment_that_brings_nothing_new_does_not_establish() -> None:
+    conn = Conn()
+    conn.client(SYN, seq=conn.cisn, ack=0)
+    conn.server(SYN | ACK, seq=conn.sisn)
+    assert conn.server(ACK) == NOTHING
+    assert conn.server(ACK | PSH, b"220 x\r\n", seq=conn.snext + 5)[0] is GAP
+    assert conn.flow.state is State.SYN_SENT
+
+
 def test_fast_open_data_is_judged() -> None:
     conn = Conn()
     assert conn.client(SYN, b"EHLO c\r\n", seq=conn.cisn, ack=0) == (NEW, b"EHLO c\r\n")

@@ -4,8 +4,8 @@ Each attempt comes from a client that never logged in: MAIL FROM:<alice@lab.exam
 then a RCPT to an external recipient, hidden by a trick: segments out of order,
 overlapping or lost after the gate, urgent data, data on a SYN or after a FIN, RSTs,
 a SYN on a live flow's ports, IPv6 extension headers, IP options and fragments, tiny
-segments, a slow drip, spellings Postfix accepts. Each runs three ways, the `where`
-fixture:
+segments, data in segments as long as pure ACKs, a slow drip, spellings Postfix
+accepts. Each runs three ways, the `where` fixture:
 
 - "bare": the lab without the gate. The lab's Postfix relays for every lab client,
   so there the trick must get the RCPT accepted: proof that the test can fail;
@@ -301,6 +301,13 @@ def tiny_segments(tcp: RawTCP, relay: bytes) -> None:
         tcp.send(bytes([byte]))
 
 
+def ack_only_segments(tcp: RawTCP, relay: bytes) -> None:
+    """Data with only the ACK flag, 12 bytes a segment: no TCP options, so each is as long
+    as a pure ACK with timestamps, which the rules let by the queue."""
+    for start in range(0, len(relay), 12):
+        tcp.send(relay[start:start + 12], flags="A")
+
+
 @dataclass(frozen=True)
 class Trick:
     name: str
@@ -345,6 +352,7 @@ EVERYWHERE = _tricks(
     Trick("syn-on-live-ports", lambda a: after(a, syn_on_live_ports), local=1),
     Trick("ip-fragments", lambda a: relay_as(a, lambda tcp, relay: tcp.send(relay, fragment_size=24))),
     Trick("tiny-segments", lambda a: relay_as(a, tiny_segments)),
+    Trick("ack-only-segments-as-long-as-pure-acks", lambda a: relay_as(a, ack_only_segments)),
 )
 IPV6_ONLY = _tricks(
     Trick("first-copy-lost-ipv6-option", lambda a: after(a, lambda tcp: lose_first_copy(tcp, ext=DISCARDED)),

@@ -320,6 +320,78 @@ def test_packets_meet_the_queue(pair, family, server, client):
     assert all(n > 0 for n in first_four), final
 
 
+# Segments sent by scapy from the client: kinds by name, each a (count, packet) recipe.
+SEGMENTS = textwrap.dedent("""\
+    import sys
+    from scapy.all import IP, IPv6, IPv6ExtHdrDestOpt, IPOption_NOP, TCP, send
+    src, dst, kind, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    v6 = ":" in dst
+    ip = IPv6(src=src, dst=dst) if v6 else IP(src=src, dst=dst)
+    stamps = [("NOP", None), ("NOP", None), ("Timestamp", (1, 0))]
+    tcp = dict(sport=40000 + len(kind), dport=25, seq=1000, ack=2000, window=512)
+    make = {
+        "pure-ack": lambda: ip / TCP(flags="A", **tcp),
+        "pure-ack-timestamps": lambda: ip / TCP(flags="A", options=stamps, **tcp),
+        # each below is a packet the pure-ACK rules must not let by
+        "ack-1-byte": lambda: ip / TCP(flags="A", **tcp) / b"R",
+        # no options, 12 bytes of data: the length of a pure ACK with timestamps
+        "ack-12-bytes": lambda: ip / TCP(flags="A", **tcp) / b"RCPT TO:<d@x",
+        "ack-timestamps-1-byte": lambda: ip / TCP(flags="A", options=stamps, **tcp) / b"R",
+        "ack-ip-options": lambda: (ip / TCP(flags="A", **tcp) if v6 else
+                                   IP(src=src, dst=dst, options=[IPOption_NOP()] * 4)
+                                   / TCP(flags="A", **tcp)),
+        "ack-ipv6-extension": lambda: (IPv6(src=src, dst=dst) / IPv6ExtHdrDestOpt()
+                                       / TCP(flags="A", **tcp) if v6 else ip / TCP(flags="A", **tcp)),
+        "psh-ack": lambda: ip / TCP(flags="PA", **tcp),
+        "ack-urg": lambda: ip / TCP(flags="AU", urgptr=1, **tcp),
+    }[kind]
+    send([make() for _ in range(count)], verbose=False)
+""")
+
+
+def pure_ack_returns(counts: dict[tuple[str, str], int], chain: str) -> list[int]:
+    """Counters of the chain's two pure-ACK RETURNs: no TCP options, then timestamps."""
+    return [n for (c, spec), n in counts.items() if c == chain and "-m u32" in spec]
+
+
+def invalid_drops(counts: dict[tuple[str, str], int], chain: str) -> int:
+    return sum(n for (c, spec), n in counts.items() if c == chain and "INVALID" in spec)
+
+
+@pytest.mark.parametrize("family,server,client", [(IPV4, SERVER4, CLIENT4),
+                                                  (IPV6, SERVER6, CLIENT6)],
+                         ids=["ipv4", "ipv6"])
+def test_only_pure_acks_go_by_the_queue_and_one_in_sixteen_still_meets_it(pair, family, server,
+                                                                          client):
+    server_ns, client_ns = pair
+    rules.install(RuleSpec(), rules.netns_runner(server_ns), families=[family])
+    # the server's RSTs to what reaches it would be queued too: drop them before mangle
+    sh(server_ns, family.save.replace("-save", ""), "-t", "raw", "-A", "OUTPUT", "-p", "tcp",
+       "--sport", "25", "-j", "DROP")
+
+    def send(kind: str, count: int) -> tuple[int, list[int], int]:
+        before = counters(server_ns, family)
+        sh(client_ns, sys.executable, "-c", SEGMENTS, client, server, kind, str(count))
+        after = counters(server_ns, family)
+        return (queued(after, SMTP_CHAIN) - queued(before, SMTP_CHAIN),
+                [a - b for a, b in zip(pure_ack_returns(after, SMTP_CHAIN),
+                                       pure_ack_returns(before, SMTP_CHAIN))],
+                invalid_drops(after, SMTP_CHAIN) - invalid_drops(before, SMTP_CHAIN))
+
+    # 400 each: all queued or all let by would each happen with odds below 1e-11
+    for kind, rule in (("pure-ack", 0), ("pure-ack-timestamps", 1)):
+        queued_now, returned, invalid = send(kind, 400)
+        assert invalid == 0 and returned[1 - rule] == 0, (kind, returned, invalid)
+        assert queued_now + returned[rule] == 400
+        assert 0 < queued_now < 400 and 0 < returned[rule], (kind, queued_now, returned)
+    lookalikes = ["ack-1-byte", "ack-12-bytes", "ack-timestamps-1-byte", "psh-ack", "ack-urg",
+                  "ack-ipv6-extension" if family is IPV6 else "ack-ip-options"]
+    for kind in lookalikes:
+        queued_now, returned, invalid = send(kind, 32)
+        assert returned == [0, 0], (kind, returned)
+        assert queued_now + invalid == 32, (kind, queued_now, invalid)
+
+
 DAEMON = textwrap.dedent("""\
     import sys
     from netfilterqueue import NetfilterQueue
