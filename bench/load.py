@@ -5,7 +5,8 @@ Each subcommand prints one JSON object (the raw figures) on stdout:
     pop3      log in, RETR every message, QUIT: bytes and seconds
     upload    log in by POP3, then SMTP messages of --size bytes: bytes and seconds
     sessions  short SMTP sessions (EHLO, MAIL, RCPT, QUIT) at a fixed concurrency
-              for --duration seconds: sessions/s and per-command round trips
+              for --duration seconds: sessions/s and per-command round trips;
+              --relay-attempts: each one a relay attempt the gate refuses
     hold      open SMTP sessions and keep them open, on command from stdin
               ("open N" -> {"open": N, ...}; "quit" or EOF -> close all)
 
@@ -44,6 +45,18 @@ SESSION_SCRIPT = (
 SESSION_COMMANDS = ("EHLO", "MAIL", "RCPT", "QUIT")
 #: the reply each step waits for: the greeting, then one per command
 SESSION_EXPECT = (b"220", b"250", b"250", b"250", b"221")
+#: a relay attempt from an address that never logged in: a local sender, an external
+#: recipient (row 3 of the table), refused at RCPT
+RELAY_SCRIPT = (
+    b"EHLO client.lab.example\r\n",
+    f"MAIL FROM:<{LOCAL_RECIPIENT}>\r\n".encode(),
+    b"RCPT TO:<dave@external.example>\r\n",
+    b"QUIT\r\n",
+)
+RELAY_EXPECT = (b"220", b"250", b"250", b"5", b"221")
+#: the step after which a relay attempt has been refused: a gate that ends the whole
+#: session (RST) rather than the recipient alone closes it here
+RELAY_REFUSED = 4
 
 
 class BenchError(RuntimeError):
@@ -221,18 +234,22 @@ def _connect(server: str, port: int, source: str) -> socket.socket:
 
 
 def run_sessions(server: str, port: int, sources: list[str], concurrency: int,
-                 duration: float, warmup: float = 1.0, timeout: float = 10.0) -> dict:
+                 duration: float, warmup: float = 1.0, timeout: float = 10.0,
+                 relay: bool = False) -> dict:
     """Keep `concurrency` sessions going for warmup + duration seconds.
 
     Sessions that complete inside the measured window count; round trips are
     sampled there too: "connect" from connect() to the greeting (the handshake
     included), "command" from sending a command to the end of its reply.
+    With `relay`, each session is a relay attempt, complete once refused.
     """
+    script, expect = (RELAY_SCRIPT, RELAY_EXPECT) if relay else (SESSION_SCRIPT, SESSION_EXPECT)
+    ended = RELAY_REFUSED if relay else len(expect)
     sel = selectors.EpollSelector()
     source = itertools.cycle(sources)
     errors: Counter[str] = Counter()
     connect_rtt: list[float] = []
-    command_rtt: list[list[float]] = [[] for _ in SESSION_SCRIPT]
+    command_rtt: list[list[float]] = [[] for _ in script]
     completed = 0
     total = 0  # warm-up and stragglers included: what the path carried in all
     begin = time.perf_counter()
@@ -262,30 +279,34 @@ def run_sessions(server: str, port: int, sources: list[str], concurrency: int,
         try:
             data = session.sock.recv(65536)
         except OSError as exc:
-            finish(session, type(exc).__name__)
-            return True
+            data, error = b"", type(exc).__name__
+        else:
+            error = f"closed before reply {session.step}"
         if not data:
-            if session.step == len(SESSION_EXPECT):
+            if session.step >= ended:
                 finish(session, None)
                 completed += measure_from <= now <= stop_at
                 total += 1
             else:
-                finish(session, f"closed before reply {session.step}")
+                finish(session, error)
             return True
         session.buf += data
         if not _final_reply(session.buf):
             return False
         step = session.step
-        if not session.buf.startswith(SESSION_EXPECT[step]):
-            finish(session, f"{SESSION_EXPECT[step].decode()} expected, got "
+        if not session.buf.startswith(expect[step]):
+            finish(session, f"{expect[step].decode()} expected, got "
                             f"{session.buf[:3].decode(errors='replace')}")
             return True
         if measure_from <= now <= stop_at:
             (connect_rtt if step == 0 else command_rtt[step - 1]).append(now - session.sent)
         session.buf = b""
         session.step += 1
-        if session.step < len(SESSION_EXPECT):
-            session.sock.send(SESSION_SCRIPT[step])
+        if session.step < len(expect):
+            try:
+                session.sock.send(script[step])
+            except OSError:  # reset by a gate that ends the session at the refusal
+                pass
             session.sent = now
         return False  # after the last reply: wait for the server to close
 
@@ -408,6 +429,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sessions.add_argument("--concurrency", type=int, default=1)
     sessions.add_argument("--duration", type=float, default=5.0)
     sessions.add_argument("--warmup", type=float, default=1.0)
+    sessions.add_argument("--relay-attempts", action="store_true",
+                          help="each session tries to relay (local sender, external recipient) "
+                               "and is complete once refused")
     return parser.parse_args(argv)
 
 
@@ -438,7 +462,7 @@ def _run(args: argparse.Namespace) -> int:
                              args.recipient, args.pop3_port, args.user, _password(args.user))
     else:
         result = run_sessions(args.server, args.port, args.sources.split(","), args.concurrency,
-                              args.duration, args.warmup)
+                              args.duration, args.warmup, relay=args.relay_attempts)
     print(json.dumps(result), flush=True)
     return 0
 

@@ -55,6 +55,8 @@ OFFLOADS = ("rx-gro", "tx-tcp-segmentation", "tx-tcp6-segmentation", "tx-checksu
 PATHS = ("nofilter", "floor", "sapd", "relay")
 LABELS = {"nofilter": "no filter", "floor": "accept-only NFQUEUE", "sapd": "sapd-nfq",
           "relay": "asyncio relay"}
+#: the paths that refuse a relay attempt: the others let it through to the responder
+REFUSING = ("sapd", "relay")
 SHORT = {"nofilter": "no filter", "floor": "floor", "sapd": "sapd-nfq engine", "relay": "relay"}
 
 TARGETS = {  # name: (comparison, threshold)
@@ -67,6 +69,8 @@ TARGETS = {  # name: (comparison, threshold)
     "session_cpu_ratio_vs_relay": ("<=", 1.0),
     "upload_cpu_ratio_vs_floor": ("<=", 1.5),
     "rss_mb_10k_flows": ("<=", 48.0),
+    "refusal_rate_ratio_vs_pass": (">=", 0.8),
+    "p99_rtt_ratio_under_refusal_flood": ("<=", 1.5),
     # a second worker must not make a session dearer; its speed-up on 2 CPUs shared with
     # the load generators would measure the machine, not the daemon
     "workers2_cpu_per_session_ratio": ("<=", 1.1),
@@ -87,6 +91,8 @@ class Plan:
     concurrency: tuple[int, ...] = (1, 64)
     flows: tuple[int, ...] = (0, 1000, 10000)
     scaling_concurrency: int = 64
+    #: relay attempts at once beside the inbound sessions, in the flood workload
+    flood_concurrency: int = 16
     paths: tuple[str, ...] = PATHS
     alternatives: bool = True
 
@@ -514,12 +520,39 @@ class Bench:
                                   "--count", str(self.plan.upload_count),
                                   "--size", str(self.plan.upload_size)])
 
+    def _sessions_argv(self, concurrency: int, seconds: float, relay: bool = False) -> list[str]:
+        return ["sessions", "--server", self.server, "--port", str(FAST_SMTP),
+                "--sources", ",".join(self.sources), "--concurrency", str(concurrency),
+                "--duration", str(seconds), "--warmup", str(self.plan.warmup_seconds),
+                *(["--relay-attempts"] if relay else [])]
+
     def sessions(self, run: PathRun, concurrency: int) -> dict:
-        return self.measure(run, ["sessions", "--server", self.server, "--port", str(FAST_SMTP),
-                                  "--sources", ",".join(self.sources),
-                                  "--concurrency", str(concurrency),
-                                  "--duration", str(self.plan.session_seconds),
-                                  "--warmup", str(self.plan.warmup_seconds)])
+        return self.measure(run, self._sessions_argv(concurrency, self.plan.session_seconds))
+
+    def refusals(self, run: PathRun, concurrency: int) -> dict:
+        """Relay attempts from addresses that never logged in, all refused at RCPT."""
+        return self.measure(run, self._sessions_argv(concurrency, self.plan.session_seconds,
+                                                     relay=True))
+
+    def under_flood(self, run: PathRun, concurrency: int) -> dict:
+        """Inbound sessions while `flood_concurrency` relay attempts run beside them."""
+        plan = self.plan
+        flood = self.spawn("client", self.python("-m", "bench.load", *self._sessions_argv(
+            plan.flood_concurrency, plan.session_seconds + 2 * plan.warmup_seconds, relay=True)),
+            "flood.log", stdin=True)  # stdout piped: its figures are read below
+        try:
+            time.sleep(plan.warmup_seconds)  # the flood is under way before the measurement
+            result = self.measure(run, self._sessions_argv(concurrency, plan.session_seconds))
+            out, _ = flood.communicate(timeout=plan.session_seconds + 60)
+        finally:
+            self.lab.stop(flood)
+        try:
+            result["flood"] = json.loads(out.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            raise WorkloadFailed(f"the flood printed nothing: {out[-300:]!r}") from None
+        if "error" in result["flood"] or not result["flood"].get("sessions"):
+            raise WorkloadFailed(f"the flood did not run: {result['flood']}")
+        return result
 
 
 # --- the run ---------------------------------------------------------------------
@@ -553,8 +586,13 @@ def _sessions(r: dict) -> str:
             " us/session)" + (f"  errors {r['errors']}" if r["errors"] else ""))
 
 
+def _flooded(r: dict) -> str:
+    return _sessions(r) + f"  flood {r['flood']['sessions_per_s']} refused/s"
+
+
 def run_all(bench: Bench, plan: Plan, progress: Progress) -> dict:
-    raw: dict = {"pop3": {}, "upload": {}, "memory": {}, "scaling": {}}
+    raw: dict = {"pop3": {}, "upload": {}, "memory": {}, "scaling": {}, "refusals": {},
+                 "flood": {}}
     for c in plan.concurrency:
         raw[f"sessions_{c}"] = {}
     for rep in range(plan.reps):
@@ -574,6 +612,15 @@ def run_all(bench: Bench, plan: Plan, progress: Progress) -> dict:
                     attempt(bench, progress, f"{tag}: short SMTP sessions, {c} client(s)",
                             raw[f"sessions_{c}"].setdefault(name, []),
                             lambda c=c: bench.sessions(run, c), _sessions)
+                if name in REFUSING:
+                    top = max(plan.concurrency)
+                    attempt(bench, progress, f"{tag}: relay attempts refused, {top} clients",
+                            raw["refusals"].setdefault(name, []),
+                            lambda top=top: bench.refusals(run, top), _sessions)
+                    attempt(bench, progress, f"{tag}: {top} clients beside "
+                            f"{plan.flood_concurrency} relay attempts at once",
+                            raw["flood"].setdefault(name, []),
+                            lambda top=top: bench.under_flood(run, top), _flooded)
     for name in ("sapd", "relay"):
         if name in plan.paths:
             raw["memory"][name] = memory(bench, plan, progress, name)
@@ -676,10 +723,12 @@ def _bulk_packets(r: dict) -> str:
 
 def total_steps(plan: Plan) -> int:
     per_path = 2 * plan.bulk_runs + len(plan.concurrency)
+    refusal_steps = 2 * plan.reps * sum(n in plan.paths for n in REFUSING)
     memory_steps = sum(len(plan.flows) for n in ("sapd", "relay") if n in plan.paths)
     scaling_steps = sum(2 * plan.reps for n in ("sapd", "floor") if n in plan.paths)
     alternative_steps = 2 * plan.reps * len(ALTERNATIVES) if plan.alternatives else 0
-    return plan.reps * len(plan.paths) * per_path + memory_steps + scaling_steps + alternative_steps
+    return (plan.reps * len(plan.paths) * per_path + refusal_steps + memory_steps + scaling_steps
+            + alternative_steps)
 
 
 # --- results ---------------------------------------------------------------------
@@ -708,6 +757,14 @@ def summarise(raw: dict, plan: Plan) -> dict:
             runs, lambda r: r.get("path_cpu_us_per_session"))
         summary[f"sessions_{c}_cpu_us_per_packet"] = _figures(
             runs, lambda r: r.get("path_cpu_us_per_packet"))
+    top = max(plan.concurrency)
+    summary[f"refusals_{top}_per_s"] = _figures(raw.get("refusals", {}),
+                                                lambda r: r["sessions_per_s"])
+    summary[f"refusals_{top}_cpu_us_per_session"] = _figures(
+        raw.get("refusals", {}), lambda r: r.get("path_cpu_us_per_session"))
+    summary[f"flood_{top}_p99_ms"] = _figures(raw.get("flood", {}),
+                                              lambda r: r["command"].get("p99_ms"))
+    summary[f"flood_{top}_per_s"] = _figures(raw.get("flood", {}), lambda r: r["sessions_per_s"])
     for name, runs in raw["scaling"].items():
         summary[f"scaling_{name}_per_s"] = _figures(runs, lambda r: r["sessions_per_s"])
         summary[f"scaling_{name}_cpu_us_per_session"] = _figures(
@@ -754,6 +811,14 @@ def headline(summary: dict, raw: dict, plan: Plan) -> dict:
         "workers2_cpu_per_session_ratio": _ratio(summary, "scaling_sapd_cpu_us_per_session",
                                                  "2", "1"),
     }
+    refused, passed = (summary.get(k, {}).get("sapd") for k in (f"refusals_{top}_per_s",
+                                                                 f"sessions_{top}_per_s"))
+    out["refusal_rate_ratio_vs_pass"] = (round(refused["median"] / passed["median"], 3)
+                                         if refused and passed and passed["median"] else None)
+    flooded, quiet = (summary.get(k, {}).get("sapd") for k in (f"flood_{top}_p99_ms",
+                                                                f"sessions_{top}_p99_ms"))
+    out["p99_rtt_ratio_under_refusal_flood"] = (round(flooded["median"] / quiet["median"], 3)
+                                                if flooded and quiet and quiet["median"] else None)
     # the same ratios at one client, for the latency-bound case
     out["sessions_ratio_vs_nofilter_1_client"] = _ratio(summary, "sessions_1_per_s", "sapd", "nofilter")
     out["p99_rtt_ratio_vs_relay_1_client"] = _ratio(summary, "sessions_1_p99_ms", "sapd", "relay")
@@ -819,6 +884,11 @@ def format_table(results: dict) -> str:
                  (f"  p50 RTT ms, {c}", f"sessions_{c}_p50_ms"),
                  (f"  p99 RTT ms, {c}", f"sessions_{c}_p99_ms"),
                  (f"  path CPU, us/session, {c}", f"sessions_{c}_cpu_us_per_session")]
+    top = max(results["plan"]["concurrency"])
+    rows += [(f"relay attempts refused/s, {top}", f"refusals_{top}_per_s"),
+             (f"  path CPU, us/attempt, {top}", f"refusals_{top}_cpu_us_per_session"),
+             (f"sessions/s beside a flood, {top}", f"flood_{top}_per_s"),
+             (f"  p99 RTT ms beside a flood, {top}", f"flood_{top}_p99_ms")]
     width = 28
     lines = ["| workload | " + " | ".join(LABELS[p] for p in paths) + " |",
              "|---|" + "---:|" * len(paths)]

@@ -219,16 +219,28 @@ def _queue_target(spec: RuleSpec, bypass: bool) -> str:
 def _pure_acks(chain: str, family: Family) -> str:
     """RETURN for pure ACKs, matched exactly: only ACK set, and a packet length that
     leaves no room for a payload once u32 has fixed the IP and TCP header lengths
-    (IPv4: IHL 5 and not a fragment; IPv6: TCP right after the fixed header)."""
+    (IPv4: IHL 5 and not a fragment; IPv6: TCP right after the fixed header).
+
+    Written as iptables-save prints it, so that what is installed reads back the same."""
     if family is IPV4:
-        ip_header, ip_checks, doff_at = 20, "0>>22&0x3C=20&&4&0x3FFF=0", 32
+        ip_header, doff_at = 20, 32
+        ip_checks = [(0, 22, 0x3C, 20), (4, 0, 0x3FFF, 0)]  # IHL * 4 == 20; MF, offset 0
     else:
-        ip_header, ip_checks, doff_at = 40, "4>>8&0xFF=6", 52
+        ip_header, doff_at = 40, 52
+        ip_checks = [(4, 8, 0xFF, 6)]  # the fixed header's next header: TCP
     return "\n".join(
-        f"-A {chain} -p tcp --tcp-flags ALL ACK -m length --length {ip_header + 4 * doff} "
-        f'-m u32 --u32 "{ip_checks}&&{doff_at}>>28={doff}" '
-        f"-m statistic --mode random --probability {1 - 1 / PURE_ACKS_QUEUED:.4f} -j RETURN"
+        f"-A {chain} -p tcp -m tcp --tcp-flags FIN,SYN,RST,PSH,ACK,URG ACK "
+        f"-m length --length {ip_header + 4 * doff} "
+        f'-m u32 --u32 "{_u32([*ip_checks, (doff_at, 28, None, doff)])}" '
+        f"-m statistic --mode random --probability {1 - 1 / PURE_ACKS_QUEUED:.11f} -j RETURN"
         for doff in PURE_ACK_DOFFS)
+
+
+def _u32(tests: Sequence[tuple[int, int, int | None, int]]) -> str:
+    """u32 tests ANDed: (offset, right shift, mask or None, value), in iptables-save's spelling."""
+    return "&&".join(f"{offset:#x}" + (f">>{shift:#x}" if shift else "")
+                     + ("" if mask is None else f"&{mask:#x}") + f"={value:#x}"
+                     for offset, shift, mask, value in tests)
 
 
 def _queue_chain(chain: str, target: str, family: Family) -> str:

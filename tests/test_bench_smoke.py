@@ -28,8 +28,9 @@ def test_arguments() -> None:
     plan = run.make_plan(run.parse_args(["--reps", "2", "--paths", "relay,nofilter",
                                          "--no-alternatives"]))
     assert plan.reps == 2 and plan.paths == ("nofilter", "relay") and not plan.alternatives
-    # per repetition and path: 3 POP3 and 3 upload runs, 2 session loads; relay's memory
-    assert run.total_steps(plan) == 2 * 2 * (3 + 3 + 2) + 3
+    # per repetition and path: 3 POP3 and 3 upload runs, 2 session loads; the relay's two
+    # refusal loads; relay's memory
+    assert run.total_steps(plan) == 2 * 2 * (3 + 3 + 2) + 2 * 2 + 3
     with pytest.raises(SystemExit):
         run.parse_args(["--paths", "nofilter,bogus"])
     args = load.parse_args(["sessions", "--server", LOOPBACK, "--port", "25",
@@ -97,6 +98,18 @@ def test_relay_carries_sessions_and_bulk(relayed: dict) -> None:
     assert sent["bytes"] == 100_000
 
 
+def test_relay_attempts_count_once_refused(relayed: dict) -> None:
+    refused = load.run_sessions(LOOPBACK, relayed["relay_smtp"], [LOOPBACK], concurrency=4,
+                                duration=0.3, warmup=0.05, relay=True)
+    assert refused["sessions_total"] > 0 and not refused["errors"]
+    assert relayed["relay"].refused >= refused["sessions_total"]
+    # straight to the responder, which relays for anyone: each attempt is an error
+    open_relay = load.run_sessions(LOOPBACK, relayed["smtp"], [LOOPBACK], concurrency=2,
+                                   duration=0.2, warmup=0.05, relay=True)
+    assert open_relay["sessions_total"] == 0
+    assert set(open_relay["errors"]) == {"5 expected, got 250"}
+
+
 def test_relay_refuses_what_the_table_fails(relayed: dict) -> None:
     with pytest.raises(load.BenchError, match="550"):
         load.smtp_upload(LOOPBACK, relayed["relay_smtp"], 1, 1000, "mallory@external.example",
@@ -129,12 +142,17 @@ def test_results_summary_and_plot(tmp_path: Path) -> None:
                                 "2": [{**sessions(150), "path_cpu_us_per_session": 120.0}]}}}
     for c in plan.concurrency:
         raw[f"sessions_{c}"] = {p: [sessions(1000)] for p in run.PATHS}
+    raw["refusals"] = {p: [sessions(900)] for p in run.REFUSING}
+    raw["flood"] = {p: [{**sessions(800), "command": {"p50_ms": 1.0, "p99_ms": 3.0}}]
+                    for p in run.REFUSING}
     summary = run.summarise(raw, plan)
     assert summary["upload_mb_s"]["sapd"]["n"] == 1  # the failed run is left out
     ratios = run.headline(summary, raw, plan)
     assert ratios["pop3_retr_ratio_vs_nofilter"] == 1.0
     assert ratios["workers2_cpu_per_session_ratio"] == 1.2
     assert ratios["session_cpu_ratio_vs_relay"] == 1.0 and ratios["sessions_ratio_vs_floor"] == 1.0
+    assert ratios["refusal_rate_ratio_vs_pass"] == 0.9
+    assert ratios["p99_rtt_ratio_under_refusal_flood"] == 1.5
     checked = run.targets(ratios)
     assert checked["rss_mb_10k_flows"] == {"value": 30.0, "target": "<= 48", "met": True}
     assert checked["workers2_cpu_per_session_ratio"]["met"] is False
@@ -143,7 +161,8 @@ def test_results_summary_and_plot(tmp_path: Path) -> None:
                         "scaling_concurrency": 64},
                "mode": "quick", "date": "today",
                "machine": {"cpus": 2, "cpu_model": "cpu", "kernel": "k", "python": "3"}}
-    assert "| POP3 RETR, MB/s" in run.format_table(results)
+    table = run.format_table(results)
+    assert "| POP3 RETR, MB/s" in table and "| relay attempts refused/s, 64" in table
     json.dumps(results)
     plot = pytest.importorskip("bench.plot")
     plot.plot(results, tmp_path / "r.png")

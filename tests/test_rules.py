@@ -47,24 +47,24 @@ EXPECTED_RULES = """\
 -A SAPD_NFQ_SMTP -m mark --mark 0x1000/0x1000 -j RETURN
 -A SAPD_NFQ_SMTP -m connmark --mark 0x1000/0x1000 -j RETURN
 -A SAPD_NFQ_SMTP -m conntrack --ctstate INVALID -j DROP
--A SAPD_NFQ_SMTP -p tcp --tcp-flags ALL ACK -m length --length 40 \
--m u32 --u32 "0>>22&0x3C=20&&4&0x3FFF=0&&32>>28=5" \
--m statistic --mode random --probability 0.9375 -j RETURN
--A SAPD_NFQ_SMTP -p tcp --tcp-flags ALL ACK -m length --length 52 \
--m u32 --u32 "0>>22&0x3C=20&&4&0x3FFF=0&&32>>28=8" \
--m statistic --mode random --probability 0.9375 -j RETURN
+-A SAPD_NFQ_SMTP -p tcp -m tcp --tcp-flags FIN,SYN,RST,PSH,ACK,URG ACK -m length --length 40 \
+-m u32 --u32 "0x0>>0x16&0x3c=0x14&&0x4&0x3fff=0x0&&0x20>>0x1c=0x5" \
+-m statistic --mode random --probability 0.93750000000 -j RETURN
+-A SAPD_NFQ_SMTP -p tcp -m tcp --tcp-flags FIN,SYN,RST,PSH,ACK,URG ACK -m length --length 52 \
+-m u32 --u32 "0x0>>0x16&0x3c=0x14&&0x4&0x3fff=0x0&&0x20>>0x1c=0x8" \
+-m statistic --mode random --probability 0.93750000000 -j RETURN
 -A SAPD_NFQ_SMTP -j NFQUEUE --queue-balance 4:5
 -A SAPD_NFQ_POP3 -m mark --mark 0x5a9d0000/0xffff0000 -j RETURN
 -A SAPD_NFQ_POP3 -m mark --mark 0x1000/0x1000 -j CONNMARK --save-mark --nfmask 0x1000 --ctmask 0x1000
 -A SAPD_NFQ_POP3 -m mark --mark 0x1000/0x1000 -j RETURN
 -A SAPD_NFQ_POP3 -m connmark --mark 0x1000/0x1000 -j RETURN
 -A SAPD_NFQ_POP3 -m conntrack --ctstate INVALID -j DROP
--A SAPD_NFQ_POP3 -p tcp --tcp-flags ALL ACK -m length --length 40 \
--m u32 --u32 "0>>22&0x3C=20&&4&0x3FFF=0&&32>>28=5" \
--m statistic --mode random --probability 0.9375 -j RETURN
--A SAPD_NFQ_POP3 -p tcp --tcp-flags ALL ACK -m length --length 52 \
--m u32 --u32 "0>>22&0x3C=20&&4&0x3FFF=0&&32>>28=8" \
--m statistic --mode random --probability 0.9375 -j RETURN
+-A SAPD_NFQ_POP3 -p tcp -m tcp --tcp-flags FIN,SYN,RST,PSH,ACK,URG ACK -m length --length 40 \
+-m u32 --u32 "0x0>>0x16&0x3c=0x14&&0x4&0x3fff=0x0&&0x20>>0x1c=0x5" \
+-m statistic --mode random --probability 0.93750000000 -j RETURN
+-A SAPD_NFQ_POP3 -p tcp -m tcp --tcp-flags FIN,SYN,RST,PSH,ACK,URG ACK -m length --length 52 \
+-m u32 --u32 "0x0>>0x16&0x3c=0x14&&0x4&0x3fff=0x0&&0x20>>0x1c=0x8" \
+-m statistic --mode random --probability 0.93750000000 -j RETURN
 -A SAPD_NFQ_POP3 -j NFQUEUE --queue-balance 4:5 --queue-bypass
 -I OUTPUT 1 ! -o lo -j SAPD_NFQ_FROM_SERVER
 -I INPUT 1 ! -i lo -j SAPD_NFQ_TO_SERVER
@@ -108,8 +108,10 @@ def test_families_differ_only_in_the_comments_and_the_pure_ack_headers():
 
 
 @pytest.mark.parametrize("family, lengths, checks", [
-    (IPV4, (40, 52), ("0>>22&0x3C=20", "4&0x3FFF=0", "32>>28=")),  # IHL 5, no fragment
-    (IPV6, (60, 72), ("4>>8&0xFF=6", "52>>28=")),  # TCP straight after the fixed header
+    # IHL * 4 == 20 (no IP options); MF clear and offset 0 (not a fragment)
+    (IPV4, (40, 52), ("0x0>>0x16&0x3c=0x14", "0x4&0x3fff=0x0", "0x20>>0x1c=")),
+    # the fixed header's next header is TCP (no extension headers)
+    (IPV6, (60, 72), ("0x4>>0x8&0xff=0x6", "0x34>>0x1c=")),
 ], ids=["ipv4", "ipv6"])
 def test_only_an_empty_ack_with_known_header_lengths_goes_by(family, lengths, checks):
     text = rules.render(RuleSpec(), family)
@@ -118,11 +120,12 @@ def test_only_an_empty_ack_with_known_header_lengths_goes_by(family, lengths, ch
         assert len(returns) == 2
         for rule, length, doff in zip(returns, lengths, (5, 8)):
             # every header length fixed, so the packet length leaves no octet for data
-            assert f"--tcp-flags ALL ACK -m length --length {length} " in rule
+            assert rule.startswith("-p tcp -m tcp --tcp-flags FIN,SYN,RST,PSH,ACK,URG ACK "
+                                   f"-m length --length {length} ")
             u32 = rule.split('--u32 "')[1].split('"')[0].split("&&")
-            assert u32 == [*checks[:-1], f"{checks[-1]}{doff}"]
+            assert u32 == [*checks[:-1], f"{checks[-1]}{doff:#x}"]
             assert length == (20 if family is IPV4 else 40) + 4 * doff
-            assert rule.endswith("-m statistic --mode random --probability 0.9375 -j RETURN")
+            assert rule.endswith("-m statistic --mode random --probability 0.93750000000 -j RETURN")
 
 
 SPECS = [
@@ -180,7 +183,7 @@ def test_queue_chains_check_marks_then_invalid_then_pure_acks_then_queue(spec):
         assert body[3].startswith(f"-m connmark --mark {BYPASS_MARK:#x}/{BYPASS_MARK:#x}")
         assert body[4] == "-m conntrack --ctstate INVALID -j DROP"
         # after INVALID: conntrack has checked a pure ACK's window before it goes by
-        assert all("--tcp-flags ALL ACK" in rule and rule.endswith("-j RETURN")
+        assert all("--tcp-flags FIN,SYN,RST,PSH,ACK,URG ACK" in rule and rule.endswith("-j RETURN")
                    for rule in body[5:7])
         assert len(body) == 8 and body[7].startswith("-j NFQUEUE ")
         assert body[7].endswith(" --queue-bypass") is bypass
