@@ -35,3 +35,15 @@ def test_the_processes_of_a_namespace_are_found_by_its_file(tmp_path, monkeypatc
     monkeypatch.setattr(topology.netns, "NETNS_RUN_DIR", str(tmp_path))
     (tmp_path / "mine").symlink_to(Path(f"/proc/{os.getpid()}/ns/net"))
     assert os.getpid() in topology._pids_in({"mine"})
+
+
+def test_down_signals_again_what_forked_while_the_lab_came_down(monkeypatch):
+    lab = topology.Lab("sapdx")
+    monkeypatch.setattr(topology.netns, "listnetns", lambda: ["sapdx-gw"])
+    monkeypatch.setattr(topology.netns, "remove", lambda name: None)
+    listings = iter([[101, 102], [103], []])  # 103: forked by 101 before it got SIGTERM
+    monkeypatch.setattr(topology, "_pids_in", lambda names: next(listings))
+    signalled: list[list[int]] = []
+    monkeypatch.setattr(topology, "_terminate", signalled.append)
+    lab.down()
+    assert signalled == [[101, 102], [103]]

@@ -38,6 +38,7 @@ from pyroute2.ethtool import Ethtool
 DEFAULT_PREFIX = "sapd"
 CLIENT_POOL_SIZE = 16
 STOP_TIMEOUT = 5.0  # seconds a process gets between SIGTERM and SIGKILL
+TERMINATE_ROUNDS = 3  # passes over a namespace's processes when the lab comes down
 ADDRESS_TIMEOUT = 5.0  # seconds for IPv6 addresses to become usable
 _IFA_F_TENTATIVE = 0x40
 
@@ -166,7 +167,12 @@ class Lab:
         self._procs.clear()
         names = {h.netns for h in self.hosts.values()}
         present = names & set(netns.listnetns())
-        _terminate(_pids_in(present))
+        # again while any are left: a server may fork a child between listing and signal
+        for _ in range(TERMINATE_ROUNDS):
+            pids = _pids_in(present)
+            if not pids:
+                break
+            _terminate(pids)
         for name in present:
             netns.remove(name)
         for name in names:
