@@ -243,12 +243,14 @@ class Bench:
         return done.stdout
 
     def spawn(self, host: str, argv: list[str], log: str, ready: str | None = None,
-              stdin: bool = False, sapd: bool = False) -> subprocess.Popen:
-        """Start a background process; with `ready`, wait for that text on its stdout."""
+              stdin: bool = False, sapd: bool = False, stdout: bool = False) -> subprocess.Popen:
+        """Start a background process; with `ready`, wait for that text on its stdout.
+
+        Its stdout is a pipe with `ready`, `stdin` (a process driven by commands) or `stdout`."""
         with open(self.tmp / log, "ab") as err:
             proc = self.lab.spawn(host, argv, cwd=self.sapd_source if sapd else REPO,
                                   env=self.sapd_env if sapd else self.env, stderr=err,
-                                  stdout=subprocess.PIPE if ready or stdin else subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE if ready or stdin or stdout else subprocess.DEVNULL,
                                   stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                                   text=True, bufsize=1)
         if ready:
@@ -539,7 +541,7 @@ class Bench:
         plan = self.plan
         flood = self.spawn("client", self.python("-m", "bench.load", *self._sessions_argv(
             plan.flood_concurrency, plan.session_seconds + 2 * plan.warmup_seconds, relay=True)),
-            "flood.log", stdin=True)  # stdout piped: its figures are read below
+            "flood.log", stdout=True)  # its figures are read below
         try:
             time.sleep(plan.warmup_seconds)  # the flood is under way before the measurement
             result = self.measure(run, self._sessions_argv(concurrency, plan.session_seconds))
@@ -793,6 +795,14 @@ def _ratio(summary: dict, key: str, a: str, b: str, *, sub: str = "median") -> f
     return round(table[a][sub] / table[b][sub], 3)
 
 
+def _ratio_of_keys(summary: dict, a: str, b: str, path: str) -> float | None:
+    """One path's median under workload key `a` over its median under `b`."""
+    x, y = summary.get(a, {}).get(path), summary.get(b, {}).get(path)
+    if x is None or y is None or not y["median"]:
+        return None
+    return round(x["median"] / y["median"], 3)
+
+
 def headline(summary: dict, raw: dict, plan: Plan) -> dict:
     top = max(plan.concurrency)
     memory = raw["memory"].get("sapd", [])
@@ -811,14 +821,10 @@ def headline(summary: dict, raw: dict, plan: Plan) -> dict:
         "workers2_cpu_per_session_ratio": _ratio(summary, "scaling_sapd_cpu_us_per_session",
                                                  "2", "1"),
     }
-    refused, passed = (summary.get(k, {}).get("sapd") for k in (f"refusals_{top}_per_s",
-                                                                 f"sessions_{top}_per_s"))
-    out["refusal_rate_ratio_vs_pass"] = (round(refused["median"] / passed["median"], 3)
-                                         if refused and passed and passed["median"] else None)
-    flooded, quiet = (summary.get(k, {}).get("sapd") for k in (f"flood_{top}_p99_ms",
-                                                                f"sessions_{top}_p99_ms"))
-    out["p99_rtt_ratio_under_refusal_flood"] = (round(flooded["median"] / quiet["median"], 3)
-                                                if flooded and quiet and quiet["median"] else None)
+    out["refusal_rate_ratio_vs_pass"] = _ratio_of_keys(
+        summary, f"refusals_{top}_per_s", f"sessions_{top}_per_s", "sapd")
+    out["p99_rtt_ratio_under_refusal_flood"] = _ratio_of_keys(
+        summary, f"flood_{top}_p99_ms", f"sessions_{top}_p99_ms", "sapd")
     # the same ratios at one client, for the latency-bound case
     out["sessions_ratio_vs_nofilter_1_client"] = _ratio(summary, "sessions_1_per_s", "sapd", "nofilter")
     out["p99_rtt_ratio_vs_relay_1_client"] = _ratio(summary, "sessions_1_p99_ms", "sapd", "relay")
