@@ -182,7 +182,7 @@ class RedisChanges:
         self.mode = "following keyspace notifications"
         db = store._redis.connection_pool.connection_kwargs.get("db") or 0
         self._channel = f"__keyspace@{db}__:{PREFIX}"
-        self._pubsub = store._redis.pubsub()  # type: ignore[no-untyped-call]  # unannotated in redis-py
+        self._pubsub = store._redis.pubsub()  # type: ignore[no-untyped-call,unused-ignore]  # unannotated before redis-py 8
         try:
             store._call("subscribe", self._subscribe)
         except StoreError:
