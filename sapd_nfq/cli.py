@@ -288,7 +288,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             if kernel:
                 print(f"kernel:   queue {queue} waiting {kernel['waiting']}, "
                       f"dropped {kernel['queue_dropped']} (queue full), {kernel['user_dropped']} (netlink)")
-        print(f"logins:   {status['logins_held']} held")
+        sources = ", ".join(f"{source} {n}" for source, n in sorted(status["logins_by_source"].items()))
+        print(f"logins:   {status['logins_held']} held" + (f" ({sources})" if sources else ""))
     return 0 if status["rules_installed"] and status["daemon_running"] else 3
 
 

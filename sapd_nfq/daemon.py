@@ -17,6 +17,7 @@ import selectors
 import signal
 import socket
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -225,6 +226,7 @@ class Daemon:
     def status(self) -> dict:
         now = time.time()
         counters = dict(self.engine.counters)
+        logins = self.logins.entries(now)
         return {
             "ok": True,
             "pid": os.getpid(),
@@ -237,7 +239,8 @@ class Daemon:
             "virtusertable_entries": len(self.engine.policy.table),
             "flows_tracked": len(self.engine.flows),
             "flows_evicted": self.engine.flows.evicted,
-            "logins_held": len(self.logins.entries(now)),
+            "logins_held": len(logins),
+            "logins_by_source": dict(Counter(login.source for login in logins)),
             "store": self.store_status(),
             "decisions": {"pass": counters.get("pass", 0), "fail": counters.get("fail", 0)},
             "counters": counters,

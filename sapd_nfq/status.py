@@ -5,6 +5,7 @@ kernel's queue counters."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 from . import rules
 from .config import Config
@@ -52,9 +53,13 @@ def gather_status(config: Config) -> dict:
     if not any(w["running"] for w in workers):
         logins = open_logins(config)
         try:
-            status["logins_held"] = len(logins.entries(time.time()))
+            entries = logins.entries(time.time())
         finally:
             logins.close()
+        status["logins_held"] = len(entries)
+        status["logins_by_source"] = dict(Counter(login.source for login in entries))
     else:
-        status["logins_held"] = max(w.get("logins_held", 0) for w in workers if w["running"])
+        busiest = max((w for w in workers if w["running"]), key=lambda w: w.get("logins_held", 0))
+        status["logins_held"] = busiest.get("logins_held", 0)
+        status["logins_by_source"] = busiest.get("logins_by_source", {})
     return status

@@ -256,6 +256,7 @@ def test_status_while_running_and_after_a_kill(lab, mail_server, gate, fresh):
     assert worker["decisions"] == {"pass": 1, "fail": 1}
     assert worker["counters"]["logins"] == 1 and worker["counters"]["packets"] > 0
     assert worker["logins_held"] == 1 and status["logins_held"] == 1
+    assert worker["logins_by_source"] == status["logins_by_source"] == {"pop3": 1}
     assert worker["kernel"]["queue_dropped"] == 0 and worker["kernel"]["id_sequence"] > 0
 
     gate.stop(signal.SIGKILL)
@@ -263,6 +264,7 @@ def test_status_while_running_and_after_a_kill(lab, mail_server, gate, fresh):
     assert code == 3 and status["rules_installed"] and not status["daemon_running"]
     assert status["workers"][0]["running"] is False
     assert status["logins_held"] == 1  # read from the store itself
+    assert status["logins_by_source"] == {"pop3": 1}
 
 
 def test_auth_add_and_del_change_the_next_decision(lab, mail_server, gate, fresh):
