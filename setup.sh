@@ -4,17 +4,21 @@
 # Safe to run again. It never configures or starts the host's own mail
 # services: the lab runs Postfix and Dovecot from its own directories.
 #
-#   setup.sh               everything, vagrant included (the lab tests validate vagrant/)
-#   setup.sh --no-vagrant  everything but vagrant: how vagrant/Vagrantfile sets up its VMs
+#   setup.sh               everything, vagrant and the VM tools included (the lab tests boot vagrant/)
+#   setup.sh --no-vagrant  a VM of vagrant/Vagrantfile: no VM tools, sapd-nfq without its test tools
+#   setup.sh --no-vagrant --debian-only
+#                          the Debian packages alone, no .venv: how vagrant/build-box.sh fills the box
 set -euo pipefail
 cd "$(dirname "$0")"
 
-with_vagrant=yes
-case "${1-}" in
-    "") ;;
-    --no-vagrant) with_vagrant="" ;;
-    *) echo "usage: $0 [--no-vagrant]" >&2; exit 2 ;;
-esac
+with_vagrant=yes with_venv=yes
+for arg; do
+    case "$arg" in
+        --no-vagrant) with_vagrant="" ;;
+        --debian-only) with_venv="" ;;
+        *) echo "usage: $0 [--no-vagrant] [--debian-only]" >&2; exit 2 ;;
+    esac
+done
 
 if [ "$(id -u)" != 0 ]; then
     echo "setup.sh: run as root (it installs Debian packages)" >&2
@@ -27,7 +31,11 @@ packages=(
     postfix dovecot-core dovecot-pop3d dovecot-imapd openssl redis-server
     swaks libnet-ssleay-perl libio-socket-ssl-perl curl tcpdump
 )
-[ -z "$with_vagrant" ] || packages+=(vagrant)
+# vagrant/build-box.sh and the VM tests: libvirt with QEMU, a box debootstrapped here
+[ -z "$with_vagrant" ] || packages+=(
+    vagrant vagrant-libvirt libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils
+    dnsmasq-base debootstrap e2fsprogs rsync openssh-client
+)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -57,10 +65,14 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
 fi
 
+[ -n "$with_venv" ] || { echo "setup.sh: Debian packages ready"; exit 0; }
+
 python=python3
 if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 .venv/bin/pip install -q --upgrade pip >/dev/null
-.venv/bin/pip install -q -e '.[test,dev]'
+extras='[test,dev]'
+[ -n "$with_vagrant" ] || extras=''  # the VMs run sapd-nfq; the tests run on the host
+.venv/bin/pip install -q -e ".$extras"
 echo "setup.sh: ready (.venv/bin/sapd-nfq)"

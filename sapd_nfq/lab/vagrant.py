@@ -38,11 +38,16 @@ class VagrantLab:
     """The VMs of the Vagrantfile in `directory`; a context manager (up: fetch their
     ssh settings from vagrant; down: forget them). The VMs stay as they are.
 
-    Each Host's `netns` field holds the VM's name.
+    Each Host's `netns` field holds the VM's name. `via` prefixes vagrant and ssh where
+    the VMs are reached from elsewhere (vmhost.py: inside a network namespace), and `env`
+    is vagrant's environment (VAGRANT_HOME, where the box is).
     """
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], *, via: Sequence[str] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.directory = Path(directory)
+        self.via = list(via)
+        self.env = env
         self.state_dir = STATE_DIR
         plan = Lab()  # for its addresses only: constructing a Lab builds nothing
         self.hosts = {role: replace(host, netns=role) for role, host in plan.hosts.items()}
@@ -61,8 +66,8 @@ class VagrantLab:
 
     def up(self) -> None:
         """Ask vagrant how to reach the VMs (they must be running)."""
-        done = subprocess.run(["vagrant", "ssh-config"], cwd=self.directory,
-                              capture_output=True, text=True)
+        done = subprocess.run([*self.via, "vagrant", "ssh-config"], cwd=self.directory,
+                              env=self.env, capture_output=True, text=True)
         if done.returncode:
             raise LabError(f"vagrant ssh-config in {self.directory} failed: "
                            f"{done.stderr.strip()} (are the VMs up? `vagrant up` there)")
@@ -83,7 +88,7 @@ class VagrantLab:
         """`argv` wrapped to run as root on the host's VM."""
         if self._ssh_config is None:
             raise LabError("VagrantLab is not up: use it as a context manager")
-        return ["ssh", "-F", str(self._ssh_config), "-o", "BatchMode=yes",
+        return [*self.via, "ssh", "-F", str(self._ssh_config), "-o", "BatchMode=yes",
                 "-o", f"ConnectTimeout={SSH_TIMEOUT}", "-o", "LogLevel=ERROR",
                 self.host(host).netns, "sudo -n " + shlex.join(argv)]
 

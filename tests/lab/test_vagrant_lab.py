@@ -1,4 +1,4 @@
-"""vagrant/: the lab as VMs, checked where no VM can boot.
+"""vagrant/: the lab as VMs, checked without booting them (test_vms_lab.py boots them).
 
 `vagrant validate` checks the Vagrantfile. The provisioning it runs is the
 namespace lab's (mailserver.sh, gateway.sh and client-mta.sh run in the lab
