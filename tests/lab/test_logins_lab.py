@@ -26,6 +26,8 @@ from socket import AF_INET, AF_INET6
 import pytest
 from lab_gate import CLIENT_TIMEOUT, try_rcpt, wait_until
 
+from sapd_nfq.lab.client_mta import ClientMTA
+
 pytestmark = pytest.mark.lab
 
 FAMILIES = [pytest.param(AF_INET, id="ipv4"), pytest.param(AF_INET6, id="ipv6")]
@@ -177,6 +179,24 @@ def test_a_tls_login_learned_from_the_log_lets_the_relay_pass(lab, mail_server, 
     [entry] = logged_in(gate, source)
     assert entry.split()[-1] == "log:dovecot"
     print(f"\n{how}: login to learned in {learned:.2f} s (client's whole session included)")
+
+
+def test_an_imaps_login_from_the_log_lets_the_sending_postfix_relay(lab, mail_server, log_gate):
+    """The lab's sending Postfix as the client (relayhost: the server): its relay bounces
+    until alice fetches her mail over IMAPS from the same address; once the gate has
+    read that login in Dovecot's log, the same relay is sent."""
+    source, server = lab.client.ipv4, lab.server.ipv4
+    with ClientMTA(lab) as mta:
+        before = external()
+        status = mta.wait_for_status(before, mta.send(LOCAL, before, "before the login"))
+        assert "status=bounced" in status and "said: 550 5.7.1 " in status, status
+
+        assert login_over_tls("curl-imaps", lab, mail_server, source, server)
+        log_gate.wait_for_log(rf"LOGIN client={re.escape(source)} user=alice reason=log:dovecot",
+                              timeout=LEARN_TIMEOUT)
+        after = external()
+        status = mta.wait_for_status(after, mta.send(LOCAL, after, "after an IMAPS login"))
+        assert "status=sent (250 2.0.0 Ok: queued as " in status, status
 
 
 @pytest.mark.parametrize("family", FAMILIES)
