@@ -167,12 +167,7 @@ class Lab:
         self._procs.clear()
         names = {h.netns for h in self.hosts.values()}
         present = names & set(netns.listnetns())
-        # again while any are left: a server may fork a child between listing and signal
-        for _ in range(TERMINATE_ROUNDS):
-            pids = _pids_in(present)
-            if not pids:
-                break
-            _terminate(pids)
+        stop_everything_in(present)
         for name in present:
             netns.remove(name)
         for name in names:
@@ -310,6 +305,16 @@ def _tentative(msg) -> bool:
     return bool((msg["flags"] if flags is None else flags) & _IFA_F_TENTATIVE)
 
 
+def stop_everything_in(names: set[str]) -> None:
+    """Stop every process inside the named network namespaces (SIGTERM, then SIGKILL)."""
+    # again while any are left: a server may fork a child between listing and signal
+    for _ in range(TERMINATE_ROUNDS):
+        pids = _pids_in(names)
+        if not pids:
+            return
+        _terminate(pids)
+
+
 def _terminate(pids: list[int]) -> None:
     """SIGTERM the pids, give them STOP_TIMEOUT to exit, then SIGKILL the rest."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -320,7 +325,7 @@ def _terminate(pids: list[int]) -> None:
                 pass
         deadline = time.monotonic() + STOP_TIMEOUT
         while pids and time.monotonic() < deadline:
-            pids = [pid for pid in pids if _alive(pid)]
+            pids = [pid for pid in pids if alive(pid)]
             if pids:
                 time.sleep(0.05)
         if not pids:
@@ -352,7 +357,8 @@ def _pids_in(names: set[str]) -> list[int]:
     return pids
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """The process runs: it exists and is no zombie waiting to be reaped."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -3,7 +3,7 @@
 `VMHost` builds the box (vagrant/build-box.sh) when the tree's box key has changed, starts a
 libvirtd inside the namespace `sapd-vms`, runs `vagrant up` there, and on `destroy` removes
 the VMs, whatever vagrant-libvirt leaves in libvirt (the box's base volume, the storage pool it
-made), stops the daemons it started and deletes the namespace. Inside the namespace, libvirt's
+made), stops every process in the namespace and deletes it. Inside the namespace, libvirt's
 bridges, dnsmasq and firewall rules never touch the host's network; `leftovers()` compares
 the host with how it was found.
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute, netns
 
-from sapd_nfq.lab.topology import LabError
+from sapd_nfq.lab.topology import LabError, alive, stop_everything_in
 
 NAMESPACE = "sapd-vms"
 CACHE = Path(os.environ.get("SAPD_VM_CACHE", "/var/cache/sapd-nfq-vms"))
@@ -57,7 +57,6 @@ class VMHost:
         self.console_dir = console_dir
         self.log = log or cache / "vagrant.log"
         self.timings: dict[str, float] = {}
-        self._started: list[int] = []  # pids of the daemons this host started
         self._found: dict[str, set[str]] | None = None
         self._libvirt_found: set[tuple[str, str, str]] = set()  # pools and volumes before up
         self.env = dict(os.environ, VAGRANT_HOME=str(cache / "home"),
@@ -141,32 +140,26 @@ class VMHost:
                 raise LabError("a libvirtd is already running outside the namespace "
                                f"{NAMESPACE}: stop it, or run vagrant/ with it as "
                                "vagrant/README.md says")
-            self._started += sorted(_pids("libvirtd"))  # ours, left by a run cut short
-            return
+            return  # ours, left running by `up`
         if NAMESPACE not in netns.listnetns():
             netns.create(NAMESPACE)
         with IPRoute(netns=NAMESPACE) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        # Both daemons fork away and live in the namespace, where `destroy` stops them.
         if not _pids("virtlogd"):
-            self._daemon("virtlogd", ["virtlogd", "-d"])
+            subprocess.run(self.command(["virtlogd", "-d"]), check=True, stdin=subprocess.DEVNULL)
         # /dev/kvm opens here but its guests hang: libvirtd must not see it. Where it does,
         # it finds KVM usable, QEMU's probe finds it not, and every call that needs QEMU's
         # capabilities probes them again (half a minute each), since the cache never holds.
-        self._daemon("libvirtd", self.command([
+        subprocess.run(self.command([
             "unshare", "--mount", "--propagation", "private", "sh", "-c",
-            "mount --bind /dev/null /dev/kvm 2>/dev/null; exec libvirtd -d"]))
+            "mount --bind /dev/null /dev/kvm 2>/dev/null; exec libvirtd -d"]),
+            check=True, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + START_WAIT
         while not self._libvirt_answers():
             if time.monotonic() > deadline:
                 raise LabError(f"libvirtd did not answer within {START_WAIT:.0f} s")
             time.sleep(0.2)
-
-    def _daemon(self, name: str, argv: list[str]) -> None:
-        """Start a daemon that forks away (-d), and remember its pid to stop it."""
-        before = _pids(name)
-        subprocess.run(argv, check=True, stdin=subprocess.DEVNULL)
-        time.sleep(0.2)
-        self._started += sorted(_pids(name) - before)
 
     def _libvirt_answers(self) -> bool:
         return LIBVIRT_SOCKET.exists() and subprocess.run(
@@ -175,19 +168,19 @@ class VMHost:
     # --- destroy --------------------------------------------------------------------
 
     def destroy(self) -> None:
-        """`vagrant destroy -f`, then what it leaves in libvirt, the daemons, the namespace."""
+        """`vagrant destroy -f`, then what it leaves in libvirt, the daemons in the namespace
+        and the namespace itself. Nothing to do where the namespace is gone."""
+        if NAMESPACE not in netns.listnetns():
+            return
         started = time.monotonic()
         try:
             if self._libvirt_answers():
                 self.vagrant("destroy", "-f", timeout=DESTROY_TIMEOUT)
                 self._remove_libvirt_leftovers()
         finally:
+            stop_everything_in({NAMESPACE})  # libvirtd and virtlogd, and any QEMU left
+            netns.remove(NAMESPACE)
             self._timed("vagrant destroy", started)
-            for pid in reversed(self._started):
-                _terminate(pid)
-            self._started.clear()
-            if NAMESPACE in netns.listnetns():
-                netns.remove(NAMESPACE)
 
     def _remove_libvirt_leftovers(self) -> None:
         """vagrant-libvirt keeps the box's base volume, and the pool it defined, for the next
@@ -252,22 +245,9 @@ def _lines(argv: list[str]) -> set[str]:
 
 
 def _pids(name: str) -> set[int]:
+    """The running processes of a name (the kernel keeps 15 characters of it)."""
     done = subprocess.run(["pgrep", "-x", name[:15]], capture_output=True, text=True)
-    return {int(pid) for pid in done.stdout.split()}
-
-
-def _terminate(pid: int) -> None:
-    try:
-        os.kill(pid, 15)
-    except ProcessLookupError:
-        return
-    for _ in range(100):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    os.kill(pid, 9)
+    return {int(pid) for pid in done.stdout.split() if alive(int(pid))}
 
 
 def _virsh(*args: str, check: bool = True) -> str:

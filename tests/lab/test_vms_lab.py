@@ -102,7 +102,7 @@ def test_the_vms_run_the_lab(vms, report):
 
 def test_the_demo_on_the_vms(vms, report):
     started = time.monotonic()
-    summary = _inner_pytest(vms, "tests/lab/test_demo_lab.py")
+    summary = _inner_pytest(vms, "tests/lab/test_demo_lab.py::test_the_demo_tells_the_story_and_leaves_nothing")
     report(f"demo: {summary} in {time.monotonic() - started:.0f} s")
 
 
