@@ -16,6 +16,7 @@ Run by hand (as root):
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -58,7 +59,9 @@ class VMHost:
         self.log = log or cache / "vagrant.log"
         self.timings: dict[str, float] = {}
         self._found: dict[str, set[str]] | None = None
-        self._libvirt_found: set[tuple[str, str, str]] = set()  # pools and volumes before up
+        # libvirt's networks, pools and volumes before `up`, kept in the cache for a `destroy`
+        # run by another process (`vmhost down`)
+        self._libvirt_before = cache / "libvirt-before.json"
         self.env = dict(os.environ, VAGRANT_HOME=str(cache / "home"),
                         VAGRANT_CHECKPOINT_DISABLE="1", VAGRANT_NO_COLOR="1")
         if console_dir is not None:
@@ -106,7 +109,7 @@ class VMHost:
         self._found = self.host_state()
         self.box()
         self.start_libvirt()
-        self._libvirt_found = self._libvirt_objects()
+        self._libvirt_before.write_text(json.dumps(sorted(self._libvirt_objects())))
         started = time.monotonic()
         self.vagrant("up", timeout=UP_TIMEOUT)
         self._timed("vagrant up", started)
@@ -177,6 +180,7 @@ class VMHost:
             if self._libvirt_answers():
                 self.vagrant("destroy", "-f", timeout=DESTROY_TIMEOUT)
                 self._remove_libvirt_leftovers()
+                self._libvirt_before.unlink(missing_ok=True)
         finally:
             stop_everything_in({NAMESPACE})  # libvirtd and virtlogd, and any QEMU left
             netns.remove(NAMESPACE)
@@ -185,16 +189,21 @@ class VMHost:
     def _remove_libvirt_leftovers(self) -> None:
         """vagrant-libvirt keeps the box's base volume, and the pool it defined, for the next
         `vagrant up` (the box store in the cache does that job here); a `vagrant up` cut
-        short can leave a network defined."""
+        short can leave a network defined. What was there before `up` stays; without that
+        record, everything does."""
+        try:
+            found = {tuple(entry) for entry in json.loads(self._libvirt_before.read_text())}
+        except (OSError, ValueError):
+            return
         for network in _virsh_names("net-list", "--all"):
-            if ("network", network, "") not in self._libvirt_found:
+            if ("network", network, "") not in found:
                 _virsh("net-destroy", network, check=False)
                 _virsh("net-undefine", network)
         for pool in _virsh_names("pool-list", "--all"):
             for volume in _virsh_names("vol-list", pool):
-                if ("volume", pool, volume) not in self._libvirt_found:
+                if ("volume", pool, volume) not in found:
                     _virsh("vol-delete", "--pool", pool, volume)
-            if ("pool", pool, "") not in self._libvirt_found:
+            if ("pool", pool, "") not in found:
                 _virsh("pool-destroy", pool, check=False)
                 _virsh("pool-undefine", pool)
 
@@ -213,7 +222,7 @@ class VMHost:
         libvirt's definitions and disk images, the processes of QEMU, libvirt and dnsmasq."""
         return {
             "iptables": _lines(["iptables-save"]) | _lines(["ip6tables-save"]),
-            "links": {link.get_attr("IFLA_IFNAME") for link in IPRoute().get_links()},
+            "links": _links(),
             "namespaces": set(netns.listnetns()),
             "processes": {str(pid) for name in ("qemu-system-x86_64", "libvirtd", "virtlogd",
                                                 "dnsmasq") for pid in _pids(name)},
@@ -228,6 +237,11 @@ class VMHost:
         now = self.host_state()
         return {kind: self._found[kind] ^ now[kind] for kind in now
                 if self._found[kind] != now[kind]}
+
+
+def _links() -> set[str]:
+    with IPRoute() as ipr:
+        return {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
 
 
 def _read(path: Path) -> str | None:
