@@ -60,7 +60,7 @@ def vms(tmp_path_factory, report):
     host.console_dir.chmod(0o777)  # QEMU writes the consoles as libvirt's user
     try:
         host.up()
-    except (LabError, subprocess.TimeoutExpired) as exc:
+    except (LabError, OSError, subprocess.SubprocessError) as exc:  # whatever step failed
         consoles = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
                              for p in sorted(host.console_dir.glob("*.log")))
         host.destroy()
