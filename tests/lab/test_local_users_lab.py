@@ -12,7 +12,9 @@ judged by the relay itself: a RCPT to an external address from that client.
 The gate's files live under the lab's state directory (/run/PREFIX-lab,
 0755), not under tmp_path: pytest's base directory is root's alone, so
 nobody would be stopped there before reaching any of them and the test
-would prove nothing.
+would prove nothing. For the same reason the commands run from a copy of
+the package in that directory, never from the clone: a clone in root's
+home (0700) is out of nobody's reach.
 """
 
 from __future__ import annotations
@@ -41,8 +43,6 @@ pytestmark = pytest.mark.lab
 NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 USERS = [pytest.param("nobody", id="nobody"), pytest.param("root", id="root-can")]
 SECRET = "s3cret-of-the-lab"
-# Nothing from the caller's environment: both users run in the same one.
-_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO), "HOME": "/nonexistent"}
 
 CONNECT = """\
 import json, socket, sys
@@ -75,7 +75,21 @@ def wait_relays(lab, client: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def python(lab):
+def env(lab):
+    """The environment both users run in, nothing taken from the caller's: its
+    PYTHONPATH is a copy of the package that everyone may read, wherever the
+    clone lives."""
+    copy = lab.state_dir / "local-users-package"
+    shutil.copytree(REPO / "sapd_nfq", copy / "sapd_nfq",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for path in (copy, *copy.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    yield {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(copy), "HOME": "/nonexistent"}
+    shutil.rmtree(copy)
+
+
+@pytest.fixture(scope="module")
+def python(lab, env):
     """An interpreter nobody may run: this one, or else the system's python3
     (the commands used here need nothing from the virtualenv). Probed by a
     shell that nobody runs: setpriv itself resolves the path it executes
@@ -83,7 +97,7 @@ def python(lab):
     reach (a python under /root, which then misses its own library)."""
     for candidate in (sys.executable, shutil.which("python3", path="/usr/bin:/bin")):
         probe = [*NOBODY, "sh", "-c", 'exec "$0" -c "import sapd_nfq.cli"', str(candidate)]
-        if candidate and subprocess.run(probe, env=_ENV, cwd="/", capture_output=True).returncode == 0:
+        if candidate and subprocess.run(probe, env=env, cwd="/", capture_output=True).returncode == 0:
             return candidate
     pytest.fail("no Python interpreter that nobody may run", pytrace=False)
 
@@ -107,7 +121,7 @@ def gate(lab):
 
 
 @pytest.fixture
-def run(lab, gate, python):
+def run(lab, gate, python, env):
     """run(user, *argv): argv in gw as `user`; a leading "sapd-nfq" is the CLI
     with the gate's config (or `config`), a leading "-c" a Python script."""
     def run(user: str, *argv: str, config: Path | None = None) -> subprocess.CompletedProcess:
@@ -117,7 +131,7 @@ def run(lab, gate, python):
             argv = (python, *argv)
         prefix = NOBODY if user == "nobody" else []
         return lab.run(gate.host, [*prefix, *argv], check=False, capture_output=True, text=True,
-                       cwd="/", env=_ENV, timeout=CLI_TIMEOUT)
+                       cwd="/", env=env, timeout=CLI_TIMEOUT)
     return run
 
 
@@ -259,7 +273,7 @@ def test_reading_the_sqlite_file(run, gate, fresh, user):
         assert done.returncode == 0 and client in done.stdout, done.stderr
 
 
-def test_the_daemon_refuses_a_state_directory_others_may_write(lab, gate):
+def test_the_daemon_refuses_a_state_directory_others_may_write(lab, gate, env):
     loose = Path(gate.config.state).parent.with_name("loose-state")
     loose.mkdir()
     loose.chmod(0o777)
@@ -269,7 +283,7 @@ def test_the_daemon_refuses_a_state_directory_others_may_write(lab, gate):
     try:
         # The daemon needs the virtualenv (netfilterqueue); it refuses before binding a queue.
         done = lab.run(gate.host, [sys.executable, "-m", "sapd_nfq", "run", "--config", str(config)],
-                       check=False, capture_output=True, text=True, cwd="/", env=_ENV, timeout=CLI_TIMEOUT)
+                       check=False, capture_output=True, text=True, cwd="/", env=env, timeout=CLI_TIMEOUT)
         assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
         assert f"state directory {loose} is writable by group and others" in done.stderr, done.stderr
         assert "chmod 700" in done.stderr
