@@ -17,11 +17,11 @@ from pathlib import Path
 import fnfqueue
 
 from bench.floor import open_fnfqueue
-from sapd_nfq.config import load_config
 from sapd_nfq.engine.core import Engine
 from sapd_nfq.engine.verdicts import ACCEPT, BYPASS
-from sapd_nfq.rules import BYPASS_MARK
-from sapd_nfq.runtime import load_policy, open_logins
+from sapd_nfq.kernel.rules import BYPASS_MARK
+from sapd_nfq.wiring.build import load_policy, open_logins
+from sapd_nfq.wiring.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:

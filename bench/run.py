@@ -412,15 +412,15 @@ class Bench:
         return path
 
     def sapd_status(self, config_path: Path, workers: int) -> list[dict]:
-        from sapd_nfq.config import load_config
-        from sapd_nfq.control import request
+        from sapd_nfq.admin.control import request
+        from sapd_nfq.wiring.config import load_config
 
         config = load_config(config_path)
         return [request(config, queue, "status") for queue in range(workers)]
 
     @contextmanager
     def _sapd(self, workers: int, binding: str) -> Iterator[PathRun]:
-        from sapd_nfq.control import DaemonNotRunning
+        from sapd_nfq.admin.control import DaemonNotRunning
 
         config = self.sapd_config(workers)
         if binding != "netfilterqueue":  # the engine on the alternative binding

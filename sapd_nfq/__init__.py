@@ -1,7 +1,18 @@
 """sapd-nfq: a POP-before-SMTP relay gate in the kernel's packet path.
 
-`engine/` is the pure core (packet bytes in, decisions out); `logins/` holds
-the login store backends; every other module is an adapter around the
-engine: the NFQUEUE loop, packet injection, rules, interfaces, the control
-socket, logging, the config file and the CLI.
+`ls sapd_nfq` draws the architecture:
+
+- `engine/`   the pure core: packet bytes in, decisions out; no I/O at all
+- `logins/`   the login stores (memory replica, SQLite, Redis) behind the engine's interface
+- `kernel/`   the packet path's adapters: the queue worker, its supervision, the rules,
+              injection, interfaces
+- `learners/` the login sources the wire cannot show: mail server logs, the post-login hook
+- `admin/`    the operator's side: control socket, status, stats, recent decisions,
+              metrics, captures for replay
+- `wiring/`   what turns a site's files into running parts: config, access checks,
+              building the engine's pieces, Postfix maps, logging set-up, file watching
+- `lab/`      the namespace lab, its commands and the demo
+- `cli.py`    the `sapd-nfq` command
+
+The import rules between them are tests (tests/test_architecture.py).
 """

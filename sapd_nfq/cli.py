@@ -9,13 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-from .access import config_warnings
-from .config import DEFAULT_CONFIG_PATH, Config, load_config
 from .engine.errors import SapdError
 from .engine.logins import MemoryLoginStore
 from .engine.policy import Fail
-from .labcli import add_commands as add_lab_commands
-from .runtime import load_policy, open_logins
+from .lab.cli import add_commands as add_lab_commands
+from .wiring.access import config_warnings
+from .wiring.build import load_policy, open_logins
+from .wiring.config import DEFAULT_CONFIG_PATH, Config, load_config
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 #: seconds `auth add/del` waits for a running daemon to have read the change
@@ -61,7 +61,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def gather_why(config: Config, address: str) -> dict:
     """What the running workers remember of `address`, or the store alone."""
-    from .control import DaemonNotRunning, request, worker_queues
+    from .admin.control import DaemonNotRunning, request, worker_queues
 
     replies = []
     for queue in worker_queues(config):
@@ -147,7 +147,7 @@ def cmd_auth(args: argparse.Namespace) -> int:
 def _tell_daemons(config: Config) -> None:
     """Have the running daemons read the store now, and wait until they have,
     so that the next session is judged with the change."""
-    from .control import DaemonNotRunning, request, worker_queues
+    from .admin.control import DaemonNotRunning, request, worker_queues
 
     for queue in worker_queues(config):
         try:
@@ -167,8 +167,8 @@ def _tell_daemons(config: Config) -> None:
 # -- replay --------------------------------------------------------------------
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from .admin.pcap import read_packets
     from .engine.core import Engine
-    from .pcap import read_packets
 
     config = _config(args)
     logins = MemoryLoginStore()
@@ -196,8 +196,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 # -- the daemon and its rules ---------------------------------------------------
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from . import rules
-    from .interfaces import validate
+    from .kernel import rules
+    from .kernel.interfaces import validate
 
     config = _config(args)
     if config.interfaces:
@@ -210,7 +210,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from . import rules
+    from .kernel import rules
 
     rules.remove()
     print("rules removed")
@@ -218,8 +218,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .daemon import run_workers
-    from .logsetup import setup_logging
+    from .kernel.supervise import run_workers
+    from .wiring.logsetup import setup_logging
 
     config = _config(args, warn=False)
     path = Path(args.config)
@@ -230,7 +230,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from .control import request, worker_queues
+    from .admin.control import request, worker_queues
 
     config = _config(args)
     failed = False
@@ -257,7 +257,7 @@ def _store_line(store: dict) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import gather_status
+    from .admin.status import gather_status
 
     config = _config(args)
     status = gather_status(config)

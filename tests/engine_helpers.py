@@ -10,12 +10,12 @@ from __future__ import annotations
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
-from sapd_nfq.config import Config
 from sapd_nfq.engine.core import Engine
 from sapd_nfq.engine.logins import MemoryLoginStore
 from sapd_nfq.engine.policy import RelayPolicy
 from sapd_nfq.engine.verdicts import DROP, Decision
 from sapd_nfq.engine.virtusertable import VirtUserTable
+from sapd_nfq.wiring.config import Config
 
 VIRTUSERTABLE = """\
 # the lab's mail domain

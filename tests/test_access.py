@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from sapd_nfq import cli
-from sapd_nfq.access import AccessError, config_warnings, holds_secret, private_dir
-from sapd_nfq.config import Config, load_config
-from sapd_nfq.control import ControlServer, request, socket_path
+from sapd_nfq.admin.control import ControlServer, request, socket_path
 from sapd_nfq.lab.mail import VIRTUSERTABLE
-from sapd_nfq.logsetup import LOGGER
-from sapd_nfq.runtime import open_logins
+from sapd_nfq.wiring.access import AccessError, config_warnings, holds_secret, private_dir
+from sapd_nfq.wiring.build import open_logins
+from sapd_nfq.wiring.config import Config, load_config
+from sapd_nfq.wiring.logsetup import LOGGER
 
 CAPTURES = Path(__file__).parent / "captures"
 SECRET = "redis://:s3cret@198.18.0.9:6379/0"
@@ -166,12 +166,12 @@ def test_commands_that_load_the_config_print_the_warning(capsys, tmp_path):
 
 
 def test_run_logs_the_warning(monkeypatch, caplog, tmp_path):
-    import sapd_nfq.daemon
-    import sapd_nfq.logsetup
+    import sapd_nfq.kernel.supervise
+    import sapd_nfq.wiring.logsetup
 
     # Neither a real daemon nor the host's syslog: the logger alone, seen by caplog.
-    monkeypatch.setattr(sapd_nfq.logsetup, "setup_logging", lambda level: logging.getLogger("sapd-nfq.test"))
-    monkeypatch.setattr(sapd_nfq.daemon, "run_workers", lambda config, path: 0)
+    monkeypatch.setattr(sapd_nfq.wiring.logsetup, "setup_logging", lambda level: logging.getLogger("sapd-nfq.test"))
+    monkeypatch.setattr(sapd_nfq.kernel.supervise, "run_workers", lambda config, path: 0)
     path = write_config(tmp_path, 0o640)
     with caplog.at_level(logging.WARNING):
         assert cli.main(["run", "--config", str(path)]) == 0

@@ -88,9 +88,9 @@ def test_auth_add_and_del_return_once_a_running_daemon_has_read_them(capsys, tmp
     import threading
     import time
 
-    from sapd_nfq.config import load_config
-    from sapd_nfq.control import ControlServer
-    from sapd_nfq.runtime import daemon_logins
+    from sapd_nfq.admin.control import ControlServer
+    from sapd_nfq.wiring.build import daemon_logins
+    from sapd_nfq.wiring.config import load_config
 
     path = tmp_path / "sapd-nfq.toml"
     path.write_text(f'virtusertable = "{VIRTUSERTABLE}"\nstate = "logins.sqlite"\n'

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from sapd_nfq import config as config_module
-from sapd_nfq.config import Config, load_config
 from sapd_nfq.engine.errors import ConfigError
+from sapd_nfq.wiring import config as config_module
+from sapd_nfq.wiring.config import Config, load_config
 
 
 def write(tmp_path, text, name="sapd-nfq.toml"):

@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from sapd_nfq.config import Config
-from sapd_nfq.control import ControlServer, DaemonNotRunning, request, socket_path
+from sapd_nfq.admin.control import ControlServer, DaemonNotRunning, request, socket_path
+from sapd_nfq.wiring.config import Config
 
 
 def serve(server: ControlServer) -> threading.Thread:

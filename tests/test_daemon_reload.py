@@ -10,9 +10,10 @@ import os
 
 import pytest
 
-from sapd_nfq import daemon as daemon_module
-from sapd_nfq.config import load_config
-from sapd_nfq.daemon import REMOVAL_SETTLE, SETTLE_INTERVAL, Daemon, FileWatch
+from sapd_nfq.kernel import worker as worker_module
+from sapd_nfq.kernel.worker import REMOVAL_SETTLE, Worker
+from sapd_nfq.wiring.config import load_config
+from sapd_nfq.wiring.filewatch import SETTLE_INTERVAL, FileWatch
 
 HEAD = "postmaster@lab.example\talice\n@lab.example\terror:nouser User unknown\n"
 TAIL = "alice@lab.example\talice\nbob@lab.example\tbob\n"
@@ -28,13 +29,13 @@ def table(tmp_path):
 
 @pytest.fixture
 def daemon(tmp_path, table, monkeypatch):
-    monkeypatch.setattr(daemon_module, "Injector", lambda: None)  # raw sockets need root
+    monkeypatch.setattr(worker_module, "Injector", lambda: None)  # raw sockets need root
     config = tmp_path / "sapd-nfq.toml"
     config.write_text(f'virtusertable = "{table}"\nstate = "memory"\nrun_dir = "{tmp_path / "run"}"\n')
-    return Daemon(load_config(config), config)
+    return Worker(load_config(config), config)
 
 
-def local(daemon: Daemon, *addresses: str) -> bool:
+def local(daemon: Worker, *addresses: str) -> bool:
     return all(daemon.engine.policy.table.is_local(a) for a in addresses)
 
 

@@ -1,6 +1,6 @@
 """The demo's login window: long enough for the steps this machine takes."""
 
-from sapd_nfq.demo import WINDOW_RUNS, WINDOW_SLACK, login_window
+from sapd_nfq.lab.demo import WINDOW_RUNS, WINDOW_SLACK, login_window
 
 
 def test_a_fast_machine_keeps_the_chosen_window():

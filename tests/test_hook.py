@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from sapd_nfq.engine.logins import MemoryLoginStore
-from sapd_nfq.hook import HookLogin, HookServer, parse_request
+from sapd_nfq.learners.hook import HookLogin, HookServer, parse_request
 
 
 @pytest.mark.parametrize("data, expected", [

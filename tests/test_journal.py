@@ -6,9 +6,9 @@ import json
 import sys
 import time
 
-from sapd_nfq.config import load_config
 from sapd_nfq.engine.loglines import MAX_JOURNAL_ENTRY, journal_entry, parse_line
-from sapd_nfq.loglearner import JournalFollower
+from sapd_nfq.learners.logs import JournalFollower
+from sapd_nfq.wiring.config import load_config
 
 LOGIN = ("imap-login: Login: user=<alice>, method=PLAIN, rip=198.18.1.2, lip=198.18.2.2, "
          "mpid=42, TLS, session=<c2Vzc2lvbg>")
@@ -92,7 +92,7 @@ time.sleep(60)
 
 def test_a_journalctl_that_ends_is_never_waited_for_and_is_killed_if_it_lingers(
         tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr("sapd_nfq.loglearner.STOP_TIMEOUT", 0.2)
+    monkeypatch.setattr("sapd_nfq.learners.logs.STOP_TIMEOUT", 0.2)
     script, out = tmp_path / "journalctl.py", tmp_path / "out"
     script.write_text(STUBBORN)
     out.write_bytes(entry() + b"\n")
@@ -115,7 +115,7 @@ def test_a_journalctl_that_ends_is_never_waited_for_and_is_killed_if_it_lingers(
         follower.close()
 
 def test_the_follower_reads_entries_resumes_at_the_cursor_and_restarts(tmp_path, monkeypatch):
-    monkeypatch.setattr("sapd_nfq.loglearner.RESTART_INTERVAL", 0.0)
+    monkeypatch.setattr("sapd_nfq.learners.logs.RESTART_INTERVAL", 0.0)
     script, calls, out = tmp_path / "journalctl.py", tmp_path / "calls", tmp_path / "out"
     script.write_text(STAND_IN)
     out.write_bytes(entry() + b"\n" + entry(_EXE="/usr/bin/logger", __CURSOR="s=1;i=2") + b"\n")

@@ -8,7 +8,7 @@ import time
 
 from sapd_nfq.engine.logins import MemoryLoginStore
 from sapd_nfq.engine.loglines import MAX_LINE
-from sapd_nfq.loglearner import SESSION_MAX, FileFollower, LogLearner
+from sapd_nfq.learners.logs import SESSION_MAX, FileFollower, LogLearner
 
 
 def login_line(address: str, user: str = "alice", session: str = "c2Vzc2lvbg") -> bytes:

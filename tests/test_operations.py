@@ -7,10 +7,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from sapd_nfq import metrics
+from sapd_nfq.admin import metrics
+from sapd_nfq.admin.recent import DECISIONS_KEPT, Recent
+from sapd_nfq.admin.stats import ENGINE_BUCKETS, Stats
 from sapd_nfq.engine.verdicts import ACCEPT, DROP, Decision, Notice
-from sapd_nfq.recent import DECISIONS_KEPT, Recent
-from sapd_nfq.stats import ENGINE_BUCKETS, Stats
 
 PASS = Notice("pass", "198.18.3.10", sender="alice@lab.example", recipient="dave@external.example",
               row="row 2: ...", reason="alice at 198.18.3.10 via pop3", time=100.0)

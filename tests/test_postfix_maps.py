@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
-from sapd_nfq import postfix_maps
 from sapd_nfq.engine.errors import MapError
+from sapd_nfq.wiring import postfix_maps
 
 
 @pytest.fixture

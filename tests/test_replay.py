@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from sapd_nfq import cli
-from sapd_nfq.config import Config
+from sapd_nfq.admin.pcap import read_packets
 from sapd_nfq.engine.core import Engine
 from sapd_nfq.engine.logins import MemoryLoginStore
 from sapd_nfq.engine.policy import ROW_LOGGED_IN, ROW_NOT_LOCAL, ROW_NOT_LOGGED_IN, ROW_RECIPIENT_LOCAL
 from sapd_nfq.engine.verdicts import DROP
 from sapd_nfq.lab.mail import VIRTUSERTABLE
-from sapd_nfq.pcap import read_packets
-from sapd_nfq.runtime import load_policy
+from sapd_nfq.wiring.build import load_policy
+from sapd_nfq.wiring.config import Config
 
 CAPTURES = Path(__file__).parent / "captures"
 CLIENT4, CLIENT6 = "198.18.1.2", "2001:db8:1::2"

@@ -9,10 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sapd_nfq import interfaces, rules
-from sapd_nfq.config import Config
 from sapd_nfq.engine.errors import ConfigError
-from sapd_nfq.rules import (
+from sapd_nfq.kernel import interfaces, rules
+from sapd_nfq.kernel.rules import (
     BYPASS_MARK,
     CHAINS,
     FROM_SERVER,
@@ -28,6 +27,7 @@ from sapd_nfq.rules import (
     RulesError,
     RuleSpec,
 )
+from sapd_nfq.wiring.config import Config
 
 EXPECTED_RULES = """\
 *mangle

@@ -73,7 +73,7 @@ BYPASSED = "bypassed"
 
 
 class Settings(Protocol):
-    """The configuration keys the engine reads (sapd_nfq.config.Config has
+    """The configuration keys the engine reads (sapd_nfq.wiring.config.Config has
     them all; tests may pass anything that has these)."""
 
     @property

@@ -14,7 +14,7 @@ folds lookup keys to lower case; so does this. The forms without a domain
 
 Any value counts: a virtual alias to some outside address is still a
 recipient Postfix accepts. Reading the map is the adapter's job
-(sapd_nfq/postfix_maps.py, through `postmap -s`, so every listable map type
+(sapd_nfq/wiring/postfix_maps.py, through `postmap -s`, so every listable map type
 works); this module only holds the keys and answers lookups.
 """
 

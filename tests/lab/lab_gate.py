@@ -33,12 +33,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sapd_nfq.config import load_config
-from sapd_nfq.control import DaemonNotRunning, request
-from sapd_nfq.daemon import SETTLE_INTERVAL, WATCH_INTERVAL
+from sapd_nfq.admin.control import DaemonNotRunning, request
+from sapd_nfq.admin.status import kernel_queues
 from sapd_nfq.lab import Lab, MailServer
 from sapd_nfq.lab.mail import VIRTUSERTABLE
-from sapd_nfq.status import kernel_queues
+from sapd_nfq.wiring.config import load_config
+from sapd_nfq.wiring.filewatch import SETTLE_INTERVAL, WATCH_INTERVAL
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE_UNIT = REPO / "packaging" / "sapd-nfq.service"

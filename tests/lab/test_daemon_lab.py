@@ -42,7 +42,7 @@ from lab_gate import (
     wait_until,
 )
 
-from sapd_nfq.rules import BYPASS_MARK, POP3_CHAIN
+from sapd_nfq.kernel.rules import BYPASS_MARK, POP3_CHAIN
 
 pytestmark = pytest.mark.lab
 

@@ -37,7 +37,8 @@ from lab_gate import (
     wait_until,
 )
 
-from sapd_nfq.daemon import REMOVAL_SETTLE, WATCH_INTERVAL
+from sapd_nfq.kernel.worker import REMOVAL_SETTLE
+from sapd_nfq.wiring.filewatch import WATCH_INTERVAL
 
 pytestmark = pytest.mark.lab
 

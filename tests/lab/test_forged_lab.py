@@ -33,7 +33,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from sapd_nfq.rules import FROM_SERVER, GUARD
+from sapd_nfq.kernel.rules import FROM_SERVER, GUARD
 
 pytestmark = pytest.mark.lab
 

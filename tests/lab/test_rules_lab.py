@@ -22,9 +22,9 @@ import textwrap
 import pytest
 from pyroute2 import IPRoute, netns
 
-from sapd_nfq import interfaces, rules
 from sapd_nfq.engine.errors import ConfigError
-from sapd_nfq.rules import (
+from sapd_nfq.kernel import interfaces, rules
+from sapd_nfq.kernel.rules import (
     BYPASS_MARK,
     FROM_SERVER,
     GUARD,

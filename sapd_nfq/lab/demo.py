@@ -15,7 +15,7 @@ the lines sapd-nfq logged for it:
 7. the same relay passes again.
 
 The story needs only `lab.run` and a `Gate`, so it plays as well on the
-VMs of vagrant/ as in the namespace lab (labcli.py builds and removes that).
+VMs of vagrant/ as in the namespace lab (lab/cli.py builds and removes that).
 """
 
 from __future__ import annotations

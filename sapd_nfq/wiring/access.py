@@ -18,9 +18,9 @@ import struct
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from ..engine.errors import SapdError
+from ..logins import store_kind
 from .config import Config
-from .engine.errors import SapdError
-from .logins import store_kind
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 

@@ -1,4 +1,4 @@
-"""`sapd-nfq run`: bind the queue, feed the engine, carry out its decisions.
+"""One worker of `sapd-nfq run`: bind the queue, feed the engine, carry out its decisions.
 
 The loop is the only place that touches netfilterqueue. It also watches the
 config file and the virtusertable for changes, answers the control socket,
@@ -23,26 +23,23 @@ from pathlib import Path
 
 from netfilterqueue import NetfilterQueue
 
-from .config import Config, load_config
-from .control import ControlServer
-from .engine.core import Engine
-from .engine.errors import SapdError
-from .engine.verdicts import ACCEPT, BYPASS, Notice
-from .hook import HookServer
+from ..admin.control import ControlServer
+from ..admin.recent import Recent
+from ..admin.stats import Stats
+from ..engine.core import Engine
+from ..engine.errors import SapdError
+from ..engine.verdicts import ACCEPT, BYPASS, Notice
+from ..learners.hook import HookServer
+from ..learners.logs import LogLearner
+from ..logins.replica import ReplicaLoginStore
+from ..wiring.build import daemon_logins, load_policy, map_files
+from ..wiring.config import Config, load_config
+from ..wiring.filewatch import WATCH_INTERVAL, FileWatch, stamp
+from ..wiring.logsetup import LOGGER
 from .inject import Injector
 from .interfaces import ClientSide
-from .logins.replica import ReplicaLoginStore
-from .loglearner import LogLearner
-from .logsetup import LOGGER
-from .recent import Recent
 from .rules import BYPASS_MARK
-from .runtime import daemon_logins, load_policy, map_files
-from .stats import Stats
 
-WATCH_INTERVAL = 2.0
-#: a changed file is read only once its stamp has held still this long: a
-#: program that rewrites it in place can be caught between two writes
-SETTLE_INTERVAL = WATCH_INTERVAL
 #: a reload that would make local addresses non-local waits until the file
 #: has held still this long. A file caught half-written reads as a shorter but
 #: well-formed table, and inbound mail to the addresses it lacks would be
@@ -60,47 +57,7 @@ RULE_KEYS = ("mode", "smtp_ports", "pop3_ports", "imap_ports", "interfaces", "qu
 log = logging.getLogger(LOGGER)
 
 
-def _stamp(path: str | Path) -> tuple[int, int, int] | None:
-    """What tells that a file changed: the mtime alone misses a second write
-    within the same clock tick (an editor's truncate, then write)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_mtime_ns, st.st_size, st.st_ino
-
-
-class FileWatch:
-    """When a change to the watched files is due for a reload.
-
-    `seen` holds the stamps the running config and table were read from.
-    Other stamps are due once they have stayed the same for the wait
-    (SETTLE_INTERVAL, or longer after `hold`); any new change starts over.
-    """
-
-    def __init__(self, seen: tuple) -> None:
-        self.seen = seen
-        self._pending: tuple | None = None
-        self._since = 0.0
-        self._wait = SETTLE_INTERVAL
-
-    def due(self, stamps: tuple, now: float) -> float | None:
-        """Seconds the changed `stamps` have held still, once due; else None."""
-        if stamps == self.seen:
-            self._pending = None
-            return None
-        if stamps != self._pending:
-            self._pending, self._since, self._wait = stamps, now, SETTLE_INTERVAL
-            return None
-        held = now - self._since
-        return held if held >= self._wait else None
-
-    def hold(self, seconds: float) -> None:
-        """Let the pending change wait until it has held still `seconds`."""
-        self._wait = seconds
-
-
-class Daemon:
+class Worker:
     """One worker: binds queue `config.queue + worker`."""
 
     def __init__(self, config: Config, config_path: Path | None, worker: int = 0) -> None:
@@ -165,7 +122,7 @@ class Daemon:
         paths: list[str | Path] = [*map_files(self.config)]
         if self.config_path is not None:
             paths.append(self.config_path)
-        return tuple(_stamp(p) for p in paths)
+        return tuple(stamp(p) for p in paths)
 
     def watch(self, now: float) -> None:
         """Look at the watched files once; reload when a change is due."""
@@ -410,55 +367,3 @@ class Daemon:
             self._reload_requested = True
         else:
             self._stop = True
-
-
-def run_workers(config: Config, config_path: Path | None) -> int:
-    """Run `config.workers` daemons, one process each, until told to stop.
-
-    The rules spread flows over the queues by address pair, so each worker
-    sees both directions of its flows; the login store (SQLite) is shared.
-    Signals reach every worker; if one dies, the others are stopped and the
-    exit status says so (systemd then restarts the service).
-    """
-    from .metrics import serve as serve_metrics
-
-    if config.workers == 1:
-        daemon = Daemon(config, config_path)
-        serve_metrics(config)
-        return daemon.run()
-    children: dict[int, int] = {}
-    for worker in range(config.workers):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                code = Daemon(config, config_path, worker).run()
-            except Exception:
-                log.exception("worker %d failed", worker)
-            finally:
-                os._exit(code)
-        children[pid] = worker
-    serve_metrics(config)  # here, not before: a fork must not copy its thread
-
-    def forward(signum: int, _frame) -> None:
-        for pid in children:
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
-
-    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, forward)
-    status = 0
-    while children:
-        try:
-            pid, code = os.wait()
-        except ChildProcessError:
-            break
-        worker = children.pop(pid, None)
-        if worker is not None and os.waitstatus_to_exitcode(code) != 0:
-            log.error("worker %d exited with status %d; stopping the others",
-                      worker, os.waitstatus_to_exitcode(code))
-            status = 1
-            forward(signal.SIGTERM, None)
-    return status

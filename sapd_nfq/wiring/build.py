@@ -8,14 +8,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..engine.logins import MemoryLoginStore
+from ..engine.policy import AnyOf, LocalAddresses, RelayPolicy
+from ..engine.virtusertable import VirtUserTable
+from ..logins import LoginStore, StoreError, backend, open_store
+from ..logins.replica import ReplicaLoginStore
 from . import postfix_maps
 from .access import check_state, denied
 from .config import Config
-from .engine.logins import MemoryLoginStore
-from .engine.policy import AnyOf, LocalAddresses, RelayPolicy
-from .engine.virtusertable import VirtUserTable
-from .logins import LoginStore, StoreError, backend, open_store
-from .logins.replica import ReplicaLoginStore
 
 
 def load_locals(config: Config) -> AnyOf:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from .engine.errors import MapError
-from .engine.postfix_virtual import PostfixMap
+from ..engine.errors import MapError
+from ..engine.postfix_virtual import PostfixMap
 
 #: map types postmap can list, and the file each keeps its data in
 LISTABLE = {"hash": ".db", "btree": ".db", "lmdb": ".lmdb", "cdb": ".cdb", "texthash": ""}

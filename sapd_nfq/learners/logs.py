@@ -48,8 +48,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .engine.logins import LoginStore, StoreError
-from .engine.loglines import (
+from ..engine.logins import LoginStore, StoreError
+from ..engine.loglines import (
     JOURNAL,
     JOURNAL_EXES,
     JOURNAL_UNITS,
@@ -60,7 +60,7 @@ from .engine.loglines import (
     journal_entry,
     parse_line,
 )
-from .logsetup import LOGGER
+from ..wiring.logsetup import LOGGER
 
 READ_BUDGET = 256 * 1024  # bytes a poll reads from one file
 SESSION_MAX = 24 * 3600.0  # seconds a session's login is renewed without its end being seen

@@ -7,11 +7,11 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from . import rules
-from .config import Config
+from ..engine.errors import SapdError
+from ..kernel import rules
+from ..wiring.build import open_logins
+from ..wiring.config import Config
 from .control import DaemonNotRunning, request, worker_queues
-from .engine.errors import SapdError
-from .runtime import open_logins
 
 
 def kernel_queues(path: str = "/proc/net/netfilter/nfnetlink_queue") -> dict[int, dict[str, int]]:

@@ -21,9 +21,9 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from .config import Config, parse_listen
-from .logsetup import LOGGER
-from .rules import GUARD
+from ..kernel.rules import GUARD
+from ..wiring.config import Config, parse_listen
+from ..wiring.logsetup import LOGGER
 
 log = logging.getLogger(LOGGER)
 

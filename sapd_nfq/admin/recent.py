@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from typing import Any
 
-from .engine.addresses import normalize_ip
-from .engine.verdicts import Notice
+from ..engine.addresses import normalize_ip
+from ..engine.verdicts import Notice
 
 DECISIONS_KEPT = 20  # a client
 LOGINS_KEPT = 5  # a client

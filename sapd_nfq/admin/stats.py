@@ -8,7 +8,7 @@ from bisect import bisect_left
 from collections import Counter
 from typing import Any
 
-from .engine.verdicts import Decision
+from ..engine.verdicts import Decision
 
 #: upper bounds, in seconds, of the engine-time histogram's buckets (+Inf last)
 ENGINE_BUCKETS = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2, 0.1)

@@ -10,7 +10,7 @@ import struct
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from .engine.errors import SapdError
+from ..engine.errors import SapdError
 
 _ETHERNET, _RAW, _SLL, _SLL2, _IPV4, _IPV6 = 1, 101, 113, 276, 228, 229
 _ETH_IP = {0x0800, 0x86DD}

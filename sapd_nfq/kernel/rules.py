@@ -41,7 +41,7 @@ from string import Template
 from typing import Any
 
 from sapd_nfq.engine.errors import ConfigError, SapdError
-from sapd_nfq.interfaces import check_name
+from sapd_nfq.kernel.interfaces import check_name
 
 # --- Marks shared with the daemon -------------------------------------------
 #: SO_MARK of the daemon's raw socket: packets it injects (RSTs, the 550 reply)
@@ -65,7 +65,7 @@ MODES = ("input", "forward")
 
 # A source checkout (or editable install) reads rules/ beside the package; a
 # wheel installs the same files as data under the environment's prefix.
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "rules"
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "rules"
 if not TEMPLATE_DIR.is_dir():
     TEMPLATE_DIR = Path(sys.prefix) / "share" / "sapd-nfq" / "rules"
 #: multiport takes at most 15 ports in one rule.
@@ -154,7 +154,7 @@ class RuleSpec:
 
     @classmethod
     def from_config(cls, config: object) -> RuleSpec:
-        """The rule keys of a loaded configuration (sapd_nfq.config.Config)."""
+        """The rule keys of a loaded configuration (sapd_nfq.wiring.config.Config)."""
         return cls(**{field.name: getattr(config, field.name) for field in fields(cls)})
 
 

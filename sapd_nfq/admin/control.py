@@ -16,10 +16,10 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from .access import AccessError, denied, ours, peer_uid, private_dir
-from .config import Config
-from .engine.errors import SapdError
-from .logsetup import LOGGER
+from ..engine.errors import SapdError
+from ..wiring.access import AccessError, denied, ours, peer_uid, private_dir
+from ..wiring.config import Config
+from ..wiring.logsetup import LOGGER
 
 MAX_REQUEST = 4096
 

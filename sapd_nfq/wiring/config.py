@@ -28,7 +28,7 @@ against the directory of the config file.
 | `workers` | integer 1..16 | `1` | daemon processes; the rules balance flows over queues `queue`.. `queue+workers-1` |
 | `queue_maxlen` | integer >= 16 | `4096` | packets the kernel holds for a worker; past that it drops them (fail closed: TCP retransmits) |
 | `pop3_fail_open` | `true` or `false` | `true` | with no daemon bound, POP3 and IMAP packets pass (learning stops, mail still flows); SMTP always fails closed |
-| `login_logs` | list of paths, `"journal"` or `"journal:DIR"` | `[]` | mail server log files whose success lines are logins (Dovecot 2.3/2.4, Courier), or the systemd journal's Dovecot entries (of DIR's journal files); see loglearner.py |
+| `login_logs` | list of paths, `"journal"` or `"journal:DIR"` | `[]` | mail server log files whose success lines are logins (Dovecot 2.3/2.4, Courier), or the systemd journal's Dovecot entries (of DIR's journal files); see learners/logs.py |
 | `login_hook` | path or `""` | `""` | a unix socket for Dovecot's post-login script (packaging/sapd-nfq-postlogin); `""`: none |
 | `login_hook_group` | group name | `"sapd-hook"` | the only group (besides root) that may use `login_hook` |
 | `run_dir` | path | `"/run/sapd-nfq"` | where the daemon's control sockets live, and the log learner's positions |
@@ -49,11 +49,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .engine.addresses import IPNetwork, parse_network
-from .engine.errors import ConfigError
-from .engine.loglines import JOURNAL
-from .interfaces import check_name
-from .logins import store_kind
+from ..engine.addresses import IPNetwork, parse_network
+from ..engine.errors import ConfigError
+from ..engine.loglines import JOURNAL
+from ..kernel.interfaces import check_name
+from ..logins import store_kind
 from .postfix_maps import split_spec
 
 DEFAULT_CONFIG_PATH = "/etc/sapd-nfq/sapd-nfq.toml"

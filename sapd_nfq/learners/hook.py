@@ -27,10 +27,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .access import AccessError, ours
-from .engine.addresses import normalize_ip
-from .engine.logins import LoginStore, StoreError
-from .logsetup import LOGGER
+from ..engine.addresses import normalize_ip
+from ..engine.logins import LoginStore, StoreError
+from ..wiring.access import AccessError, ours
+from ..wiring.logsetup import LOGGER
 
 MAX_REQUEST = 512
 READ_TIMEOUT = 0.5  # seconds a connected peer has to send its line

@@ -79,8 +79,8 @@ def say(line: str = "") -> None:
 # --- demo ----------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from . import Lab, LabError
     from .demo import Story
-    from .lab import Lab, LabError
 
     if args.vagrant is not None:
         return _demo_on_vms(args.vagrant)
@@ -117,9 +117,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_on_vms(directory: Path) -> int:
+    from . import LabError
     from .demo import Story
-    from .lab import LabError
-    from .lab.vagrant import VagrantLab
+    from .vagrant import VagrantLab
 
     started = time.monotonic()
     try:
@@ -153,7 +153,7 @@ def _describe(lab, gate) -> None:
 # --- lab up / down -------------------------------------------------------------
 
 def cmd_lab_up(args: argparse.Namespace) -> int:
-    from .lab import Lab, LabError
+    from . import Lab, LabError
 
     if (problem := _unable()) is not None:
         return problem
@@ -176,7 +176,7 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
 def cmd_lab_down(args: argparse.Namespace) -> int:
     from pyroute2 import netns
 
-    from .lab import Lab
+    from . import Lab
 
     if os.geteuid() != 0:
         print("sapd-nfq lab down: needs root", file=sys.stderr)
@@ -191,7 +191,7 @@ def cmd_lab_down(args: argparse.Namespace) -> int:
 
 
 def _guide(lab, gate, started: bool) -> None:
-    from .lab import lab_users
+    from . import lab_users
 
     me = _self()
     client, gw = (f"ip netns exec {lab.host(role).netns}" for role in ("client", "gw"))
@@ -238,8 +238,8 @@ def _build(lab, auth_ttl: int, start_gate: bool = True):
 
     Returns the Gate and how long each part took, as text.
     """
-    from .lab import MailServer
-    from .lab.gate import Gate
+    from . import MailServer
+    from .gate import Gate
 
     mail = MailServer(lab)
     # the gw shares the server's files here: it can follow Dovecot's log
@@ -270,7 +270,7 @@ def _unable() -> int | None:
 
 def _self() -> str:
     """How to run this sapd-nfq again, as a person would type it."""
-    from .lab.gate import local_command
+    from .gate import local_command
 
     return shlex.join(local_command())
 
