@@ -1,6 +1,7 @@
 """The tree's rules, checked: the engine is pure, the login backends depend
-on the engine's interface and never on each other, and the typed packages
-pass mypy --strict and the whole tree passes ruff.
+on the engine's interface and never on each other, each adapter group
+imports only the groups it serves, and the typed packages pass mypy --strict
+and the whole tree passes ruff.
 
 The import rules read each module's source (every `import`, at any depth,
 relative ones resolved), so a lazy import inside a function counts too.
@@ -95,9 +96,58 @@ def test_login_backends_depend_on_the_interface_only(path):
 
 def test_the_checker_sees_a_forbidden_import():
     """The rule can fail: a module that imports socket lazily is caught."""
-    found = imports_in("def f():\n    import socket\n    from ..daemon import Daemon\n",
+    found = imports_in("def f():\n    import socket\n    from ..kernel.worker import Worker\n",
                        ["sapd_nfq", "engine"])
-    assert "socket" in found and "sapd_nfq.daemon" in found
+    assert "socket" in found and "sapd_nfq.kernel.worker" in found
+
+
+#: group -> the first-party packages its modules may not import, and why
+GROUP_RULES = {
+    # the operator's side reaches workers only through the control socket
+    "admin": ("sapd_nfq.kernel.worker", "sapd_nfq.kernel.supervise", "sapd_nfq.learners",
+              "sapd_nfq.lab", "sapd_nfq.cli"),
+    # a learner's only output is a login in the store
+    "learners": ("sapd_nfq.kernel", "sapd_nfq.admin", "sapd_nfq.lab", "sapd_nfq.cli"),
+    # the wiring builds parts; it never runs them
+    "wiring": ("sapd_nfq.kernel.worker", "sapd_nfq.kernel.supervise", "sapd_nfq.admin",
+               "sapd_nfq.learners", "sapd_nfq.lab", "sapd_nfq.cli"),
+    "kernel": ("sapd_nfq.lab", "sapd_nfq.cli"),
+}
+
+
+def group_violations(group: str, module: str, found: set[str]) -> list[str]:
+    """What `module` of `group` imports against the group's rule; outside lab/,
+    only the CLI may import the lab."""
+    banned = GROUP_RULES.get(group, ())
+    bad = [n for n in found if any(within(n, b) for b in banned)]
+    if group != "lab" and module != "sapd_nfq.cli":
+        bad += [n for n in found if within(n, "sapd_nfq.lab")]
+    return sorted(set(bad))
+
+
+def group_modules() -> list[tuple[str, Path]]:
+    return [(path.relative_to(PACKAGE).parts[0] if len(path.relative_to(PACKAGE).parts) > 1 else "",
+             path) for path in sorted(PACKAGE.rglob("*.py"))
+            if path.relative_to(PACKAGE).parts[0] not in ("engine", "logins")]
+
+
+@pytest.mark.parametrize(("group", "path"), group_modules(),
+                         ids=lambda v: str(v.relative_to(PACKAGE)) if isinstance(v, Path) else v)
+def test_each_group_imports_only_what_it_serves(group, path):
+    bad = group_violations(group, module_name(path), imports(path))
+    assert not bad, f"{path.relative_to(ROOT)} ({group or 'top level'}) imports {bad}"
+
+
+@pytest.mark.parametrize(("group", "scratch"), [
+    ("admin", "from ..kernel.worker import Worker"),
+    ("learners", "from ..kernel import rules"),
+    ("wiring", "from ..admin.status import gather_status"),
+    ("kernel", "from .. import cli"),
+    ("admin", "from ..lab import Lab"),
+])
+def test_each_group_rule_can_fail(group, scratch):
+    found = imports_in(f"def f():\n    {scratch}\n", ["sapd_nfq", group])
+    assert group_violations(group, f"sapd_nfq.{group}.scratch", found)
 
 
 def tool(name: str) -> str:
@@ -112,7 +162,7 @@ def tool(name: str) -> str:
 
 def test_the_daemon_runs_without_scapy():
     # the packets it injects are packed with struct: scapy (30 MB) is for tests only
-    code = ("import sys, sapd_nfq.daemon, sapd_nfq.cli; "
+    code = ("import sys, sapd_nfq.kernel.worker, sapd_nfq.cli; "
             "loaded = [m for m in sys.modules if m.split('.')[0] == 'scapy']; "
             "sys.exit(f'scapy loaded: {loaded}' if loaded else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
