@@ -19,7 +19,7 @@ import fnfqueue
 from bench.floor import open_fnfqueue
 from sapd_nfq.engine.core import Engine
 from sapd_nfq.engine.verdicts import ACCEPT, BYPASS
-from sapd_nfq.kernel.rules import BYPASS_MARK
+from sapd_nfq.kernel.marks import BYPASS_MARK
 from sapd_nfq.wiring.build import load_policy, open_logins
 from sapd_nfq.wiring.config import load_config
 

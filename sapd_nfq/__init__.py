@@ -4,8 +4,8 @@
 
 - `engine/`   the pure core: packet bytes in, decisions out; no I/O at all
 - `logins/`   the login stores (memory replica, SQLite, Redis) behind the engine's interface
-- `kernel/`   the packet path's adapters: the queue worker, its supervision, the rules,
-              injection, interfaces
+- `kernel/`   the packet path's adapters: the queue worker, its supervision, the rules and
+              the marks they share with the daemon, injection, interfaces
 - `learners/` the login sources the wire cannot show: mail server logs, the post-login hook
 - `admin/`    the operator's side: control socket, status, stats, recent decisions,
               metrics, captures for replay

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 
-from .rules import INJECT_MARK
+from .marks import INJECT_MARK
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
 

@@ -42,16 +42,7 @@ from typing import Any
 
 from sapd_nfq.engine.errors import ConfigError, SapdError
 from sapd_nfq.kernel.interfaces import check_name
-
-# --- Marks shared with the daemon -------------------------------------------
-#: SO_MARK of the daemon's raw socket: packets it injects (RSTs, the 550 reply)
-#: carry it and are never queued again. Only the upper half is matched.
-INJECT_MARK = 0x5A9D0000
-INJECT_MASK = 0xFFFF0000
-#: A settled flow leaves the queue: the daemon ORs this bit into the packet's
-#: mark and answers NF_REPEAT; the rules copy the bit to the connection mark,
-#: and packets of a connection carrying it are not queued any more.
-BYPASS_MARK = 0x00001000
+from sapd_nfq.kernel.marks import BYPASS_MARK, INJECT_MARK, INJECT_MASK
 
 # --- Names ---------------------------------------------------------------------
 TABLE = "mangle"
@@ -61,7 +52,6 @@ SMTP_CHAIN = "SAPD_NFQ_SMTP"
 POP3_CHAIN = "SAPD_NFQ_POP3"
 GUARD = "SAPD_NFQ_GUARD"
 CHAINS = (TO_SERVER, FROM_SERVER, SMTP_CHAIN, POP3_CHAIN, GUARD)
-MODES = ("input", "forward")
 
 # A source checkout (or editable install) reads rules/ beside the package; a
 # wheel installs the same files as data under the environment's prefix.
@@ -75,7 +65,6 @@ MULTIPORT_MAX = 15
 PURE_ACKS_QUEUED = 16
 #: TCP header lengths (in 32-bit words) of the pure ACKs let by: no options, timestamps.
 PURE_ACK_DOFFS = (5, 8)
-MAX_QUEUE = 65535
 COMMAND_TIMEOUT = 30.0
 
 
@@ -116,22 +105,13 @@ class RuleSpec:
     pop3_fail_open: bool = True
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"mode: must be one of {', '.join(MODES)}, not {self.mode!r}")
-        smtp = _ports("smtp_ports", self.smtp_ports)
-        pop3 = _ports("pop3_ports", self.pop3_ports)
-        imap = _ports("imap_ports", self.imap_ports)
-        if not smtp:
-            raise ConfigError("smtp_ports: at least one port is needed")
-        for (key_a, a, name_a), (key_b, b, name_b) in (
-                (("smtp_ports", smtp, "SMTP"), ("pop3_ports", pop3, "POP3")),
-                (("smtp_ports", smtp, "SMTP"), ("imap_ports", imap, "IMAP")),
-                (("pop3_ports", pop3, "POP3"), ("imap_ports", imap, "IMAP"))):
-            if set(a) & set(b):
-                both = ", ".join(map(str, sorted(set(a) & set(b))))
-                raise ConfigError(f"{key_a}, {key_b}: port {both} cannot be both "
-                                  f"{name_a} and {name_b}")
-        names = _listed("interfaces", self.interfaces)
+        # The keys are checked where they are read (wiring/config.py); what is
+        # left here is what only the rules need: sorted ports, so that a
+        # reordered list renders the same rules, and interface names that are
+        # safe to paste into a rule.
+        for key in ("smtp_ports", "pop3_ports", "imap_ports"):
+            object.__setattr__(self, key, tuple(sorted(set(getattr(self, key)))))
+        names = tuple(dict.fromkeys(self.interfaces))
         for name in names:
             check_name(name)
         if self.mode == "forward" and not names:
@@ -139,42 +119,12 @@ class RuleSpec:
                 "interfaces: mode 'forward' needs the interfaces clients come in "
                 "through; without them the servers' own outgoing mail is queued too"
             )
-        for key, value, low, high in (("queue", self.queue, 0, MAX_QUEUE),
-                                      ("workers", self.workers, 1, MAX_QUEUE + 1)):
-            if not _is_int(value) or not low <= value <= high:
-                raise ConfigError(f"{key}: must be an integer from {low} to {high}, not {value!r}")
-        if self.queue + self.workers - 1 > MAX_QUEUE:
-            raise ConfigError(f"queue, workers: queues {self.queue}.. run past {MAX_QUEUE}")
-        if not isinstance(self.pop3_fail_open, bool):
-            raise ConfigError(f"pop3_fail_open: must be true or false, not {self.pop3_fail_open!r}")
-        object.__setattr__(self, "smtp_ports", smtp)
-        object.__setattr__(self, "pop3_ports", pop3)
-        object.__setattr__(self, "imap_ports", imap)
-        object.__setattr__(self, "interfaces", tuple(dict.fromkeys(names)))
+        object.__setattr__(self, "interfaces", names)
 
     @classmethod
     def from_config(cls, config: object) -> RuleSpec:
         """The rule keys of a loaded configuration (sapd_nfq.wiring.config.Config)."""
         return cls(**{field.name: getattr(config, field.name) for field in fields(cls)})
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _listed(key: str, value: object) -> tuple[Any, ...]:
-    """A config list as a tuple; a lone string or number is a mistake, not a list."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise ConfigError(f"{key}: must be a list, not {value!r}")
-    return tuple(value)
-
-
-def _ports(key: str, value: object) -> tuple[int, ...]:
-    ports = _listed(key, value)
-    for port in ports:
-        if not _is_int(port) or not 1 <= port <= 65535:
-            raise ConfigError(f"{key}: {port!r} is not a TCP port (1-65535)")
-    return tuple(sorted(set(ports)))
 
 
 # --- Rendering (pure) ----------------------------------------------------------

@@ -38,7 +38,7 @@ from ..wiring.filewatch import WATCH_INTERVAL, FileWatch, stamp
 from ..wiring.logsetup import LOGGER
 from .inject import Injector
 from .interfaces import ClientSide
-from .rules import BYPASS_MARK
+from .marks import BYPASS_MARK
 
 #: a reload that would make local addresses non-local waits until the file
 #: has held still this long. A file caught half-written reads as a shorter but

@@ -42,7 +42,8 @@ from lab_gate import (
     wait_until,
 )
 
-from sapd_nfq.kernel.rules import BYPASS_MARK, POP3_CHAIN
+from sapd_nfq.kernel.marks import BYPASS_MARK
+from sapd_nfq.kernel.rules import POP3_CHAIN
 
 pytestmark = pytest.mark.lab
 

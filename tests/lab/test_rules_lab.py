@@ -24,11 +24,10 @@ from pyroute2 import IPRoute, netns
 
 from sapd_nfq.engine.errors import ConfigError
 from sapd_nfq.kernel import interfaces, rules
+from sapd_nfq.kernel.marks import BYPASS_MARK, INJECT_MARK
 from sapd_nfq.kernel.rules import (
-    BYPASS_MARK,
     FROM_SERVER,
     GUARD,
-    INJECT_MARK,
     IPV4,
     IPV6,
     POP3_CHAIN,
