@@ -13,6 +13,8 @@
               building the engine's pieces, Postfix maps, logging set-up, file watching
 - `lab/`      the namespace lab, its commands and the demo
 - `cli.py`    the `sapd-nfq` command
+- `docgen.py` the pages made from the code: the key table, the example config, the
+              command table (`python -m sapd_nfq.docgen`)
 
 The import rules between them are tests (tests/test_architecture.py).
 """

@@ -302,42 +302,66 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"TOML config file (default {DEFAULT_CONFIG_PATH}; built-in defaults if absent)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    check = sub.add_parser("check", parents=[common], help="judge one envelope against the relay table")
-    check.add_argument("--client", required=True, type=_address, help="client IP address")
+    check = sub.add_parser(
+        "check", parents=[common], help="judge one envelope against the relay table",
+        description="PASS or FAIL and the row of the relay table that decided; "
+                    "exit 0 PASS, 1 FAIL, 2 bad input")
+    check.add_argument("--client", required=True, type=_address, metavar="IP", help="client IP address")
     check.add_argument("--from", dest="sender", required=True, metavar="ADDR", help="envelope sender ('' for <>)")
     check.add_argument("--to", dest="recipient", required=True, metavar="ADDR", help="recipient")
     check.set_defaults(func=cmd_check)
 
     auth = sub.add_parser("auth", help="the login store")
     actions = auth.add_subparsers(dest="action", required=True)
-    actions.add_parser("list", parents=[common], help="logins held: address, user, expiry")
-    add = actions.add_parser("add", parents=[common], help="grant an address a login window")
-    add.add_argument("address", type=_address)
-    add.add_argument("--user", default=None)
-    add.add_argument("--ttl", type=int, default=None, help="seconds (default: auth_ttl)")
-    delete = actions.add_parser("del", parents=[common], help="end an address's login window")
-    delete.add_argument("address", type=_address)
+    changes = ("; works while the daemon runs, and returns once the running daemon "
+               "has read the change")
+    actions.add_parser("list", parents=[common], help="logins held: address, user, expiry",
+                       description="the logins the store holds: address, user, expiry and source")
+    add = actions.add_parser("add", parents=[common], help="grant an address a login window",
+                             description="grant an address a login window (source `manual`)" + changes)
+    add.add_argument("address", type=_address, metavar="IP")
+    add.add_argument("--user", default=None, metavar="NAME")
+    add.add_argument("--ttl", type=int, default=None, metavar="S", help="seconds (default: auth_ttl)")
+    delete = actions.add_parser("del", parents=[common], help="end an address's login window",
+                                description="end an address's login window" + changes)
+    delete.add_argument("address", type=_address, metavar="IP")
     auth.set_defaults(func=cmd_auth)
 
-    replay = sub.add_parser("replay", parents=[common], help="run the engine over a pcap capture")
+    replay = sub.add_parser(
+        "replay", parents=[common], help="run the engine over a pcap capture",
+        description="run the engine over a tcpdump capture, time taken from the capture, "
+                    "and print each event")
     replay.add_argument("capture", metavar="CAPTURE.pcap")
     replay.add_argument("--json", action="store_true", help="one JSON object a line")
     replay.add_argument("--login", action="append", default=[], type=_address, metavar="IP",
                         help="treat IP as logged in from the capture's start (repeatable)")
     replay.set_defaults(func=cmd_replay)
 
-    for name, func, text in (
-        ("up", cmd_up, "install the NFQUEUE rules (IPv4 and IPv6)"),
-        ("down", cmd_down, "remove exactly the rules `up` installed"),
-        ("run", cmd_run, "the daemon, in the foreground"),
-        ("reload", cmd_reload, "make the running daemon re-read config and virtusertable"),
+    for name, func, text, description in (
+        ("up", cmd_up, "install the NFQUEUE rules (IPv4 and IPv6)",
+         "install the rules: IPv4 and IPv6, atomic, idempotent (rules/README.md lists them)"),
+        ("down", cmd_down, "remove exactly the rules `up` installed", None),
+        ("run", cmd_run, "the daemon, in the foreground",
+         "the daemon, in the foreground (systemd unit: packaging/sapd-nfq.service)"),
+        ("reload", cmd_reload, "make the running daemon re-read config and virtusertable",
+         "make the running daemon re-read config and virtusertable at once, keeping flows "
+         "and logins; SIGHUP does the same"),
     ):
-        sub.add_parser(name, parents=[common], help=text).set_defaults(func=func)
-    why = sub.add_parser("why", parents=[common], help="a client's login and its last decisions")
+        sub.add_parser(name, parents=[common], help=text, description=description).set_defaults(func=func)
+    why = sub.add_parser(
+        "why", parents=[common], help="a client's login and its last decisions",
+        description="why a client was refused: its login now (source, user, expiry) or the last "
+                    "one and when it lapsed, and its last decisions (time, sender, recipient, row, "
+                    "reason); from the store alone, and saying so, when no daemon runs")
     why.add_argument("client", type=_address, metavar="IP")
     why.add_argument("--json", action="store_true")
     why.set_defaults(func=cmd_why)
-    status = sub.add_parser("status", parents=[common], help="rules, daemon, queue counters, flows, logins")
+    status = sub.add_parser(
+        "status", parents=[common], help="rules, daemon, queue counters, flows, logins",
+        description="rules installed, daemon running, kernel queue counters (drops included), "
+                    "flows tracked, logins held (by source), the login store (connected, writes "
+                    "pending), decisions so far; exit 3 unless the rules are installed and every "
+                    "worker runs")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
     add_lab_commands(sub)

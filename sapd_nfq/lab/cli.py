@@ -38,7 +38,10 @@ _ENDING = (signal.SIGTERM, signal.SIGHUP)
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add `demo` and `lab up|down` to the sapd-nfq command line."""
     demo = sub.add_parser("demo", help="build the lab, show sapd-nfq at work with real "
-                                       "mail servers, remove the lab (root)")
+                                       "mail servers, remove the lab (root)",
+                          description="build the lab, play its story with real Postfix and Dovecot "
+                                      "behind sapd-nfq (ending with a POP3S login the gate learns "
+                                      "from Dovecot's log), remove the lab (root)")
     demo.add_argument("--prefix", default=DEMO_PREFIX,
                       help=f"name prefix of the lab's namespaces (default {DEMO_PREFIX})")
     demo.add_argument("--auth-ttl", type=_seconds, default=DEMO_AUTH_TTL, metavar="S",
@@ -49,7 +52,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     lab = sub.add_parser("lab", help="leave the lab running to explore it by hand (root)")
     actions = lab.add_subparsers(dest="action", required=True)
-    up = actions.add_parser("up", help="build the lab with sapd-nfq running on its gateway")
+    up = actions.add_parser("up", help="build the lab with sapd-nfq running on its gateway",
+                            description="build the lab with sapd-nfq running on its gateway and "
+                                        "leave it running to explore by hand; prints the swaks, "
+                                        "curl and status commands to type (root)")
     up.add_argument("--auth-ttl", type=_seconds, default=LAB_AUTH_TTL, metavar="S",
                     help=f"the login window (default {LAB_AUTH_TTL})")
     up.add_argument("--no-gate", action="store_true",

@@ -4,50 +4,25 @@ An unknown key or a value of the wrong kind is an error that names the file,
 the key and what was expected; nothing is guessed. Relative paths resolve
 against the directory of the config file.
 
-| key | value | default | meaning |
-|---|---|---|---|
-| `mode` | `"input"` or `"forward"` | `"input"` | the MTA runs on this host (INPUT chain) or behind it (FORWARD chain) |
-| `smtp_ports` | list of ports 1..65535, at least one | `[25]` | server ports whose flows are SMTP |
-| `pop3_ports` | list of ports 1..65535 | `[110]` | server ports whose flows are POP3; none may be in `smtp_ports` |
-| `imap_ports` | list of ports 1..65535 | `[143]` | server ports whose flows are IMAP; none may be in `smtp_ports` or `pop3_ports` |
-| `virtusertable` | path, or `""` for none | `"/etc/mail/virtusertable"` | sendmail virtusertable (text form) that says which addresses are local |
-| `postfix_maps` | list of `type:name` (hash, btree, lmdb, cdb, texthash) | `[]` | Postfix maps whose keys are local recipients too, looked up in virtual(5)'s order |
-| `postfix_config_directory` | path | `"/etc/postfix"` | the Postfix configuration `postmap -c` and `postconf -c` read (its `recipient_delimiter`) |
-| `auth_ttl` | seconds, integer > 0 | `1800` | how long a POP3 login lets its address relay |
-| `state` | path, `"memory"`, or a `redis://`, `rediss://`, `unix://` URL | `"/var/lib/sapd-nfq/logins.sqlite"` | the login store; an SQLite file survives restarts and is shared with the CLI; Redis shares one table between gateways |
-| `trusted_networks` | list of CIDRs | `[]` | clients that always relay |
-| `never_relay_networks` | list of CIDRs | `[]` | shared addresses (NAT, cloud mail fetchers): never trusted, their logins never count; SMTP AUTH on the connection still does |
-| `smtp_starttls` | `"strip"` or `"relay-clients"` | `"strip"` | hide STARTTLS from clients, or offer it only to clients that may relay anyway (trusted, or logged in by address); envelopes inside TLS go unchecked |
-| `pop3_stls` | `"allow"` or `"strip"` | `"allow"` | let POP3 clients use STLS (their logins become invisible) or hide it |
-| `imap_starttls` | `"allow"` or `"strip"` | `"allow"` | the same for IMAP's STARTTLS |
-| `smtp_auth_relays` | `true` or `false` | `true` | a 235 reply to SMTP AUTH counts as logged in |
-| `refusal` | `"recipient"` or `"session"` | `"recipient"` | refuse only the recipient the table fails (the MTA refuses a rewritten command, its reply becomes `550 5.7.1`), or end the whole session |
-| `max_flows` | integer >= 16 | `65536` | flows tracked at once |
-| `queue` | integer 0..65535 | `0` | NFQUEUE number |
-| `interfaces` | list of interface names | `[]` | where clients reach the mail servers: mode "input" hooks only these (`[]`: every interface but lo); mode "forward" needs them, since on a gateway only the interface tells a client's session from the servers' own outgoing mail |
-| `workers` | integer 1..16 | `1` | daemon processes; the rules balance flows over queues `queue`.. `queue+workers-1` |
-| `queue_maxlen` | integer >= 16 | `4096` | packets the kernel holds for a worker; past that it drops them (fail closed: TCP retransmits) |
-| `pop3_fail_open` | `true` or `false` | `true` | with no daemon bound, POP3 and IMAP packets pass (learning stops, mail still flows); SMTP always fails closed |
-| `login_logs` | list of paths, `"journal"` or `"journal:DIR"` | `[]` | mail server log files whose success lines are logins (Dovecot 2.3/2.4, Courier), or the systemd journal's Dovecot entries (of DIR's journal files); see learners/logs.py |
-| `login_hook` | path or `""` | `""` | a unix socket for Dovecot's post-login script (packaging/sapd-nfq-postlogin); `""`: none |
-| `login_hook_group` | group name | `"sapd-hook"` | the only group (besides root) that may use `login_hook` |
-| `run_dir` | path | `"/run/sapd-nfq"` | where the daemon's control sockets live, and the log learner's positions |
-| `log_level` | `"debug"`, `"info"`, `"warning"`, `"error"` | `"info"` | log verbosity |
-| `metrics_listen` | `""` or `ADDRESS:PORT` (`[::1]:9925` for IPv6) | `""` | the Prometheus endpoint, off by default; meant for loopback or a management network |
+Each key is defined once, as a field of `Config`: its type, its default, the
+check that reads it from TOML, and the words that document it. The key table
+in docs/configuration.md and the commented packaging/sapd-nfq.toml are made
+from these fields (`python -m sapd_nfq.docgen`), and a test keeps them current.
 """
 
 from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import os
 import re
 import shutil
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..engine.addresses import IPNetwork, parse_network
 from ..engine.errors import ConfigError
@@ -57,44 +32,6 @@ from ..logins import store_kind
 from .postfix_maps import split_spec
 
 DEFAULT_CONFIG_PATH = "/etc/sapd-nfq/sapd-nfq.toml"
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    """A checked configuration. Field names are the config keys."""
-
-    mode: str = "input"
-    smtp_ports: tuple[int, ...] = (25,)
-    pop3_ports: tuple[int, ...] = (110,)
-    imap_ports: tuple[int, ...] = (143,)
-    virtusertable: Path | None = Path("/etc/mail/virtusertable")
-    postfix_maps: tuple[str, ...] = ()
-    postfix_config_directory: Path = Path("/etc/postfix")
-    auth_ttl: int = 1800
-    state: str = "/var/lib/sapd-nfq/logins.sqlite"
-    trusted_networks: tuple[IPNetwork, ...] = ()
-    never_relay_networks: tuple[IPNetwork, ...] = ()
-    smtp_starttls: str = "strip"
-    pop3_stls: str = "allow"
-    imap_starttls: str = "allow"
-    smtp_auth_relays: bool = True
-    refusal: str = "recipient"
-    max_flows: int = 65536
-    queue: int = 0
-    interfaces: tuple[str, ...] = ()
-    workers: int = 1
-    queue_maxlen: int = 4096
-    pop3_fail_open: bool = True
-    login_logs: tuple[Path | str, ...] = ()  # str: a journal source, "journal[:DIR]"
-    login_hook: Path | None = None
-    login_hook_group: str = "sapd-hook"
-    run_dir: Path = Path("/run/sapd-nfq")
-    log_level: str = "info"
-    metrics_listen: str = ""
-
-    @classmethod
-    def default(cls) -> Config:
-        return cls()
 
 
 class _Bad(Exception):
@@ -219,6 +156,8 @@ def _group(value: Any, base: Path) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", value):
         raise _Bad("a group name", value)
     return value
+
+
 def _optional_path(value: Any, base: Path) -> Path | None:
     return None if value == "" else _path(value, base)
 
@@ -270,37 +209,151 @@ def _state(value: Any, base: Path) -> str:
         raise _Bad('"memory" or a file path', value, why=f"{e}: {value!r}") from None
     return str(base / value) if kind == "sqlite" else value
 
+T = TypeVar("T")
 
-_CHECKS: dict[str, Check] = {
-    "mode": _choice("input", "forward"),
-    "smtp_ports": _ports(at_least=1),
-    "pop3_ports": _ports(at_least=0),
-    "imap_ports": _ports(at_least=0),
-    "virtusertable": _optional_path,
-    "postfix_maps": _postfix_maps,
-    "postfix_config_directory": _path,
-    "auth_ttl": _int(1),
-    "state": _state,
-    "trusted_networks": _networks,
-    "never_relay_networks": _networks,
-    "smtp_starttls": _choice("strip", "relay-clients"),
-    "pop3_stls": _choice("allow", "strip"),
-    "imap_starttls": _choice("allow", "strip"),
-    "smtp_auth_relays": _bool,
-    "refusal": _choice("recipient", "session"),
-    "max_flows": _int(16),
-    "queue": _int(0, 65535),
-    "interfaces": _interfaces,
-    "workers": _int(1, 16),
-    "queue_maxlen": _int(16),
-    "pop3_fail_open": _bool,
-    "login_logs": _login_sources,
-    "login_hook": _optional_path,
-    "login_hook_group": _group,
-    "run_dir": _path,
-    "log_level": _choice("debug", "info", "warning", "error"),
-    "metrics_listen": _listen,
-}
+
+@dataclass(frozen=True, slots=True)
+class KeyDoc:
+    """How a key is checked and documented: `values` says what it takes, `doc`
+    what it means (one sentence or a few; the generated pages wrap it)."""
+
+    check: Check
+    values: str
+    doc: str
+
+
+def _key(default: T, check: Check, values: str, doc: str) -> T:
+    """A Config field: its default, and the key's check and documentation."""
+    return field(default=default, metadata={"key": KeyDoc(check, values, doc)})
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A checked configuration. Field names are the config keys."""
+
+    mode: str = _key(
+        "input", _choice("input", "forward"), '`"input"` or `"forward"`',
+        '`"input"`: the MTA and the POP3/IMAP server run on this host (INPUT chain); '
+        '`"forward"`: this host is the gateway in front of them (FORWARD chain; needs `interfaces`)')
+    smtp_ports: tuple[int, ...] = _key(
+        (25,), _ports(at_least=1), "list of ports 1..65535, at least one",
+        "server ports whose flows are SMTP")
+    pop3_ports: tuple[int, ...] = _key(
+        (110,), _ports(at_least=0), "list of ports 1..65535",
+        "server ports whose flows are POP3; none may be in `smtp_ports`")
+    imap_ports: tuple[int, ...] = _key(
+        (143,), _ports(at_least=0), "list of ports 1..65535",
+        "server ports whose flows are IMAP; none may be in `smtp_ports` or `pop3_ports`")
+    virtusertable: Path | None = _key(
+        Path("/etc/mail/virtusertable"), _optional_path, 'path, or `""` for none',
+        "sendmail virtusertable, text form, that says which addresses are local (sapd-nfq reads "
+        'the text file, not the `.db`, and notices changes by itself); `""` on a Postfix site '
+        "that names its maps in `postfix_maps` instead")
+    postfix_maps: tuple[str, ...] = _key(
+        (), _postfix_maps, "list of `type:name` (hash, btree, lmdb, cdb, texthash)",
+        "Postfix maps whose keys are local recipients too (`virtual_mailbox_maps`, "
+        "`virtual_alias_maps`), listed with `postmap -s`, looked up in virtual(5)'s order, "
+        "re-read when postmap rebuilds them")
+    postfix_config_directory: Path = _key(
+        Path("/etc/postfix"), _path, "path",
+        "the Postfix configuration `postmap -c` and `postconf -c` read (its `recipient_delimiter`)")
+    auth_ttl: int = _key(
+        1800, _int(1), "seconds, integer > 0",
+        "how long a login (any source) lets its address relay")
+    state: str = _key(
+        "/var/lib/sapd-nfq/logins.sqlite", _state,
+        'path, `"memory"`, or a `redis://`, `rediss://`, `unix://` URL',
+        "the login store: an SQLite file survives restarts and is shared with `sapd-nfq auth`; "
+        "Redis shares one table between gateways. A URL with a password makes the config file "
+        "a secret: keep it mode 0600 (sapd-nfq warns otherwise)")
+    trusted_networks: tuple[IPNetwork, ...] = _key(
+        (), _networks, "list of CIDRs", "clients that always relay")
+    never_relay_networks: tuple[IPNetwork, ...] = _key(
+        (), _networks, "list of CIDRs",
+        "shared addresses (NAT, cloud mail fetchers): never trusted, their logins never count; "
+        "SMTP AUTH on the connection still does")
+    smtp_starttls: str = _key(
+        "strip", _choice("strip", "relay-clients"), '`"strip"` or `"relay-clients"`',
+        "hide STARTTLS from clients so every envelope can be read, or offer it only to clients "
+        "that may relay anyway (trusted, or logged in by address); envelopes inside TLS go unchecked")
+    pop3_stls: str = _key(
+        "allow", _choice("allow", "strip"), '`"allow"` or `"strip"`',
+        "let POP3 clients use STLS (their logins are then not learned on the wire) or hide it "
+        "(logins can be learned; passwords travel in clear)")
+    imap_starttls: str = _key(
+        "allow", _choice("allow", "strip"), '`"allow"` or `"strip"`',
+        "the same choice for IMAP's STARTTLS")
+    smtp_auth_relays: bool = _key(
+        True, _bool, "`true` or `false`", "a `235` reply to SMTP AUTH counts as logged in")
+    refusal: str = _key(
+        "recipient", _choice("recipient", "session"), '`"recipient"` or `"session"`',
+        "refuse only the recipient the table fails (the MTA refuses a rewritten command, its "
+        "reply becomes `550 5.7.1`, the message still goes to the other recipients), or end "
+        "the whole session")
+    max_flows: int = _key(
+        65536, _int(16), "integer >= 16", "flows tracked at once")
+    queue: int = _key(
+        0, _int(0, 65535), "integer 0..65535", "the first NFQUEUE number")
+    interfaces: tuple[str, ...] = _key(
+        (), _interfaces, "list of interface names",
+        'where clients reach the mail servers: mode `"input"` hooks only these (`[]`: every '
+        'interface but lo); mode `"forward"` needs them, since on a gateway only the interface '
+        "tells a client's session from the servers' own outgoing mail")
+    workers: int = _key(
+        1, _int(1, 16), "integer 1..16",
+        "daemon processes; the rules balance flows over queues `queue`..`queue+workers-1`")
+    queue_maxlen: int = _key(
+        4096, _int(16), "integer >= 16",
+        "packets the kernel holds for a worker; past that it drops them (fail closed: TCP retransmits)")
+    pop3_fail_open: bool = _key(
+        True, _bool, "`true` or `false`",
+        "with no daemon bound, POP3 and IMAP packets pass (learning stops, mail still flows); "
+        "SMTP always fails closed")
+    login_logs: tuple[Path | str, ...] = _key(  # str: a journal source, "journal[:DIR]"
+        (), _login_sources, 'list of paths, `"journal"` or `"journal:DIR"`',
+        "mail server log files whose success lines are logins (Dovecot 2.3/2.4, Courier), or "
+        "the systemd journal's Dovecot entries (of DIR's journal files): POP3S, IMAPS and STARTTLS "
+        "logins cannot be read on the wire. Follow the server's own file (Dovecot's `log_path`), "
+        "never a syslog file any local user can write to with logger(1)")
+    login_hook: Path | None = _key(
+        None, _optional_path, 'path, or `""` for none',
+        "a unix socket for Dovecot's post-login script (`packaging/sapd-nfq-postlogin`, "
+        '`packaging/README.md`), e.g. `"/run/sapd-nfq-hook/login-hook.sock"` (not in `run_dir`, '
+        "which is root's alone)")
+    login_hook_group: str = _key(
+        "sapd-hook", _group, "group name", "the only group (besides root) that may use `login_hook`")
+    run_dir: Path = _key(
+        Path("/run/sapd-nfq"), _path, "path",
+        "where the daemon's control sockets live, and the log learner's positions")
+    log_level: str = _key(
+        "info", _choice("debug", "info", "warning", "error"),
+        '`"debug"`, `"info"`, `"warning"`, `"error"`', "log verbosity")
+    metrics_listen: str = _key(
+        "", _listen, '`""` or `ADDRESS:PORT` (`"[::1]:9925"` for IPv6)',
+        "the Prometheus endpoint (`/metrics`), off by default; meant for loopback or a "
+        "management network")
+
+    @classmethod
+    def default(cls) -> Config:
+        return cls()
+
+
+def key_docs() -> dict[str, KeyDoc]:
+    """Every key's check and documentation, in the order of Config's fields."""
+    return {f.name: f.metadata["key"] for f in fields(Config)}
+
+
+def toml_value(value: object) -> str:
+    """A default as the config file spells it."""
+    if value is None:
+        return '""'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    return json.dumps(str(value))
 
 
 def _shown(value: object) -> str:
@@ -325,15 +378,16 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{name}: not valid TOML: {e}") from None
 
     base = Path(os.path.abspath(name)).parent
+    keys = key_docs()
     values = {}
     for key, value in data.items():
-        check = _CHECKS.get(key)
-        if check is None:
-            close = difflib.get_close_matches(key, _CHECKS, n=1)
+        known = keys.get(key)
+        if known is None:
+            close = difflib.get_close_matches(key, keys, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(f"{name}: unknown key {key!r}{hint}")
         try:
-            values[key] = check(value, base)
+            values[key] = known.check(value, base)
         except _Bad as bad:
             problem = bad.why or f"got {_shown(bad.got)}"
             raise ConfigError(f"{name}: {key}: expected {bad.expected}; {problem}") from None
