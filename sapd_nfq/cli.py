@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .engine.errors import SapdError
 from .engine.logins import MemoryLoginStore
@@ -148,16 +149,19 @@ def _tell_daemons(config: Config) -> None:
     """Have the running daemons read the store now, and wait until they have,
     so that the next session is judged with the change."""
     from .admin.control import DaemonNotRunning, request, worker_queues
+    from .admin.report import WorkerStatus
+
+    def store(queue: int) -> dict[str, Any]:
+        return WorkerStatus.from_json(request(config, queue, "status")).store
 
     for queue in worker_queues(config):
         try:
             ticket = request(config, queue, "logins-changed").get("ticket")
             deadline = time.monotonic() + SEEN_TIMEOUT
-            while ticket is not None and request(config, queue, "status")["store"]["reloaded"] < ticket:
+            while ticket is not None and store(queue)["reloaded"] < ticket:
                 if time.monotonic() > deadline:
                     print(f"queue {queue}: the daemon has not read the change yet "
-                          f"(its store: {request(config, queue, 'status')['store'].get('last_error')})",
-                          file=sys.stderr)
+                          f"(its store: {store(queue).get('last_error')})", file=sys.stderr)
                     break
                 time.sleep(0.02)
         except DaemonNotRunning:
@@ -244,7 +248,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return EXIT_FAIL if failed else 0
 
 
-def _store_line(store: dict) -> str:
+def _store_line(store: dict[str, Any]) -> str:
     line = f"{store['backend']} {'connected' if store['connected'] else 'UNAVAILABLE'}"
     if store.get("last_sync"):
         line += f", read {int(time.time() - store['last_sync'])} s ago"
@@ -262,35 +266,34 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = _config(args)
     status = gather_status(config)
     if args.json:
-        print(json.dumps(status, indent=2, default=str))
+        print(json.dumps(status.as_json(), indent=2, default=str))
     else:
-        families = {name: fam.get("installed") for name, fam in status["rules"].items()
+        families = {name: fam.get("installed") for name, fam in status.rules.items()
                     if isinstance(fam, dict)}
         rules_text = ", ".join(f"{name} {'installed' if ok else 'absent'}" for name, ok in families.items())
-        print(f"rules:    {rules_text or status['rules']}")
-        for worker in status["workers"]:
-            queue = worker["queue"]
-            if worker["running"]:
-                up = int(time.time() - worker["started"])
-                decisions = worker["decisions"]
-                print(f"daemon:   queue {queue} running, pid {worker['pid']}, up {up} s, "
-                      f"{worker['virtusertable_entries']} virtusertable entries")
-                print(f"          flows tracked {worker['flows_tracked']}, "
-                      f"decisions pass {decisions['pass']} fail {decisions['fail']}, "
-                      f"packets {worker['counters'].get('packets', 0)}")
-                if worker.get("last_reload_error"):
-                    print(f"          last reload FAILED: {worker['last_reload_error']}")
-                print("store:    " + _store_line(worker["store"]))
+        print(f"rules:    {rules_text or status.rules}")
+        for queue in status.queues:
+            worker = queue.worker
+            if worker is not None:
+                up = int(time.time() - worker.started)
+                print(f"daemon:   queue {queue.queue} running, pid {worker.pid}, up {up} s, "
+                      f"{worker.virtusertable_entries} virtusertable entries")
+                print(f"          flows tracked {worker.flows_tracked}, "
+                      f"decisions pass {worker.decisions['pass']} fail {worker.decisions['fail']}, "
+                      f"packets {worker.counters.get('packets', 0)}")
+                if worker.last_reload_error:
+                    print(f"          last reload FAILED: {worker.last_reload_error}")
+                print("store:    " + _store_line(worker.store))
             else:
-                print(f"daemon:   queue {queue} NOT running"
+                print(f"daemon:   queue {queue.queue} NOT running"
                       + (" (SMTP is blocked: the rules fail closed)" if all(families.values()) and families else ""))
-            kernel = worker["kernel"]
+            kernel = queue.kernel
             if kernel:
-                print(f"kernel:   queue {queue} waiting {kernel['waiting']}, "
+                print(f"kernel:   queue {queue.queue} waiting {kernel['waiting']}, "
                       f"dropped {kernel['queue_dropped']} (queue full), {kernel['user_dropped']} (netlink)")
-        sources = ", ".join(f"{source} {n}" for source, n in sorted(status["logins_by_source"].items()))
-        print(f"logins:   {status['logins_held']} held" + (f" ({sources})" if sources else ""))
-    return 0 if status["rules_installed"] and status["daemon_running"] else 3
+        sources = ", ".join(f"{source} {n}" for source, n in sorted(status.logins_by_source.items()))
+        print(f"logins:   {status.logins_held} held" + (f" ({sources})" if sources else ""))
+    return 0 if status.rules_installed and status.daemon_running else 3
 
 
 # -- parser --------------------------------------------------------------------

@@ -1,5 +1,5 @@
 import sys
 from pathlib import Path
 
-# Test helpers (streams.py, helpers_tcp.py, engine_helpers.py) import by name.
+# Test helpers (streams.py, helpers_tcp.py, engine_helpers.py, statuses.py) import by name.
 sys.path.insert(0, str(Path(__file__).parent))

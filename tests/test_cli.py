@@ -87,6 +87,9 @@ def test_auth_add_and_del_return_once_a_running_daemon_has_read_them(capsys, tmp
     import selectors
     import threading
     import time
+    from dataclasses import replace
+
+    from statuses import WORKER
 
     from sapd_nfq.admin.control import ControlServer
     from sapd_nfq.wiring.build import daemon_logins
@@ -102,7 +105,7 @@ def test_auth_add_and_del_return_once_a_running_daemon_has_read_them(capsys, tmp
     def answer(command: str) -> dict:
         if command == "logins-changed":
             return {"ok": True, "ticket": replica.request_reload()}
-        return {"ok": True, "store": replica.stats()}
+        return replace(WORKER, store=replica.stats()).as_json()
 
     server = ControlServer(config, config.queue, answer)
     done = threading.Event()

@@ -3,12 +3,18 @@ the worker's tallies, and the metric families rendered from a status."""
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from dataclasses import replace
+
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from statuses import WORKER
 
 from sapd_nfq.admin import metrics
 from sapd_nfq.admin.recent import DECISIONS_KEPT, Recent
+from sapd_nfq.admin.report import GateStatus, QueueStatus, WorkerStatus
 from sapd_nfq.admin.stats import ENGINE_BUCKETS, Stats
 from sapd_nfq.engine.verdicts import ACCEPT, DROP, Decision, Notice
 
@@ -52,13 +58,52 @@ def test_stats_tally_verdicts_rows_sources_and_time():
     stats = Stats()
     stats.record(Decision(ACCEPT, notices=[PASS, LOGIN]), 3e-6)
     stats.record(Decision(DROP, notices=[FAIL]), 2e-3)
-    got = stats.as_dict()
-    assert got["verdicts"] == {"accept": 1, "drop": 1}
-    assert got["rows"] == {"pass|row 2: ...": 1, "fail|row 3: ...": 1}
-    assert got["logins"] == {"pop3": 1}
-    assert sum(got["engine_seconds"]["buckets"]) == 2
-    assert got["engine_seconds"]["buckets"][0] == 1  # 3 us is under the first bound
-    assert len(got["engine_seconds"]["buckets"]) == len(ENGINE_BUCKETS) + 1
+    assert stats.verdicts == {"accept": 1, "drop": 1}
+    assert stats.rows == {"pass|row 2: ...": 1, "fail|row 3: ...": 1}
+    assert stats.logins == {"pop3": 1}
+    histogram = stats.histogram()
+    assert sum(histogram.buckets) == 2
+    assert histogram.buckets[0] == 1  # 3 us is under the first bound
+    assert len(histogram.buckets) == len(ENGINE_BUCKETS) + 1
+
+
+def test_the_worker_adds_its_own_counts_to_the_engines():
+    stats = Stats()
+    stats.counted["engine_errors"] += 1
+    stats.counted["logins"] += 2
+    engine = Counter(packets=5, logins=1)
+    assert stats.counters(engine) == {"packets": 5, "logins": 3, "engine_errors": 1}
+    assert engine == Counter(packets=5, logins=1)
+
+
+#: the keys of a worker's answer to `status`, as `status --json` shows them
+STATUS_KEYS = [
+    "ok", "pid", "started", "queue", "mode", "config", "virtusertable", "postfix_maps",
+    "virtusertable_entries", "flows_tracked", "flows_evicted", "logins_held", "logins_by_source",
+    "store", "decisions", "counters", "retained_bytes", "reloads", "reload_errors", "login_logs",
+    "last_reload_error", "verdicts", "rows", "logins", "engine_seconds"]
+
+
+def test_a_worker_status_crosses_the_control_socket_whole():
+    sent = json.loads(json.dumps(WORKER.as_json()))
+    assert list(sent) == STATUS_KEYS
+    assert list(sent["login_logs"]) == ["files", "lines", "logins", "sessions"]
+    assert list(sent["engine_seconds"]) == ["buckets", "sum", "bounds"]
+    assert WorkerStatus.from_json(sent) == WORKER
+    assert WorkerStatus.from_json({**sent, "login_logs": None}).login_logs is None
+
+
+def test_status_json_shows_each_queue_running_or_not():
+    status = GateStatus({"ipv4": {"installed": True}},
+                        (QueueStatus(0, WORKER, {"waiting": 0}), QueueStatus(1, None, None, error="no daemon")),
+                        logins_held=1, logins_by_source={"pop3": 1})
+    shown = status.as_json()
+    assert list(shown) == ["rules", "rules_installed", "daemon_running", "workers", "logins_held",
+                           "logins_by_source"]
+    running, stopped = shown["workers"]
+    assert list(running) == [*STATUS_KEYS, "running", "kernel"] and running["running"] is True
+    assert stopped == {"running": False, "queue": 1, "error": "no daemon", "kernel": None}
+    assert (shown["rules_installed"], shown["daemon_running"]) == (True, False)
 
 
 class _Fixed(Collector):
@@ -77,21 +122,23 @@ def scrape(status) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def worker(queue: int, accepted: int) -> dict:
+def queue_status(queue: int, accepted: int) -> QueueStatus:
     stats = Stats()
     for _ in range(accepted):
         stats.record(Decision(ACCEPT, notices=[PASS]), 1e-5)
-    return {"running": True, "queue": queue, "counters": {"fail": 2, "wrong_direction": 1},
-            "flows_tracked": 3, "flows_evicted": 0, "retained_bytes": 10, "reloads": 1,
-            "reload_errors": 0, "kernel": {"queue_dropped": 4, "user_dropped": 0}, **stats.as_dict(),
-            "store": {"connected": queue == 0, "pending_writes": queue, "write_errors": 1,
-                      "dropped_writes": 0}}
+    worker = replace(WORKER, queue=queue, counters={"fail": 2, "wrong_direction": 1},
+                     flows_tracked=3, retained_bytes=10, reloads=1,
+                     verdicts=dict(stats.verdicts), rows=dict(stats.rows), logins=dict(stats.logins),
+                     engine_seconds=stats.histogram(),
+                     store={"connected": queue == 0, "pending_writes": queue, "write_errors": 1,
+                            "dropped_writes": 0})
+    return QueueStatus(queue, worker, {"queue_dropped": 4, "user_dropped": 0})
 
 
 def test_metrics_sum_the_workers():
-    status = {"workers": [worker(0, 2), worker(1, 3), {"running": False, "queue": 2, "kernel": None}],
-              "logins_held": 5,
-              "rules": {"ipv4": {"rules": [{"chain": metrics.GUARD, "packets": 7}]}}}
+    status = GateStatus({"ipv4": {"rules": [{"chain": metrics.GUARD, "packets": 7}]}},
+                        (queue_status(0, 2), queue_status(1, 3), QueueStatus(2, None, None)),
+                        logins_held=5)
     got = scrape(status)
     assert got["sapd_nfq_packets_total", (("verdict", "accept"),)] == 5
     assert got["sapd_nfq_decisions_total", (("row", "row 2: ..."), ("verdict", "PASS"))] == 5

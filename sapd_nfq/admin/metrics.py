@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from ..kernel.rules import GUARD
 from ..wiring.config import Config, parse_listen
 from ..wiring.logsetup import LOGGER
+from .report import GateStatus
 
 log = logging.getLogger(LOGGER)
 
@@ -36,14 +37,11 @@ REFUSALS = {
 }
 
 
-def _total(workers: list[dict[str, Any]], *path: str) -> dict[str, float]:
-    """The sum over workers of a dict found at `path` in each status."""
+def _total(tallies: Iterable[dict[str, int]]) -> dict[str, float]:
+    """The sum over workers of one of their tallies."""
     total: dict[str, float] = {}
-    for worker in workers:
-        found: Any = worker
-        for key in path:
-            found = found.get(key, {}) if isinstance(found, dict) else {}
-        for name, value in found.items():
+    for tally in tallies:
+        for name, value in tally.items():
             total[name] = total.get(name, 0) + value
     return total
 
@@ -59,12 +57,12 @@ class GateCollector(Collector):
         yield from render(status)
 
 
-def render(status: dict[str, Any]) -> Iterator[Any]:
+def render(status: GateStatus) -> Iterator[Any]:
     """Metric families for one `gather_status` answer."""
-    workers = [w for w in status["workers"] if w.get("running")]
+    workers = status.running
     up = GaugeMetricFamily("sapd_nfq_worker_up", "1 if the worker of this queue answers", labels=["queue"])
-    for worker in status["workers"]:
-        up.add_metric([str(worker["queue"])], 1 if worker.get("running") else 0)
+    for queue in status.queues:
+        up.add_metric([str(queue.queue)], 1 if queue.running else 0)
     yield up
 
     def counter(name: str, doc: str, label: str, values: dict[str, float]) -> CounterMetricFamily:
@@ -73,70 +71,67 @@ def render(status: dict[str, Any]) -> Iterator[Any]:
             family.add_metric([key], value)
         return family
 
-    yield counter("sapd_nfq_packets", "packets judged, by verdict", "verdict", _total(workers, "verdicts"))
+    yield counter("sapd_nfq_packets", "packets judged, by verdict", "verdict", _total(w.verdicts for w in workers))
     rows = CounterMetricFamily("sapd_nfq_decisions", "RCPT decisions, by verdict and table row",
                                labels=["verdict", "row"])
-    for key, value in sorted(_total(workers, "rows").items()):
+    for key, value in sorted(_total(w.rows for w in workers).items()):
         verdict, _, row = key.partition("|")
         rows.add_metric([verdict.upper(), row], value)
     yield rows
-    yield counter("sapd_nfq_logins", "logins learned, by source", "source", _total(workers, "logins"))
-    counters = _total(workers, "counters")
+    yield counter("sapd_nfq_logins", "logins learned, by source", "source", _total(w.logins for w in workers))
+    counters = _total(w.counters for w in workers)
     yield counter("sapd_nfq_refusals", "packets dropped or sessions refused, by reason", "reason",
                   {reason: counters.get(key, 0) for key, reason in REFUSALS.items()})
-    stores = [w.get("store", {}) for w in workers]
+    stores = [w.store for w in workers]
     yield CounterMetricFamily("sapd_nfq_store_errors", "login store operations that failed",
                               value=counters.get("store_errors", 0)
                               + sum(x.get("write_errors", 0) for x in stores))
     connected = GaugeMetricFamily("sapd_nfq_store_connected",
                                   "1 if the worker's login store answers (it decides from memory either way)",
                                   labels=["queue"])
-    for worker, store in zip(workers, stores):
-        connected.add_metric([str(worker["queue"])], 1 if store.get("connected", True) else 0)
+    for worker in workers:
+        connected.add_metric([str(worker.queue)], 1 if worker.store.get("connected", True) else 0)
     yield connected
     yield GaugeMetricFamily("sapd_nfq_store_pending_writes", "logins and removals not yet written to the store",
                             value=sum(x.get("pending_writes", 0) for x in stores))
     yield CounterMetricFamily("sapd_nfq_store_writes_dropped", "changes dropped from a full queue of writes",
                               value=sum(x.get("dropped_writes", 0) for x in stores))
 
-    def gauge(name: str, doc: str, key: str) -> GaugeMetricFamily:
-        return GaugeMetricFamily(name, doc, value=sum(w.get(key, 0) for w in workers))
-
-    yield gauge("sapd_nfq_flows", "flows tracked", "flows_tracked")
+    yield GaugeMetricFamily("sapd_nfq_flows", "flows tracked", value=sum(w.flows_tracked for w in workers))
     yield CounterMetricFamily("sapd_nfq_flows_evicted", "flows evicted from a full table",
-                              value=sum(w.get("flows_evicted", 0) for w in workers))
-    yield gauge("sapd_nfq_retained_bytes", "stream bytes held until acknowledged", "retained_bytes")
-    yield GaugeMetricFamily("sapd_nfq_logins_held", "open login windows", value=status.get("logins_held", 0))
-    yield CounterMetricFamily("sapd_nfq_reloads", "successful reloads",
-                              value=sum(w.get("reloads", 0) for w in workers))
+                              value=sum(w.flows_evicted for w in workers))
+    yield GaugeMetricFamily("sapd_nfq_retained_bytes", "stream bytes held until acknowledged",
+                            value=sum(w.retained_bytes for w in workers))
+    yield GaugeMetricFamily("sapd_nfq_logins_held", "open login windows", value=status.logins_held)
+    yield CounterMetricFamily("sapd_nfq_reloads", "successful reloads", value=sum(w.reloads for w in workers))
     yield CounterMetricFamily("sapd_nfq_reload_errors", "reloads that failed (the running table stayed)",
-                              value=sum(w.get("reload_errors", 0) for w in workers))
+                              value=sum(w.reload_errors for w in workers))
 
     kernel = {"queue_dropped": ("sapd_nfq_kernel_queue_dropped", "packets the kernel dropped: queue full"),
               "user_dropped": ("sapd_nfq_kernel_user_dropped", "packets the kernel could not hand over")}
     for key, (name, doc) in kernel.items():
         family = CounterMetricFamily(name, doc, labels=["queue"])
-        for worker in status["workers"]:
-            if worker.get("kernel"):
-                family.add_metric([str(worker["queue"])], worker["kernel"][key])
+        for queue in status.queues:
+            if queue.kernel:
+                family.add_metric([str(queue.queue)], queue.kernel[key])
         yield family
     spoofs = CounterMetricFamily("sapd_nfq_spoofs_dropped", "packets from a client interface that claimed "
                                  "a mail server's address, dropped before routing", labels=["family"])
-    for family_name, table in status["rules"].items():
+    for family_name, table in status.rules.items():
         if isinstance(table, dict):
             spoofs.add_metric([family_name], sum(r["packets"] or 0 for r in table.get("rules", [])
                                                  if r["chain"] == GUARD))
     yield spoofs
 
     if workers:
-        bounds = workers[0]["engine_seconds"]["bounds"]
-        counts = [sum(w["engine_seconds"]["buckets"][i] for w in workers) for i in range(len(bounds) + 1)]
+        bounds = workers[0].engine_seconds.bounds
+        counts = [sum(w.engine_seconds.buckets[i] for w in workers) for i in range(len(bounds) + 1)]
         cumulative, running = [], 0
         for bound, count in zip([*map(repr, bounds), "+Inf"], counts):
             running += count
             cumulative.append((bound, running))
         yield HistogramMetricFamily("sapd_nfq_engine_seconds", "engine time a packet", buckets=cumulative,
-                                    sum_value=sum(w["engine_seconds"]["sum"] for w in workers))
+                                    sum_value=sum(w.engine_seconds.sum for w in workers))
 
 
 def serve(config: Config) -> None:

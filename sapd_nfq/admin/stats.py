@@ -1,21 +1,22 @@
 """A worker's tallies beyond the engine's counters, for `status` and the
 metrics endpoint: packets by verdict, decisions by table row, logins by
-source, and a histogram of the engine's time a packet."""
+source, a histogram of the engine's time a packet, and what the worker
+counts itself (the engine's counters are the engine's to write)."""
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from typing import Any
 
 from ..engine.verdicts import Decision
+from .report import EngineSeconds
 
 #: upper bounds, in seconds, of the engine-time histogram's buckets (+Inf last)
 ENGINE_BUCKETS = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2, 0.1)
 
 
 class Stats:
-    __slots__ = ("verdicts", "rows", "logins", "buckets", "engine_seconds")
+    __slots__ = ("verdicts", "rows", "logins", "buckets", "engine_seconds", "counted")
 
     def __init__(self) -> None:
         self.verdicts: Counter[str] = Counter()
@@ -23,6 +24,9 @@ class Stats:
         self.logins: Counter[str] = Counter()
         self.buckets = [0] * (len(ENGINE_BUCKETS) + 1)
         self.engine_seconds = 0.0
+        #: counted by the worker under the engine's counter names: "engine_errors"
+        #: (a failure it caught), "logins" (learned from a log or the hook)
+        self.counted: Counter[str] = Counter()
 
     def record(self, decision: Decision, seconds: float) -> None:
         self.verdicts[decision.verdict.value] += 1
@@ -34,7 +38,9 @@ class Stats:
             elif notice.event == "login":
                 self.logins[(notice.reason or "").split(" ")[0]] += 1
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"verdicts": dict(self.verdicts), "rows": dict(self.rows), "logins": dict(self.logins),
-                "engine_seconds": {"buckets": list(self.buckets), "sum": self.engine_seconds,
-                                   "bounds": list(ENGINE_BUCKETS)}}
+    def counters(self, engine: Counter[str]) -> dict[str, int]:
+        """The engine's counters with the worker's own added."""
+        return dict(engine + self.counted)
+
+    def histogram(self) -> EngineSeconds:
+        return EngineSeconds(tuple(self.buckets), self.engine_seconds, ENGINE_BUCKETS)

@@ -12,6 +12,7 @@ from ..kernel import rules
 from ..wiring.build import open_logins
 from ..wiring.config import Config
 from .control import DaemonNotRunning, request, worker_queues
+from .report import GateStatus, QueueStatus, WorkerStatus
 
 
 def kernel_queues(path: str = "/proc/net/netfilter/nfnetlink_queue") -> dict[int, dict[str, int]]:
@@ -28,38 +29,29 @@ def kernel_queues(path: str = "/proc/net/netfilter/nfnetlink_queue") -> dict[int
     return queues
 
 
-def gather_status(config: Config) -> dict:
+def gather_status(config: Config) -> GateStatus:
     try:
         installed = rules.installed()
     except SapdError as exc:
         installed = {"error": str(exc)}
     kernel = kernel_queues()
-    workers = []
+    queues = []
     for queue in worker_queues(config):
         try:
             reply = request(config, queue, "status")
         except DaemonNotRunning as exc:
-            reply = {"running": False, "queue": queue, "error": str(exc)}
-        else:
-            reply["running"] = True
-        reply["kernel"] = kernel.get(queue)
-        workers.append(reply)
-    status = {
-        "rules": installed,
-        "rules_installed": all(f.get("installed") for f in installed.values() if isinstance(f, dict)),
-        "daemon_running": all(w["running"] for w in workers),
-        "workers": workers,
-    }
-    if not any(w["running"] for w in workers):
-        logins = open_logins(config)
-        try:
-            entries = logins.entries(time.time())
-        finally:
-            logins.close()
-        status["logins_held"] = len(entries)
-        status["logins_by_source"] = dict(Counter(login.source for login in entries))
-    else:
-        busiest = max((w for w in workers if w["running"]), key=lambda w: w.get("logins_held", 0))
-        status["logins_held"] = busiest.get("logins_held", 0)
-        status["logins_by_source"] = busiest.get("logins_by_source", {})
-    return status
+            queues.append(QueueStatus(queue, None, kernel.get(queue), error=str(exc)))
+            continue
+        if not reply.get("ok"):
+            raise SapdError(f"queue {queue}: {reply.get('error')}")
+        queues.append(QueueStatus(queue, WorkerStatus.from_json(reply), kernel.get(queue)))
+    running = [q.worker for q in queues if q.worker is not None]
+    if running:
+        busiest = max(running, key=lambda w: w.logins_held)
+        return GateStatus(installed, tuple(queues), busiest.logins_held, busiest.logins_by_source)
+    logins = open_logins(config)
+    try:
+        entries = logins.entries(time.time())
+    finally:
+        logins.close()
+    return GateStatus(installed, tuple(queues), len(entries), dict(Counter(login.source for login in entries)))

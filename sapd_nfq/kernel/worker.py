@@ -25,6 +25,7 @@ from netfilterqueue import NetfilterQueue
 
 from ..admin.control import ControlServer
 from ..admin.recent import Recent
+from ..admin.report import LearnerStatus, WorkerStatus
 from ..admin.stats import Stats
 from ..engine.core import Engine
 from ..engine.errors import SapdError
@@ -92,7 +93,7 @@ class Worker:
             self.stats.record(decision, time.perf_counter() - started)
         except Exception:  # a bug must not hold the packet or open a relay
             log.exception("engine failure; packet dropped")
-            self.engine.counters["engine_errors"] += 1
+            self.stats.counted["engine_errors"] += 1
             pkt.drop()
             return
         for raw in decision.inject:
@@ -180,39 +181,41 @@ class Worker:
 
     # -- control -----------------------------------------------------------
 
-    def status(self) -> dict:
+    def status(self) -> WorkerStatus:
         now = time.time()
-        counters = dict(self.engine.counters)
+        counters = self.stats.counters(self.engine.counters)
         logins = self.logins.entries(now)
-        return {
-            "ok": True,
-            "pid": os.getpid(),
-            "started": self.started,
-            "queue": self.queue,
-            "mode": self.config.mode,
-            "config": str(self.config_path) if self.config_path else None,
-            "virtusertable": str(self.config.virtusertable or ""),
-            "postfix_maps": list(self.config.postfix_maps),
-            "virtusertable_entries": len(self.engine.policy.table),
-            "flows_tracked": len(self.engine.flows),
-            "flows_evicted": self.engine.flows.evicted,
-            "logins_held": len(logins),
-            "logins_by_source": dict(Counter(login.source for login in logins)),
-            "store": self.store_status(),
-            "decisions": {"pass": counters.get("pass", 0), "fail": counters.get("fail", 0)},
-            "counters": counters,
-            "retained_bytes": self.engine.flows.budget.used,
-            "reloads": self.reloads,
-            "reload_errors": self.reload_errors,
-            "login_logs": None if self.learner is None else {
-                "files": [f.path for f in self.learner.followers],
-                "lines": self.learner.lines, "logins": self.learner.logins,
-                "sessions": len(self.learner.sessions)},
-            "last_reload_error": self.last_reload_error,
-            **self.stats.as_dict(),
-        }
+        return WorkerStatus(
+            pid=os.getpid(),
+            started=self.started,
+            queue=self.queue,
+            mode=self.config.mode,
+            config=str(self.config_path) if self.config_path else None,
+            virtusertable=str(self.config.virtusertable or ""),
+            postfix_maps=self.config.postfix_maps,
+            virtusertable_entries=len(self.engine.policy.table),
+            flows_tracked=len(self.engine.flows),
+            flows_evicted=self.engine.flows.evicted,
+            logins_held=len(logins),
+            logins_by_source=dict(Counter(login.source for login in logins)),
+            store=self.store_status(),
+            decisions={"pass": counters.get("pass", 0), "fail": counters.get("fail", 0)},
+            counters=counters,
+            retained_bytes=self.engine.flows.budget.used,
+            reloads=self.reloads,
+            reload_errors=self.reload_errors,
+            login_logs=None if self.learner is None else LearnerStatus(
+                files=tuple(f.path for f in self.learner.followers),
+                lines=self.learner.lines, logins=self.learner.logins,
+                sessions=len(self.learner.sessions)),
+            last_reload_error=self.last_reload_error,
+            verdicts=dict(self.stats.verdicts),
+            rows=dict(self.stats.rows),
+            logins=dict(self.stats.logins),
+            engine_seconds=self.stats.histogram(),
+        )
 
-    def store_status(self) -> dict:
+    def store_status(self) -> dict[str, object]:
         if isinstance(self.logins, ReplicaLoginStore):
             return self.logins.stats()
         return {"backend": "memory", "connected": True, "pending_writes": 0}
@@ -230,7 +233,7 @@ class Worker:
 
     def control(self, command: str) -> dict:
         if command == "status":
-            return self.status()
+            return self.status().as_json()
         if command == "reload":
             return self.reload("control request")
         if command == "logins-changed":
@@ -334,10 +337,10 @@ class Worker:
             learned = self.learner.poll(now)
         except Exception:  # a bug in following the logs must not stop the packet path
             log.exception("log learner failure")
-            self.engine.counters["engine_errors"] += 1
+            self.stats.counted["engine_errors"] += 1
             return
         for login in learned:
-            self.engine.counters["logins"] += 1
+            self.stats.counted["logins"] += 1
             notice = Notice("login", login.address, user=login.user, time=now,
                             reason=f"log:{login.server} {login.service} {login.method or ''}".rstrip())
             log.info("%s", notice)
@@ -348,7 +351,7 @@ class Worker:
         now = time.time()
         login = hook.serve_one(self.logins, self.config.auth_ttl, now)
         if login is not None:
-            self.engine.counters["logins"] += 1
+            self.stats.counted["logins"] += 1
             notice = Notice("login", login.address, user=login.user, time=now, reason="hook")
             log.info("%s", notice)
             self.recent.note(notice, self.config.auth_ttl)
