@@ -179,7 +179,7 @@ def test_followers_of_a_missing_file_wait_for_it(tmp_path):
 
 
 def test_reads_many_lines_quickly(tmp_path):
-    """The figure in the README: lines per second one poll loop keeps up with."""
+    """The figure in docs/login-sources.md: lines per second one poll loop keeps up with."""
     log = tmp_path / "dovecot.log"
     log.write_bytes(b"")
     ll, store = learner(tmp_path)

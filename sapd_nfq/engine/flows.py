@@ -17,7 +17,7 @@ Outcomes as a Stream, adding what only the connection knows:
   segment without ACK, which every receiver's TCP discards (CONFLICT);
 - URG means nothing here: its bytes are judged in line like any others.
   That is only true for the receiver because the engine clears the flag and
-  the urgent pointer of every segment it lets through (README, "Urgent
+  the urgent pointer of every segment it lets through (docs/security.md, "Urgent
   data"): a receiver that saw them would take the urgent byte out of the
   stream it hands the MTA;
 - a RST closes the flow only at the exact sequence number the receiver's TCP

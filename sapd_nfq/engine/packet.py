@@ -204,7 +204,7 @@ def without_urgent(packet: bytes, seg: Segment) -> bytes:
     """`packet` with the URG flag and the urgent pointer cleared.
 
     The receiver then reads the urgent byte in line with the rest, as the
-    stream inspected it (README, "Urgent data"). Only the checksum changes
+    stream inspected it (docs/security.md, "Urgent data"). Only the checksum changes
     besides.
     """
     out = bytearray(packet)

@@ -1,8 +1,9 @@
 """The story `sapd-nfq demo` plays: real clients against a gated mail server.
 
-Five steps, each told in a line or two, with the command the client ran,
-what the client saw (its SMTP reply line, or the POP3 server's answer) and
-the lines sapd-nfq logged for it:
+Seven steps (five where the gate cannot read the mail server's log), each
+told in a line or two, with the command the client ran, what the client saw
+(its SMTP reply line, or the POP3 server's answer) and the lines sapd-nfq
+logged for it:
 
 1. inbound mail from outside to a local user passes (row 1);
 2. a local sender relaying outside without a login is refused with 550 (row 3);
