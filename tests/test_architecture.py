@@ -169,7 +169,7 @@ def test_the_daemon_runs_without_scapy():
     assert done.returncode == 0, done.stderr
 
 
-def test_mypy_strict_on_the_engine_and_the_login_stores():
+def test_mypy_strict_on_the_typed_packages():
     # the packages and the strictness come from [tool.mypy] in pyproject.toml
     result = subprocess.run([tool("mypy")], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

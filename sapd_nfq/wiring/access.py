@@ -40,7 +40,7 @@ def denied(what: str, path: Path) -> AccessError:
 def peer_uid(sock: socket.socket) -> int:
     """The uid of the process at the other end of a connected unix socket."""
     _pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-    return uid
+    return int(uid)
 
 
 def _who(bits: int) -> str:

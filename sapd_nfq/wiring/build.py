@@ -8,10 +8,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..engine.logins import MemoryLoginStore
+from ..engine.logins import LoginStore, MemoryLoginStore, StoreError
 from ..engine.policy import AnyOf, LocalAddresses, RelayPolicy
 from ..engine.virtusertable import VirtUserTable
-from ..logins import LoginStore, StoreError, backend, open_store
+from ..logins import backend, open_store
 from ..logins.replica import ReplicaLoginStore
 from . import postfix_maps
 from .access import check_state, denied

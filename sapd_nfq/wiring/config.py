@@ -22,7 +22,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from ..engine.addresses import IPNetwork, parse_network
 from ..engine.errors import ConfigError
@@ -48,7 +48,7 @@ class _Bad(Exception):
 Check = Callable[[Any, Path], Any]
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -192,7 +192,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 def _listen(value: Any, base: Path) -> str:
     what = 'ADDRESS:PORT ("127.0.0.1:9925", "[::1]:9925") or "" for none'
     if value == "":
-        return value
+        return ""
     try:
         parse_listen(value if isinstance(value, str) else "")
     except ValueError as e:

@@ -16,6 +16,10 @@ WATCH_INTERVAL = 2.0
 SETTLE_INTERVAL = WATCH_INTERVAL
 
 
+#: the stamps of the watched files, in their order (None: a file that is not there)
+Stamps = tuple[tuple[int, int, int] | None, ...]
+
+
 def stamp(path: str | Path) -> tuple[int, int, int] | None:
     """What tells that a file changed: the mtime alone misses a second write
     within the same clock tick (an editor's truncate, then write)."""
@@ -34,13 +38,13 @@ class FileWatch:
     (SETTLE_INTERVAL, or longer after `hold`); any new change starts over.
     """
 
-    def __init__(self, seen: tuple) -> None:
+    def __init__(self, seen: Stamps) -> None:
         self.seen = seen
-        self._pending: tuple | None = None
+        self._pending: Stamps | None = None
         self._since = 0.0
         self._wait = SETTLE_INTERVAL
 
-    def due(self, stamps: tuple, now: float) -> float | None:
+    def due(self, stamps: Stamps, now: float) -> float | None:
         """Seconds the changed `stamps` have held still, once due; else None."""
         if stamps == self.seen:
             self._pending = None
