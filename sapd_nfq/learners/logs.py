@@ -47,6 +47,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..engine.logins import LoginStore, StoreError
 from ..engine.loglines import (
@@ -355,7 +356,7 @@ class LogLearner:
 
     # -- state across restarts ------------------------------------------------
 
-    def _load_state(self) -> dict:
+    def _load_state(self) -> dict[str, Any]:
         if self.state_path is None:
             return {}
         try:
