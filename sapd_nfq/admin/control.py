@@ -15,6 +15,7 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..engine.errors import SapdError
 from ..wiring.access import AccessError, denied, ours, peer_uid, private_dir
@@ -38,7 +39,7 @@ def worker_queues(config: Config) -> range:
     return range(config.queue, config.queue + config.workers)
 
 
-def request(config: Config, queue: int, command: str, timeout: float = 5.0) -> dict:
+def request(config: Config, queue: int, command: str, timeout: float = 5.0) -> dict[str, Any]:
     path = socket_path(config, queue)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -62,6 +63,8 @@ def request(config: Config, queue: int, command: str, timeout: float = 5.0) -> d
         reply = json.loads(data)
     except ValueError:
         raise DaemonNotRunning(f"control socket {path}: no valid reply") from None
+    if not isinstance(reply, dict):
+        raise DaemonNotRunning(f"control socket {path}: no valid reply")
     if reply.get("denied"):
         raise denied("control socket", path)
     return reply
@@ -70,7 +73,7 @@ def request(config: Config, queue: int, command: str, timeout: float = 5.0) -> d
 class ControlServer:
     """Listens on the control socket; `handler(command) -> dict` answers."""
 
-    def __init__(self, config: Config, queue: int, handler: Callable[[str], dict]) -> None:
+    def __init__(self, config: Config, queue: int, handler: Callable[[str], dict[str, Any]]) -> None:
         self.path = socket_path(config, queue)
         private_dir(self.path.parent, "run_dir")
         try:

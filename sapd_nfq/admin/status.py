@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from typing import Any
 
 from ..engine.errors import SapdError
 from ..kernel import rules
@@ -30,6 +31,7 @@ def kernel_queues(path: str = "/proc/net/netfilter/nfnetlink_queue") -> dict[int
 
 
 def gather_status(config: Config) -> GateStatus:
+    installed: dict[str, Any]
     try:
         installed = rules.installed()
     except SapdError as exc:
