@@ -7,6 +7,7 @@ import ipaddress
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 # -- why -----------------------------------------------------------------------
 
-def gather_why(config: Config, address: str) -> dict:
+def gather_why(config: Config, address: str) -> dict[str, Any]:
     """What the running workers remember of `address`, or the store alone."""
     from .admin.control import DaemonNotRunning, request, worker_queues
 
@@ -374,8 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    command: Callable[[argparse.Namespace], int] = args.func
     try:
-        return args.func(args)
+        return command(args)
     except (SapdError, OSError) as exc:
         print(f"sapd-nfq: {exc}", file=sys.stderr)
         return EXIT_USAGE

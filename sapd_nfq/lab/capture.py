@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import select
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, cast
 
 from sapd_nfq.lab.topology import Host, Lab, LabError
 
@@ -39,18 +41,23 @@ def capture(lab: Lab, host: Host | str, path: Path, bpf: str = MAIL_FILTER,
         time.sleep(SETTLE)
     finally:
         lab.stop(proc, signal.SIGINT)
-        proc.stderr.close()
+        _stderr(proc).close()
 
 
-def _wait_listening(proc: subprocess.Popen) -> None:
+def _stderr(proc: subprocess.Popen[Any]) -> io.BufferedReader:
+    """The pipe tcpdump writes its messages to (spawned with stderr=PIPE, in binary)."""
+    return cast(io.BufferedReader, proc.stderr)
+
+
+def _wait_listening(proc: subprocess.Popen[Any]) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     seen = b""
     while b"listening on" not in seen:
         remaining = deadline - time.monotonic()
         if remaining <= 0 or proc.poll() is not None:
             raise LabError(f"tcpdump did not start: {seen.decode(errors='replace').strip()}")
-        if select.select([proc.stderr], [], [], remaining)[0]:
-            chunk = proc.stderr.read1(4096)
+        if select.select([_stderr(proc)], [], [], remaining)[0]:
+            chunk = _stderr(proc).read1(4096)
             if not chunk:
                 continue
             seen += chunk

@@ -24,6 +24,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .gate import Gate
+    from .topology import Lab
+    from .vagrant import VagrantLab
 
 DEMO_PREFIX = "sapd-demo"
 LAB_PREFIX = "sapd-try"
@@ -35,7 +41,7 @@ REQUIRED = ("ip", "iptables-restore", "postfix", "dovecot", "openssl", "swaks", 
 _ENDING = (signal.SIGTERM, signal.SIGHUP)
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `demo` and `lab up|down` to the sapd-nfq command line."""
     demo = sub.add_parser("demo", help="build the lab, show sapd-nfq at work with real "
                                        "mail servers, remove the lab (root)",
@@ -143,7 +149,7 @@ def _demo_on_vms(directory: Path) -> int:
     return 0 if played else EXIT_FAILED
 
 
-def _describe(lab, gate) -> None:
+def _describe(lab: Lab | VagrantLab, gate: Gate) -> None:
     say(f"  client  {lab.client.ipv4:<12} runs swaks (SMTP) and curl (POP3)")
     say(f"  gw      {lab.gw.ipv4:<12} routes to the server and runs sapd-nfq: "
         f'mode "forward", interfaces ["to-client"]')
@@ -196,7 +202,7 @@ def cmd_lab_down(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guide(lab, gate, started: bool) -> None:
+def _guide(lab: Lab, gate: Gate, started: bool) -> None:
     from . import lab_users
 
     me = _self()
@@ -239,7 +245,7 @@ def _guide(lab, gate, started: bool) -> None:
 
 # --- shared --------------------------------------------------------------------
 
-def _build(lab, auth_ttl: int, start_gate: bool = True):
+def _build(lab: Lab, auth_ttl: int, start_gate: bool = True) -> tuple[Gate, str]:
     """Bring the lab up with the mail server and sapd-nfq on the gw.
 
     Returns the Gate and how long each part took, as text.

@@ -98,10 +98,12 @@ class Gate:
         """Stop the daemon, remove the rules."""
         self._script("stop", str(self.state_dir))
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[Any]:
         """`sapd-nfq ARGS --config <the gate's config>` on the gw; output captured as text."""
-        return self.lab.run(self.lab.gw, [*self.sapd_nfq, *args, "--config", str(self.config_path)],
-                            check=check, capture_output=True, text=True)
+        done: subprocess.CompletedProcess[Any] = self.lab.run(
+            self.lab.gw, [*self.sapd_nfq, *args, "--config", str(self.config_path)],
+            check=check, capture_output=True, text=True)
+        return done
 
     def command_line(self, *args: str) -> str:
         """The shell line that runs `sapd-nfq ARGS` against this gate, for a person to type."""

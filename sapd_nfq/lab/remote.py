@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from pathlib import PurePosixPath
+from pathlib import PurePath, PurePosixPath
 from typing import Any, TypeVar
 
 from sapd_nfq.lab.topology import LabError
@@ -16,7 +16,7 @@ T = TypeVar("T")
 _POLL = 0.05
 
 
-def run_script(lab: Any, host: Any, script: PurePosixPath, args: Sequence[str],
+def run_script(lab: Any, host: Any, script: PurePath, args: Sequence[str],
                env: Sequence[str] = ()) -> None:
     """Run a provisioning script on `host`; LabError with its output if it fails."""
     argv = ["env", *env, str(script), *args] if env else [str(script), *args]
@@ -61,7 +61,8 @@ class HostLog:
         done = self.lab.run(self.host, ["tail", "-c", f"+{offset + 1}", str(self.path)],
                             check=False, capture_output=True)
         if done.returncode == 0:
-            return done.stdout
+            output: bytes = done.stdout
+            return output
         if self.missing_ok:
             return b""
         raise LabError(f"cannot read {self.path}: {done.stderr.decode(errors='replace')}")

@@ -31,6 +31,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from socket import AF_INET6
+from typing import Any
 
 from pyroute2 import IPRoute, netns
 from pyroute2.ethtool import Ethtool
@@ -127,7 +128,7 @@ class Lab:
         self.gw = Host("gw", f"{prefix}-gw", *_plan("gw"))
         self.server = Host("server", f"{prefix}-server", *_plan("server"))
         self.hosts = {h.role: h for h in (self.client, self.gw, self.server)}
-        self._procs: list[subprocess.Popen] = []
+        self._procs: list[subprocess.Popen[Any]] = []
 
     # --- building and removing -------------------------------------------
 
@@ -273,17 +274,17 @@ class Lab:
         return ["ip", "netns", "exec", self.host(host).netns, *argv]
 
     def run(self, host: Host | str, argv: Sequence[str], *, check: bool = True,
-            **kw: object) -> subprocess.CompletedProcess:
+            **kw: Any) -> subprocess.CompletedProcess[Any]:
         """Run a command inside the host and wait for it (subprocess.run keywords)."""
         return subprocess.run(self.command(host, argv), check=check, **kw)
 
-    def spawn(self, host: Host | str, argv: Sequence[str], **kw: object) -> subprocess.Popen:
+    def spawn(self, host: Host | str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
         """Start a background process inside the host; `down()` stops it."""
         proc = subprocess.Popen(self.command(host, argv), start_new_session=True, **kw)
         self._procs.append(proc)
         return proc
 
-    def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
+    def stop(self, proc: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> int:
         """Signal a spawned process (and its process group), wait, SIGKILL on timeout."""
         if proc.poll() is None:
             try:
@@ -300,7 +301,7 @@ class Lab:
         return proc.returncode
 
 
-def _tentative(msg) -> bool:
+def _tentative(msg: Any) -> bool:
     flags = msg.get_attr("IFA_FLAGS")  # the 32-bit flags, when the kernel sends them
     return bool((msg["flags"] if flags is None else flags) & _IFA_F_TENTATIVE)
 

@@ -21,6 +21,7 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from sapd_nfq.lab.client_mta import ClientMTA
 from sapd_nfq.lab.gate import Gate
@@ -93,7 +94,7 @@ class VagrantLab:
                 self.host(host).netns, "sudo -n " + shlex.join(argv)]
 
     def run(self, host: Host | str, argv: Sequence[str], *, check: bool = True,
-            **kw: object) -> subprocess.CompletedProcess:
+            **kw: Any) -> subprocess.CompletedProcess[Any]:
         """Run a command on the host's VM and wait for it (subprocess.run keywords)."""
         return subprocess.run(self.command(host, argv), check=check, **kw)
 
