@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 from pathlib import Path
+from types import FrameType
 
 from ..wiring.config import Config
 from ..wiring.logsetup import LOGGER
@@ -46,7 +47,7 @@ def run_workers(config: Config, config_path: Path | None) -> int:
         children[pid] = worker
     serve_metrics(config)  # here, not before: a fork must not copy its thread
 
-    def forward(signum: int, _frame) -> None:
+    def forward(signum: int, _frame: FrameType | None) -> None:
         for pid in children:
             try:
                 os.kill(pid, signum)
@@ -61,10 +62,10 @@ def run_workers(config: Config, config_path: Path | None) -> int:
             pid, code = os.wait()
         except ChildProcessError:
             break
-        worker = children.pop(pid, None)
-        if worker is not None and os.waitstatus_to_exitcode(code) != 0:
+        ended = children.pop(pid, None)
+        if ended is not None and os.waitstatus_to_exitcode(code) != 0:
             log.error("worker %d exited with status %d; stopping the others",
-                      worker, os.waitstatus_to_exitcode(code))
+                      ended, os.waitstatus_to_exitcode(code))
             status = 1
             forward(signal.SIGTERM, None)
     return status

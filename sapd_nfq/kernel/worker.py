@@ -20,8 +20,10 @@ import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
-from netfilterqueue import NetfilterQueue
+from netfilterqueue import NetfilterQueue, Packet
 
 from ..admin.control import ControlServer
 from ..admin.recent import Recent
@@ -35,7 +37,7 @@ from ..learners.logs import LogLearner
 from ..logins.replica import ReplicaLoginStore
 from ..wiring.build import daemon_logins, load_policy, map_files
 from ..wiring.config import Config, load_config
-from ..wiring.filewatch import WATCH_INTERVAL, FileWatch, stamp
+from ..wiring.filewatch import WATCH_INTERVAL, FileWatch, Stamps, stamp
 from ..wiring.logsetup import LOGGER
 from .inject import Injector
 from .interfaces import ClientSide
@@ -84,7 +86,7 @@ class Worker:
 
     # -- packets -----------------------------------------------------------
 
-    def on_packet(self, pkt) -> None:
+    def on_packet(self, pkt: Packet) -> None:
         started = time.perf_counter()
         try:
             # Where the packet came in decides its direction, never its ports.
@@ -119,7 +121,7 @@ class Worker:
 
     # -- reload ------------------------------------------------------------
 
-    def _watch_state(self) -> tuple:
+    def _watch_state(self) -> Stamps:
         paths: list[str | Path] = [*map_files(self.config)]
         if self.config_path is not None:
             paths.append(self.config_path)
@@ -132,7 +134,7 @@ class Worker:
         if held is not None:
             self.reload("file changed", stamps, held)
 
-    def reload(self, why: str, stamps: tuple | None = None, held: float | None = None) -> dict:
+    def reload(self, why: str, stamps: Stamps | None = None, held: float | None = None) -> dict[str, Any]:
         """Re-read config and virtusertable; on any error keep the old ones.
 
         `stamps` are the files' stamps taken before reading (a write that lands
@@ -220,7 +222,7 @@ class Worker:
             return self.logins.stats()
         return {"backend": "memory", "connected": True, "pending_writes": 0}
 
-    def why(self, address: str) -> dict:
+    def why(self, address: str) -> dict[str, Any]:
         """What this worker remembers of a client, and its open window now."""
         try:
             login = self.logins.get(address, time.time())
@@ -231,7 +233,7 @@ class Worker:
         return {"ok": True, "queue": self.queue, "login": None if login is None else asdict(login),
                 **self.recent.about(address)}
 
-    def control(self, command: str) -> dict:
+    def control(self, command: str) -> dict[str, Any]:
         if command == "status":
             return self.status().as_json()
         if command == "reload":
@@ -365,7 +367,7 @@ class Worker:
         if purged:
             log.debug("purged %d expired logins", purged)
 
-    def _on_signal(self, signum: int, _frame) -> None:
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
             self._reload_requested = True
         else:
