@@ -102,8 +102,9 @@ def example_toml() -> str:
            "# Relative paths resolve against this file's directory.",
            "# Made by `python -m sapd_nfq.docgen` from sapd_nfq/wiring/config.py."]
     for row in key_rows():
-        plain = f"{row.doc}. Values: {row.values}.".replace("`", "")
-        out += ["", *textwrap.wrap(plain, 78, initial_indent="# ", subsequent_indent="# "),
+        plain = f"{row.doc[0].upper()}{row.doc[1:]}. Values: {row.values}.".replace("`", "")
+        out += ["", *textwrap.wrap(plain, 78, initial_indent="# ", subsequent_indent="# ",
+                                   break_on_hyphens=False),
                 f"{row.name} = {row.default}"]
     return "\n".join(out) + "\n"
 
