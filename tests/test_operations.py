@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,7 +14,7 @@ from statuses import WORKER
 
 from sapd_nfq.admin import metrics
 from sapd_nfq.admin.recent import DECISIONS_KEPT, Recent
-from sapd_nfq.admin.report import GateStatus, QueueStatus, WorkerStatus
+from sapd_nfq.admin.report import GateStatus, QueueStatus, WorkerStatus, load
 from sapd_nfq.admin.stats import ENGINE_BUCKETS, Stats
 from sapd_nfq.engine.verdicts import ACCEPT, DROP, Decision, Notice
 
@@ -91,6 +91,18 @@ def test_a_worker_status_crosses_the_control_socket_whole():
     assert list(sent["engine_seconds"]) == ["buckets", "sum", "bounds"]
     assert WorkerStatus.from_json(sent) == WORKER
     assert WorkerStatus.from_json({**sent, "login_logs": None}).login_logs is None
+
+
+def test_a_field_with_a_default_may_be_missing_from_the_answer():
+    """A command reads a worker that does not send a newer field yet."""
+
+    @dataclass(frozen=True)
+    class Newer:
+        pid: int
+        added: int = 0
+
+    assert load(Newer, {"pid": 7}) == Newer(7)
+    assert load(Newer, {"pid": 7, "added": 3}) == Newer(7, 3)
 
 
 def test_status_json_shows_each_queue_running_or_not():

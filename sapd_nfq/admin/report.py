@@ -6,7 +6,9 @@ operator's side reads it back with `WorkerStatus.from_json` and adds what
 only it can see (the rules, the kernel's queue counters) in a
 `GateStatus`. The JSON is the contract of `status --json`: each field is a
 key under its own name, in the order declared here. A new field is one line
-here and one where the worker fills it in.
+here and one where the worker fills it in; give it a default, and a command
+still reads the answer of a worker that does not send it yet (as during an
+upgrade, before the daemon restarts).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class WorkerStatus:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WorkerStatus:
-        return _load(cls, data)
+        return load(cls, data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,12 +127,13 @@ class GateStatus:
                 "logins_held": self.logins_held, "logins_by_source": self.logins_by_source}
 
 
-def _load(cls: type[T], data: dict[str, Any]) -> T:
+def load(cls: type[T], data: dict[str, Any]) -> T:
     """An instance of the dataclass `cls` from its JSON object: nested
-    dataclasses built again, lists made tuples where the field is a tuple."""
+    dataclasses built again, lists made tuples where the field is a tuple,
+    a field the object lacks left at its default."""
     hints = typing.get_type_hints(cls)
     values = {f.name: _value(hints[f.name], data[f.name])
-              for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+              for f in dataclasses.fields(cls) if f.name in data}  # type: ignore[arg-type]
     return cls(**values)
 
 
@@ -140,7 +143,7 @@ def _value(hint: Any, value: Any) -> Any:
     if isinstance(hint, types.UnionType):  # X | None
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
     if dataclasses.is_dataclass(hint):
-        return _load(hint, value)  # type: ignore[arg-type]
+        return load(hint, value)  # type: ignore[arg-type]
     if typing.get_origin(hint) is tuple:
         return tuple(value)
     return value
