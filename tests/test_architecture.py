@@ -1,6 +1,6 @@
 """The tree's rules, checked: the engine is pure, the login backends depend
 on the engine's interface and never on each other, each adapter group
-imports only the groups it serves, and the typed packages pass mypy --strict
+imports only the groups it serves, and the whole package passes mypy --strict
 and the whole tree passes ruff.
 
 The import rules read each module's source (every `import`, at any depth,
@@ -169,8 +169,8 @@ def test_the_daemon_runs_without_scapy():
     assert done.returncode == 0, done.stderr
 
 
-def test_mypy_strict_on_the_typed_packages():
-    # the packages and the strictness come from [tool.mypy] in pyproject.toml
+def test_mypy_strict_on_the_package():
+    # the files and the strictness come from [tool.mypy] in pyproject.toml
     result = subprocess.run([tool("mypy")], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
