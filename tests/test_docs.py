@@ -71,6 +71,13 @@ def test_every_relative_link_resolves(page):
     assert not broken, f"{page.name}: {broken}"
 
 
+def test_the_index_links_every_page():
+    index = docgen.ROOT / "docs" / "index.md"
+    linked = {target for _, target, _ in links(index)}
+    unlisted = sorted(page.name for page in index.parent.glob("*.md") if page not in linked | {index})
+    assert not unlisted, f"docs/index.md does not link {unlisted}"
+
+
 def test_pending_pages_are_still_missing():
     """A page that has been written leaves PENDING, so its links are checked."""
     written = sorted(name for name in PENDING if (docgen.ROOT / name).exists())
