@@ -202,12 +202,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from .kernel import rules
-    from .kernel.interfaces import validate
+    from .kernel.interfaces import refuse_blind, validate
 
     config = _config(args)
     if config.interfaces:
         validate(config.interfaces)
-    rules.install(rules.RuleSpec.from_config(config))
+    host = refuse_blind(config.mode, config.interfaces)
+    rules.install(rules.RuleSpec.from_config(config, host.bridge_ports(config.interfaces)))
     queues = f"{config.queue}" if config.workers == 1 else f"{config.queue}..{config.queue + config.workers - 1}"
     print(f"rules installed (mode {config.mode}, queue {queues}); "
           "SMTP fails closed until `sapd-nfq run` is bound to the queue")
@@ -223,10 +224,13 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .kernel.interfaces import refuse_blind
     from .kernel.supervise import run_workers
     from .wiring.logsetup import setup_logging
 
     config = _config(args, warn=False)
+    # a daemon whose rules cannot see the mail would only look like a gate
+    refuse_blind(config.mode, config.interfaces)
     path = Path(args.config)
     log = setup_logging(config.log_level)
     for warning in config_warnings(path, config):
@@ -273,6 +277,13 @@ def cmd_status(args: argparse.Namespace) -> int:
                     if isinstance(fam, dict)}
         rules_text = ", ".join(f"{name} {'installed' if ok else 'absent'}" for name, ok in families.items())
         print(f"rules:    {rules_text or status.rules}")
+        opens = {name: fam["smtp_opens"] for name, fam in status.rules.items()
+                 if isinstance(fam, dict) and "smtp_opens" in fam}
+        if opens:
+            print("smtp:     connections opened through this host / into the queue: "
+                  + ", ".join(f"{name} {n['host']}/{n['queued']}" for name, n in opens.items()))
+        for problem in status.blind:
+            print(f"BLIND:    {problem}")
         for queue in status.queues:
             worker = queue.worker
             if worker is not None:
@@ -294,7 +305,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                       f"dropped {kernel['queue_dropped']} (queue full), {kernel['user_dropped']} (netlink)")
         sources = ", ".join(f"{source} {n}" for source, n in sorted(status.logins_by_source.items()))
         print(f"logins:   {status.logins_held} held" + (f" ({sources})" if sources else ""))
-    return 0 if status.rules_installed and status.daemon_running else 3
+    return 0 if status.rules_installed and status.daemon_running and not status.blind else 3
 
 
 # -- parser --------------------------------------------------------------------

@@ -17,6 +17,7 @@ from sapd_nfq.admin.recent import DECISIONS_KEPT, Recent
 from sapd_nfq.admin.report import GateStatus, QueueStatus, WorkerStatus, load
 from sapd_nfq.admin.stats import ENGINE_BUCKETS, Stats
 from sapd_nfq.engine.verdicts import ACCEPT, DROP, Decision, Notice
+from sapd_nfq.kernel.rules import GUARD, PORT_GUARD
 
 PASS = Notice("pass", "198.18.3.10", sender="alice@lab.example", recipient="dave@external.example",
               row="row 2: ...", reason="alice at 198.18.3.10 via pop3", time=100.0)
@@ -111,7 +112,8 @@ def test_status_json_shows_each_queue_running_or_not():
                         logins_held=1, logins_by_source={"pop3": 1})
     shown = status.as_json()
     assert list(shown) == ["rules", "rules_installed", "daemon_running", "workers", "logins_held",
-                           "logins_by_source"]
+                           "logins_by_source", "blind"]
+    assert shown["blind"] == []
     running, stopped = shown["workers"]
     assert list(running) == [*STATUS_KEYS, "running", "kernel"] and running["running"] is True
     assert stopped == {"running": False, "queue": 1, "error": "no daemon", "kernel": None}
@@ -148,9 +150,14 @@ def queue_status(queue: int, accepted: int) -> QueueStatus:
 
 
 def test_metrics_sum_the_workers():
-    status = GateStatus({"ipv4": {"rules": [{"chain": metrics.GUARD, "packets": 7}]}},
+    status = GateStatus({"ipv4": {"rules": [{"chain": GUARD, "rule": "-m rpfilter --invert -j DROP", "packets": 7},
+                                           {"chain": PORT_GUARD, "rule": "-j CONNMARK --set-xmark 0x2000/0x2000",
+                                            "packets": 5},
+                                           {"chain": PORT_GUARD, "rule": "-m connmark -j DROP", "packets": 2}],
+                                  "smtp_opens": {"host": 9, "queued": 0}}},
                         (queue_status(0, 2), queue_status(1, 3), QueueStatus(2, None, None)),
-                        logins_held=5)
+                        logins_held=5,
+                        blind=("ipv4: 9 SMTP connections opened through this host ..., none of them into the queue",))
     got = scrape(status)
     assert got["sapd_nfq_packets_total", (("verdict", "accept"),)] == 5
     assert got["sapd_nfq_decisions_total", (("row", "row 2: ..."), ("verdict", "PASS"))] == 5
@@ -159,7 +166,10 @@ def test_metrics_sum_the_workers():
     assert got["sapd_nfq_worker_up", (("queue", "2"),)] == 0
     assert got["sapd_nfq_flows", ()] == 6 and got["sapd_nfq_logins_held", ()] == 5
     assert got["sapd_nfq_kernel_queue_dropped_total", (("queue", "1"),)] == 4
-    assert got["sapd_nfq_spoofs_dropped_total", (("family", "ipv4"),)] == 7
+    assert got["sapd_nfq_spoofs_dropped_total", (("family", "ipv4"),)] == 9
+    assert got["sapd_nfq_smtp_opens_total", (("family", "ipv4"), ("where", "host"))] == 9
+    assert got["sapd_nfq_smtp_opens_total", (("family", "ipv4"), ("where", "queued"))] == 0
+    assert got["sapd_nfq_blind", ()] == 1
     assert got["sapd_nfq_store_connected", (("queue", "1"),)] == 0
     assert got["sapd_nfq_store_pending_writes", ()] == 1 and got["sapd_nfq_store_errors_total", ()] == 2
     assert got["sapd_nfq_engine_seconds_count", ()] == 5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -14,11 +15,14 @@ from sapd_nfq.kernel import interfaces, rules
 from sapd_nfq.kernel.marks import BYPASS_MARK, INJECT_MARK, INJECT_MASK
 from sapd_nfq.kernel.rules import (
     CHAINS,
+    CLIENT_OPENED_MARK,
     FROM_SERVER,
     GUARD,
     IPV4,
     IPV6,
     POP3_CHAIN,
+    PORT_GUARD,
+    SEEN,
     SMTP_CHAIN,
     TO_SERVER,
     Hook,
@@ -34,6 +38,8 @@ EXPECTED_RULES = """\
 :SAPD_NFQ_SMTP - [0:0]
 :SAPD_NFQ_POP3 - [0:0]
 :SAPD_NFQ_GUARD - [0:0]
+:SAPD_NFQ_PORT_GUARD - [0:0]
+:SAPD_NFQ_SEEN - [0:0]
 -A SAPD_NFQ_TO_SERVER -p tcp -m multiport --dports 25,587 -j SAPD_NFQ_SMTP
 -A SAPD_NFQ_TO_SERVER -p tcp -m multiport --dports 110 -j SAPD_NFQ_POP3
 -A SAPD_NFQ_TO_SERVER -p tcp -m multiport --dports 143 -j SAPD_NFQ_POP3
@@ -51,6 +57,7 @@ EXPECTED_RULES = """\
 -A SAPD_NFQ_SMTP -p tcp -m tcp --tcp-flags FIN,SYN,RST,PSH,ACK,URG ACK -m length --length 52 \
 -m u32 --u32 "0x0>>0x16&0x3c=0x14&&0x4&0x3fff=0x0&&0x20>>0x1c=0x8" \
 -m statistic --mode random --probability 0.93750000000 -j RETURN
+-A SAPD_NFQ_SMTP -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN
 -A SAPD_NFQ_SMTP -j NFQUEUE --queue-balance 4:5
 -A SAPD_NFQ_POP3 -m mark --mark 0x5a9d0000/0xffff0000 -j RETURN
 -A SAPD_NFQ_POP3 -m mark --mark 0x1000/0x1000 -j CONNMARK --save-mark --nfmask 0x1000 --ctmask 0x1000
@@ -63,9 +70,11 @@ EXPECTED_RULES = """\
 -A SAPD_NFQ_POP3 -p tcp -m tcp --tcp-flags FIN,SYN,RST,PSH,ACK,URG ACK -m length --length 52 \
 -m u32 --u32 "0x0>>0x16&0x3c=0x14&&0x4&0x3fff=0x0&&0x20>>0x1c=0x8" \
 -m statistic --mode random --probability 0.93750000000 -j RETURN
+-A SAPD_NFQ_POP3 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN
 -A SAPD_NFQ_POP3 -j NFQUEUE --queue-balance 4:5 --queue-bypass
 -I OUTPUT 1 ! -o lo -j SAPD_NFQ_FROM_SERVER
 -I INPUT 1 ! -i lo -j SAPD_NFQ_TO_SERVER
+-I INPUT 1 ! -i lo -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m multiport --dports 25,587 -j SAPD_NFQ_SEEN
 COMMIT
 """
 
@@ -170,7 +179,7 @@ def test_dispatch_picks_client_packets_by_dport_and_server_packets_by_sport(spec
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
-def test_queue_chains_check_marks_then_invalid_then_pure_acks_then_queue(spec):
+def test_queue_chains_check_marks_then_invalid_then_pure_acks_then_count_then_queue(spec):
     text = rules.render(spec)
     for chain, bypass in ((SMTP_CHAIN, False), (POP3_CHAIN, spec.pop3_fail_open)):
         body = chain_rules(text, chain)
@@ -183,12 +192,14 @@ def test_queue_chains_check_marks_then_invalid_then_pure_acks_then_queue(spec):
         # after INVALID: conntrack has checked a pure ACK's window before it goes by
         assert all("--tcp-flags FIN,SYN,RST,PSH,ACK,URG ACK" in rule and rule.endswith("-j RETURN")
                    for rule in body[5:7])
-        assert len(body) == 8 and body[7].startswith("-j NFQUEUE ")
-        assert body[7].endswith(" --queue-bypass") is bypass
+        # a rule with no target counts the connections opening into the queue
+        assert body[7] == "-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN"
+        assert len(body) == 9 and body[8].startswith("-j NFQUEUE ")
+        assert body[8].endswith(" --queue-bypass") is bypass
         if spec.workers == 1:
-            assert f"--queue-num {spec.queue}" in body[7]
+            assert f"--queue-num {spec.queue}" in body[8]
         else:
-            assert f"--queue-balance {spec.queue}:{spec.queue + spec.workers - 1}" in body[7]
+            assert f"--queue-balance {spec.queue}:{spec.queue + spec.workers - 1}" in body[8]
 
 
 def test_smtp_never_bypasses_the_queue_even_when_pop3_fails_open():
@@ -199,7 +210,7 @@ def test_smtp_never_bypasses_the_queue_even_when_pop3_fails_open():
 
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
 def test_hooks_always_keep_loopback_out(spec):
-    for hook in rules.hooks(spec):
+    for hook in interface_hooks(spec):
         words = hook.spec.split()
         assert words[0] in ("-i", "-o", "!")
         if words[0] == "!":
@@ -218,8 +229,30 @@ def test_hooks_always_keep_loopback_out(spec):
                             ("FORWARD", "-i wan0", TO_SERVER), ("FORWARD", "-o wan0", FROM_SERVER)]),
 ])
 def test_hooks_per_mode(mode, ifaces, expected):
-    got = rules.hooks(RuleSpec(mode=mode, interfaces=ifaces))
+    got = interface_hooks(RuleSpec(mode=mode, interfaces=ifaces))
     assert got == [Hook(chain, f"{match} -j {target}") for chain, match, target in expected]
+
+
+def interface_hooks(spec: RuleSpec) -> list[Hook]:
+    """The hooks but the counting jumps into SEEN, which take every interface."""
+    hooks, seen = rules.hooks(spec), rules.seen(spec)
+    assert hooks[:len(seen)] == seen  # first: an accepted packet goes no further in its chain
+    return hooks[len(seen):]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+def test_smtp_openings_are_counted_on_every_interface_of_the_mode_s_hook(spec):
+    seen = rules.seen(spec)
+    assert {hook.chain for hook in seen} == {"FORWARD" if spec.mode == "forward" else "INPUT"}
+    listed = [int(port) for hook in seen
+              for port in hook.spec.split("--dports ")[1].split()[0].split(",")]
+    assert listed == list(spec.smtp_ports)
+    for hook in seen:  # a SYN alone, on every interface but lo: the jump's counter is the count
+        where = "" if spec.mode == "forward" else "! -i lo "
+        assert hook.spec.startswith(f"{where}-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m multiport")
+        assert hook.spec.count("-i ") == len(where) // len("! -i lo ") and " -o " not in hook.spec
+        assert hook.spec.endswith(f"-j {SEEN}")
+    assert chain_rules(rules.render(spec), SEEN) == []
 
 
 def test_missing_hooks_go_on_top_in_the_order_asked_for():
@@ -229,6 +262,7 @@ def test_missing_hooks_go_on_top_in_the_order_asked_for():
         "-I FORWARD 1 -o b0 -j SAPD_NFQ_FROM_SERVER", "-I FORWARD 1 -i b0 -j SAPD_NFQ_TO_SERVER",
         "-I FORWARD 1 -o a0 -j SAPD_NFQ_FROM_SERVER", "-I FORWARD 1 -i a0 -j SAPD_NFQ_TO_SERVER",
         "-I PREROUTING 1 -i b0 -j SAPD_NFQ_GUARD", "-I PREROUTING 1 -i a0 -j SAPD_NFQ_GUARD",
+        "-I FORWARD 1 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m multiport --dports 25 -j SAPD_NFQ_SEEN",
     ]  # each goes in at position 1, so the last written ends up first: a0 in, a0 out, b0 ...
 
 
@@ -238,7 +272,7 @@ def test_installing_over_itself_writes_no_hook_changes(spec):
 
 
 def test_a_changed_configuration_converges():
-    old = rules.hooks(RuleSpec(mode="input"))
+    old = interface_hooks(RuleSpec(mode="input"))
     foreign_order = [old[1], old[0], old[0]]  # reordered and one duplicated by hand
     text = rules.render(RuleSpec(mode="forward", interfaces=("eth0",)), present=foreign_order)
     assert hook_lines(text) == [
@@ -248,6 +282,7 @@ def test_a_changed_configuration_converges():
         "-I FORWARD 1 -o eth0 -j SAPD_NFQ_FROM_SERVER",
         "-I FORWARD 1 -i eth0 -j SAPD_NFQ_TO_SERVER",
         "-I PREROUTING 1 -i eth0 -j SAPD_NFQ_GUARD",
+        "-I FORWARD 1 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m multiport --dports 25 -j SAPD_NFQ_SEEN",
     ]
 
 
@@ -334,9 +369,9 @@ def test_any_interface_name_is_refused_or_stays_inside_its_hooks(name):
         spec = RuleSpec(interfaces=(name,))
     except ConfigError:
         return
-    assert [hook.spec.split()[1] for hook in rules.hooks(spec)] == [name, name]
+    assert [hook.spec.split()[1] for hook in interface_hooks(spec)] == [name, name]
     text = rules.render(spec)
-    assert len(hook_lines(text)) == 2
+    assert len(hook_lines(text)) == 3
     assert text.count(name) >= 2 and not any(c.isspace() for c in name)
 
 
@@ -489,3 +524,75 @@ def test_validate_refuses_loopback_and_garbage(name):
 def test_validate_accepts_prefixes_of_absent_interfaces():
     interfaces.validate(["ppp+", "eth0"], available=["lo", "eth0"])
 
+
+
+# --- A client port of a bridge ------------------------------------------------------
+
+BRIDGED = RuleSpec(mode="forward", interfaces=("c1", "wan0"), bridge_ports=("c1",),
+                   smtp_ports=(25,), pop3_ports=(110,), imap_ports=(143,))
+
+
+def test_a_bridge_port_is_matched_by_physdev_and_a_routed_interface_by_name():
+    assert interface_hooks(BRIDGED) == [
+        Hook("PREROUTING", f"-m physdev --physdev-in c1 -j {PORT_GUARD}"),
+        Hook("PREROUTING", f"-i wan0 -j {GUARD}"),
+        Hook("FORWARD", f"-m physdev --physdev-in c1 -j {TO_SERVER}"),
+        Hook("FORWARD", f"-m physdev --physdev-out c1 --physdev-is-bridged -j {FROM_SERVER}"),
+        Hook("FORWARD", f"-i wan0 -j {TO_SERVER}"),
+        Hook("FORWARD", f"-o wan0 -j {FROM_SERVER}"),
+    ]
+
+
+def test_on_a_bridge_port_only_the_port_tells_the_server_s_packets_from_a_client_s():
+    text = rules.render(BRIDGED)
+    # between client ports, or "from the server" but in on a client port: not queued
+    assert chain_rules(text, TO_SERVER)[:2] == [
+        "-m physdev --physdev-out c1 --physdev-is-bridged -j RETURN", "-o wan0 -j RETURN"]
+    assert chain_rules(text, FROM_SERVER)[:2] == [
+        "-m physdev --physdev-in c1 -j RETURN", "-i wan0 -j RETURN"]
+
+
+def test_the_port_guard_marks_client_opened_mail_connections_and_drops_their_forged_replies():
+    mark = f"{CLIENT_OPENED_MARK:#x}/{CLIENT_OPENED_MARK:#x}"
+    assert chain_rules(rules.render(BRIDGED), PORT_GUARD) == [
+        "-p tcp -m multiport --dports 25,110,143 -m conntrack --ctstate NEW "
+        f"-j CONNMARK --set-xmark {mark}",
+        "-p tcp -m multiport --sports 25,110,143 -m conntrack --ctdir REPLY "
+        f"-m connmark --mark {mark} -j DROP",
+    ]
+    # its own bit, clear of the bypass bit the queue chains save to the connection
+    assert CLIENT_OPENED_MARK & BYPASS_MARK == 0 and CLIENT_OPENED_MARK & INJECT_MASK == 0
+
+
+def test_rpfilter_guards_only_routed_client_interfaces():
+    only_ports = RuleSpec(mode="forward", interfaces=("c1",), bridge_ports=("c1",))
+    assert chain_rules(rules.render(only_ports), GUARD) == []
+    assert chain_rules(rules.render(RuleSpec(mode="forward", interfaces=("eth0",))), PORT_GUARD) == []
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"mode": "forward", "interfaces": ("eth0",), "bridge_ports": ("c1",)}, "not named in interfaces"),
+    ({"mode": "forward", "interfaces": ("c+",), "bridge_ports": ("c+",)}, "not named in interfaces"),
+    ({"mode": "input", "interfaces": ("c1",), "bridge_ports": ("c1",)}, "only in mode 'forward'"),
+])
+def test_bridge_ports_must_be_named_client_interfaces_of_a_gateway(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        RuleSpec(**kwargs)
+
+
+def test_from_config_takes_the_bridge_ports_from_the_host_not_the_config():
+    config = replace(Config.default(), mode="forward", interfaces=("c1", "wan0"),
+                     smtp_ports=(25,), pop3_ports=(110,), imap_ports=(143,))
+    assert RuleSpec.from_config(config).bridge_ports == ()
+    assert RuleSpec.from_config(config, bridge_ports=["c1"]) == BRIDGED
+
+
+def test_smtp_openings_are_read_from_the_saved_counters():
+    saved = rules.parse_save(
+        "*mangle\n"
+        f"[12:720] -A FORWARD -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m multiport --dports 25 -j {SEEN}\n"
+        f"[5:300] -A {SMTP_CHAIN} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN\n"
+        f"[40:9000] -A {SMTP_CHAIN} -j NFQUEUE --queue-num 0\n"
+        f"[3:180] -A {POP3_CHAIN} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN\n"
+        "COMMIT\n")
+    assert saved.smtp_opens() == {"host": 12, "queued": 5}

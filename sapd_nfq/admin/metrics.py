@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from ..kernel.rules import GUARD
+from ..kernel.rules import GUARDS
 from ..wiring.config import Config, parse_listen
 from ..wiring.logsetup import LOGGER
 from .report import GateStatus
@@ -119,9 +119,21 @@ def render(status: GateStatus) -> Iterator[Any]:
                                  "a mail server's address, dropped before routing", labels=["family"])
     for family_name, table in status.rules.items():
         if isinstance(table, dict):
+            # the guards' DROP rules (the port guard's first rule marks, it drops nothing)
             spoofs.add_metric([family_name], sum(r["packets"] or 0 for r in table.get("rules", [])
-                                                 if r["chain"] == GUARD))
+                                                 if r["chain"] in GUARDS
+                                                 and r["rule"].endswith("-j DROP")))
     yield spoofs
+    opens = CounterMetricFamily("sapd_nfq_smtp_opens", "SMTP connections opened through this host "
+                                "on any interface (where=host) and into the queue (where=queued)",
+                                labels=["family", "where"])
+    for family_name, table in status.rules.items():
+        if isinstance(table, dict) and "smtp_opens" in table:
+            for where, count in table["smtp_opens"].items():
+                opens.add_metric([family_name, where], count)
+    yield opens
+    yield GaugeMetricFamily("sapd_nfq_blind", "reasons the rules may not see the mail they judge "
+                            "(sapd-nfq status lists them)", value=len(status.blind))
 
     if workers:
         bounds = workers[0].engine_seconds.bounds

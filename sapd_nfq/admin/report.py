@@ -108,6 +108,8 @@ class GateStatus:
     queues: tuple[QueueStatus, ...]
     logins_held: int
     logins_by_source: dict[str, int] = field(default_factory=dict)
+    #: why the rules may not see the mail they judge (admin/status.py's `blind`)
+    blind: tuple[str, ...] = ()
 
     @property
     def rules_installed(self) -> bool:
@@ -124,7 +126,8 @@ class GateStatus:
     def as_json(self) -> dict[str, Any]:
         return {"rules": self.rules, "rules_installed": self.rules_installed,
                 "daemon_running": self.daemon_running, "workers": [q.as_json() for q in self.queues],
-                "logins_held": self.logins_held, "logins_by_source": self.logins_by_source}
+                "logins_held": self.logins_held, "logins_by_source": self.logins_by_source,
+                "blind": list(self.blind)}
 
 
 def load(cls: type[T], data: dict[str, Any]) -> T:

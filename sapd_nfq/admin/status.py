@@ -10,6 +10,7 @@ from typing import Any
 
 from ..engine.errors import SapdError
 from ..kernel import rules
+from ..kernel.interfaces import blind_spots, read_host
 from ..wiring.build import open_logins
 from ..wiring.config import Config
 from .control import DaemonNotRunning, request, worker_queues
@@ -47,13 +48,34 @@ def gather_status(config: Config) -> GateStatus:
         if not reply.get("ok"):
             raise SapdError(f"queue {queue}: {reply.get('error')}")
         queues.append(QueueStatus(queue, WorkerStatus.from_json(reply), kernel.get(queue)))
+    found = tuple(blind(config, installed))
     running = [q.worker for q in queues if q.worker is not None]
     if running:
         busiest = max(running, key=lambda w: w.logins_held)
-        return GateStatus(installed, tuple(queues), busiest.logins_held, busiest.logins_by_source)
+        return GateStatus(installed, tuple(queues), busiest.logins_held, busiest.logins_by_source,
+                          blind=found)
     logins = open_logins(config)
     try:
         entries = logins.entries(time.time())
     finally:
         logins.close()
-    return GateStatus(installed, tuple(queues), len(entries), dict(Counter(login.source for login in entries)))
+    return GateStatus(installed, tuple(queues), len(entries), dict(Counter(login.source for login in entries)),
+                      blind=found)
+
+
+def blind(config: Config, installed: dict[str, Any]) -> list[str]:
+    """Why the rules may not see the mail they are meant to judge, as far as
+    this host tells: the checks `up` and `run` refuse on (the host may have
+    changed since), and SMTP connections crossing the host while none
+    reached the queue."""
+    try:
+        found = blind_spots(config.mode, config.interfaces, read_host())
+    except OSError as exc:
+        found = [f"cannot read this host's interfaces: {exc}"]
+    for family, table in installed.items():
+        opens = table.get("smtp_opens") if isinstance(table, dict) else None
+        if opens and opens["host"] and not opens["queued"]:
+            found.append(f"{family}: {opens['host']} SMTP connections opened through this host "
+                         "since the rules went in, none of them into the queue: if clients "
+                         "sent mail, the rules do not see the interfaces they came in on")
+    return found

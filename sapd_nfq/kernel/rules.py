@@ -21,6 +21,15 @@ rules/README.md gives the full listing and the reasons; the short version:
   server's what came in on a client interface, and drops such spoofs before
   routing (rpfilter in PREROUTING), where the kernel would otherwise also
   answer them with an ICMPv6 redirect to the real server.
+- A client interface that is a bridge port is matched as one (physdev): a
+  bridged packet enters iptables as the bridge (`-i br0`) whichever port it
+  came in on. rpfilter cannot tell sides apart inside one subnet, so the
+  bridge's guard asks conntrack instead: a reply-direction packet from a
+  mail port that comes in on a client port, of a connection opened from a
+  client port, is the client speaking for the server.
+- Counters for `status`: the SMTP connections that cross this host at all
+  (the SEEN hook, on every interface) against those that reach the queue,
+  so "mail passes but none is judged" shows.
 
 Each family goes in as one iptables-restore --noflush transaction, built from
 the templates in rules/ and from what iptables-save shows is there already, so
@@ -42,7 +51,7 @@ from typing import Any
 
 from sapd_nfq.engine.errors import ConfigError, SapdError
 from sapd_nfq.kernel.interfaces import check_name
-from sapd_nfq.kernel.marks import BYPASS_MARK, INJECT_MARK, INJECT_MASK
+from sapd_nfq.kernel.marks import BYPASS_MARK, CLIENT_OPENED_MARK, INJECT_MARK, INJECT_MASK
 
 # --- Names ---------------------------------------------------------------------
 TABLE = "mangle"
@@ -51,7 +60,11 @@ FROM_SERVER = "SAPD_NFQ_FROM_SERVER"
 SMTP_CHAIN = "SAPD_NFQ_SMTP"
 POP3_CHAIN = "SAPD_NFQ_POP3"
 GUARD = "SAPD_NFQ_GUARD"
-CHAINS = (TO_SERVER, FROM_SERVER, SMTP_CHAIN, POP3_CHAIN, GUARD)
+PORT_GUARD = "SAPD_NFQ_PORT_GUARD"
+SEEN = "SAPD_NFQ_SEEN"
+CHAINS = (TO_SERVER, FROM_SERVER, SMTP_CHAIN, POP3_CHAIN, GUARD, PORT_GUARD, SEEN)
+#: the chains whose drops are spoofs (status and metrics count them)
+GUARDS = (GUARD, PORT_GUARD)
 
 # A source checkout (or editable install) reads rules/ beside the package; a
 # wheel installs the same files as data under the environment's prefix.
@@ -93,6 +106,9 @@ class RuleSpec:
     gateway cannot otherwise tell a client's SMTP session from the servers'
     own deliveries to the outside, and would queue those as relay attempts.
     `workers` queues from `queue` on share the flows (--queue-balance).
+    `bridge_ports` are the `interfaces` that are ports of a bridge (a fact of
+    the host, not a config key: sapd_nfq.kernel.interfaces finds them); they are
+    matched by physdev, the others by -i/-o.
     """
 
     mode: str = "input"
@@ -103,6 +119,7 @@ class RuleSpec:
     queue: int = 0
     workers: int = 1
     pop3_fail_open: bool = True
+    bridge_ports: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # The keys are checked where they are read (wiring/config.py); what is
@@ -120,11 +137,31 @@ class RuleSpec:
                 "through; without them the servers' own outgoing mail is queued too"
             )
         object.__setattr__(self, "interfaces", names)
+        ports = tuple(dict.fromkeys(self.bridge_ports))
+        stray = [port for port in ports if port not in names or port.endswith("+")]
+        if stray:
+            raise ConfigError(f"bridge ports {', '.join(map(repr, stray))} are not named in interfaces")
+        if ports and self.mode != "forward":
+            raise ConfigError("interfaces: a bridge port is a client interface only in mode "
+                              "'forward'; this host's own mail comes in as the bridge")
+        object.__setattr__(self, "bridge_ports", ports)
 
     @classmethod
-    def from_config(cls, config: object) -> RuleSpec:
-        """The rule keys of a loaded configuration (sapd_nfq.wiring.config.Config)."""
-        return cls(**{field.name: getattr(config, field.name) for field in fields(cls)})
+    def from_config(cls, config: object, bridge_ports: Iterable[str] = ()) -> RuleSpec:
+        """The rule keys of a loaded configuration (sapd_nfq.wiring.config.Config),
+        with the bridge ports among its interfaces."""
+        return cls(**{field.name: getattr(config, field.name) for field in fields(cls)
+                      if field.name != "bridge_ports"}, bridge_ports=tuple(bridge_ports))
+
+    def came_in(self, name: str) -> str:
+        """The match for a packet that came in on client interface `name`."""
+        return f"-m physdev --physdev-in {name}" if name in self.bridge_ports else f"-i {name}"
+
+    def goes_out(self, name: str) -> str:
+        """The match for a packet leaving by client interface `name` (FORWARD only:
+        a bridge port is known there for bridged packets alone)."""
+        return (f"-m physdev --physdev-out {name} --physdev-is-bridged"
+                if name in self.bridge_ports else f"-o {name}")
 
 
 # --- Rendering (pure) ----------------------------------------------------------
@@ -141,17 +178,36 @@ def hooks(spec: RuleSpec) -> list[Hook]:
     """The jumps the configuration asks for, in order."""
     guards: list[Hook] = []
     if spec.mode == "forward":
-        pairs = [(("FORWARD", f"-i {name}"), ("FORWARD", f"-o {name}"))
+        pairs = [(("FORWARD", spec.came_in(name)), ("FORWARD", spec.goes_out(name)))
                  for name in spec.interfaces]
-        guards = [Hook("PREROUTING", f"-i {name} -j {GUARD}") for name in spec.interfaces]
+        guards = [Hook("PREROUTING", f"{spec.came_in(name)} -j "
+                                     f"{PORT_GUARD if name in spec.bridge_ports else GUARD}")
+                  for name in spec.interfaces]
     elif spec.interfaces:
         pairs = [(("INPUT", f"-i {name}"), ("OUTPUT", f"-o {name}"))
                  for name in spec.interfaces]
     else:
         pairs = [(("INPUT", "! -i lo"), ("OUTPUT", "! -o lo"))]
-    return guards + [Hook(chain, f"{match} -j {target}")
-                     for pair in pairs
-                     for (chain, match), target in zip(pair, (TO_SERVER, FROM_SERVER))]
+    # The counting jumps go first: a queued packet's verdict ends the chain.
+    return seen(spec) + guards + [Hook(chain, f"{match} -j {target}")
+                                  for pair in pairs
+                                  for (chain, match), target in zip(pair, (TO_SERVER, FROM_SERVER))]
+
+
+def seen(spec: RuleSpec) -> list[Hook]:
+    """Jumps that count each SMTP connection opening through this host, whatever
+    its interface (the jump's own counter; the chain is empty): against the
+    openings that reach the queue, they show mail the rules do not see."""
+    # lo is never queued: local sessions (a monitoring check) are not mail the rules missed
+    chain, where = ("FORWARD", "") if spec.mode == "forward" else ("INPUT", "! -i lo ")
+    return [Hook(chain, f"{where}-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m multiport "
+                        f"--dports {listed} -j {SEEN}")
+            for listed in _port_lists(spec.smtp_ports)]
+
+
+def _port_lists(ports: Sequence[int]) -> list[str]:
+    """`ports` as multiport lists, at most MULTIPORT_MAX a rule."""
+    return [",".join(map(str, ports[i:i + MULTIPORT_MAX])) for i in range(0, len(ports), MULTIPORT_MAX)]
 
 
 def _template(name: str) -> Template:
@@ -207,26 +263,43 @@ def _dispatch(chain: str, option: str, spec: RuleSpec, skip: str | None = None) 
     and a "server" packet from a client interface is a spoof."""
     lines = []
     if skip is not None and spec.mode == "forward":
-        lines += [f"-A {chain} {skip} {name} -j RETURN" for name in spec.interfaces]
+        match = spec.goes_out if skip == "-o" else spec.came_in
+        lines += [f"-A {chain} {match(name)} -j RETURN" for name in spec.interfaces]
     # IMAP shares the POP3 chain: both only teach logins, and both fail open alike.
     for ports, target in ((spec.smtp_ports, SMTP_CHAIN), (spec.pop3_ports, POP3_CHAIN),
                           (spec.imap_ports, POP3_CHAIN)):
-        for start in range(0, len(ports), MULTIPORT_MAX):
-            listed = ",".join(map(str, ports[start:start + MULTIPORT_MAX]))
+        for listed in _port_lists(ports):
             lines.append(f"-A {chain} -p tcp -m multiport --{option} {listed} -j {target}")
     return "\n".join(lines)
 
 
+def _mail_ports(spec: RuleSpec) -> list[str]:
+    return _port_lists((*spec.smtp_ports, *spec.pop3_ports, *spec.imap_ports))
+
+
 def _guard(spec: RuleSpec) -> str:
     """Mode "forward": a packet from a mail server's port that came in on a
-    client interface, from an address not routed back through it, is a spoof."""
-    if spec.mode != "forward":
+    routed client interface, from an address not routed back through it, is a spoof."""
+    if spec.mode != "forward" or not set(spec.interfaces) - set(spec.bridge_ports):
         return ""
-    ports = (*spec.smtp_ports, *spec.pop3_ports, *spec.imap_ports)
+    return "\n".join(f"-A {GUARD} -p tcp -m multiport --sports {listed} -m rpfilter --invert -j DROP"
+                     for listed in _mail_ports(spec))
+
+
+def _port_guard(spec: RuleSpec) -> str:
+    """A client bridge port shares its subnet with the servers, so rpfilter passes
+    anything there. Conntrack knows better: mark each mail connection a client
+    port opens; a packet of its reply direction (the server's side) that comes
+    in on a client port is forged. Replies to the servers' own outgoing mail
+    belong to connections opened on the server side, and pass."""
+    if not spec.bridge_ports:
+        return ""
+    mark = f"{CLIENT_OPENED_MARK:#x}"
     return "\n".join(
-        f"-A {GUARD} -p tcp -m multiport --sports {','.join(map(str, ports[i:i + MULTIPORT_MAX]))} "
-        "-m rpfilter --invert -j DROP"
-        for i in range(0, len(ports), MULTIPORT_MAX))
+        [f"-A {PORT_GUARD} -p tcp -m multiport --dports {listed} -m conntrack --ctstate NEW "
+         f"-j CONNMARK --set-xmark {mark}/{mark}" for listed in _mail_ports(spec)]
+        + [f"-A {PORT_GUARD} -p tcp -m multiport --sports {listed} -m conntrack --ctdir REPLY "
+           f"-m connmark --mark {mark}/{mark} -j DROP" for listed in _mail_ports(spec)])
 
 
 def _hook_changes(wanted: Sequence[Hook], present: Sequence[Hook]) -> list[str]:
@@ -258,6 +331,7 @@ def render(spec: RuleSpec, family: Family = IPV4, present: Sequence[Hook] = ()) 
         to_server_rules=_dispatch(TO_SERVER, "dports", spec, skip="-o"),
         from_server_rules=_dispatch(FROM_SERVER, "sports", spec, skip="-i"),
         guard=GUARD, guard_rules=_guard(spec),
+        port_guard=PORT_GUARD, port_guard_rules=_port_guard(spec), seen=SEEN,
         smtp_rules=_queue_chain(SMTP_CHAIN, _queue_target(spec, bypass=False), family),
         pop3_policy=pop3_policy,
         pop3_rules=_queue_chain(POP3_CHAIN, _queue_target(spec, bypass=spec.pop3_fail_open),
@@ -317,6 +391,14 @@ class SavedTable:
 
     def hooks(self) -> list[Hook]:
         return [Hook(rule.chain, rule.spec) for rule in self.jumps()]
+
+    def smtp_opens(self) -> dict[str, int]:
+        """SMTP connections opening through this host on any interface ("host",
+        the SEEN jumps' counters) and into the queue ("queued", the SMTP chain's
+        counting rule); with iptables-save -c, else zeros."""
+        return {"host": sum(rule.packets or 0 for rule in self.jumps() if rule.target == SEEN),
+                "queued": sum(rule.packets or 0 for rule in self.rules
+                              if rule.chain == SMTP_CHAIN and rule.target is None)}
 
 
 _RULE = re.compile(r"(?:\[(\d+):(\d+)\] )?-A (\S+) ?(.*)")
@@ -419,7 +501,8 @@ def installed(runner: Runner = run_local,
     {"ipv4": {"installed": bool,      # all our chains and at least one jump
               "chains": [names present],
               "hooks": [{"chain", "position", "rule", "packets", "bytes"}],
-              "rules": [{"chain", "rule", "packets", "bytes"}]}, ...}
+              "rules": [{"chain", "rule", "packets", "bytes"}],
+              "smtp_opens": {"host", "queued"}}, ...}
     A hook whose position is not 1 has rules ahead of it that see mail first.
     """
     report = {}
@@ -435,5 +518,6 @@ def installed(runner: Runner = run_local,
             "rules": [{"chain": rule.chain, "rule": rule.spec,
                        "packets": rule.packets, "bytes": rule.bytes}
                       for rule in table.rules if rule.chain in CHAINS],
+            "smtp_opens": table.smtp_opens(),
         }
     return report

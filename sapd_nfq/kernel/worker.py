@@ -89,9 +89,11 @@ class Worker:
     def on_packet(self, pkt: Packet) -> None:
         started = time.perf_counter()
         try:
-            # Where the packet came in decides its direction, never its ports.
-            decision = self.engine.handle(pkt.get_payload(), time.time(),
-                                          from_client_side=self.client_side(pkt.indev))
+            # Where the packet came in (its bridge port, if bridged) decides its
+            # direction, never its ports.
+            decision = self.engine.handle(
+                pkt.get_payload(), time.time(),
+                from_client_side=self.client_side(pkt.indev, pkt.physindev))
             self.stats.record(decision, time.perf_counter() - started)
         except Exception:  # a bug must not hold the packet or open a relay
             log.exception("engine failure; packet dropped")

@@ -26,13 +26,11 @@ from sapd_nfq.engine.errors import ConfigError
 from sapd_nfq.kernel import interfaces, rules
 from sapd_nfq.kernel.marks import BYPASS_MARK, INJECT_MARK
 from sapd_nfq.kernel.rules import (
-    FROM_SERVER,
-    GUARD,
+    CHAINS,
     IPV4,
     IPV6,
     POP3_CHAIN,
     SMTP_CHAIN,
-    TO_SERVER,
     RuleSpec,
 )
 
@@ -162,7 +160,9 @@ def test_hooks_go_on_top_of_existing_rules(ns):
     rules.install(RuleSpec(), rules.netns_runner(ns))
     for save in (sh(ns, "iptables-save", "-t", "mangle"), sh(ns, "ip6tables-save", "-t", "mangle")):
         inputs = [line for line in save.splitlines() if line.startswith("-A INPUT ")]
-        assert inputs == ["-A INPUT ! -i lo -j SAPD_NFQ_TO_SERVER",
+        assert inputs == ["-A INPUT ! -i lo -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m multiport "
+                          "--dports 25 -j SAPD_NFQ_SEEN",
+                          "-A INPUT ! -i lo -j SAPD_NFQ_TO_SERVER",
                           "-A INPUT -p udp -m udp --dport 53 -j RETURN"]
 
 
@@ -184,17 +184,21 @@ def test_installed_reports_what_is_there(ns):
     runner = rules.netns_runner(ns)
     add_foreign_rules(ns)
     for report in rules.installed(runner).values():
-        assert report == {"installed": False, "chains": [], "hooks": [], "rules": []}
+        assert report == {"installed": False, "chains": [], "hooks": [], "rules": [],
+                          "smtp_opens": {"host": 0, "queued": 0}}
     rules.install(RuleSpec(), runner)
     report = rules.installed(runner)
     for family in ("ipv4", "ipv6"):
         assert report[family]["installed"] is True
-        assert report[family]["chains"] == [TO_SERVER, FROM_SERVER, SMTP_CHAIN, POP3_CHAIN, GUARD]
+        assert report[family]["chains"] == list(CHAINS)
         assert [(h["chain"], h["position"], h["rule"]) for h in report[family]["hooks"]] == [
-            ("INPUT", 1, "! -i lo -j SAPD_NFQ_TO_SERVER"),
+            ("INPUT", 1, "! -i lo -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m multiport --dports 25 "
+                         "-j SAPD_NFQ_SEEN"),
+            ("INPUT", 2, "! -i lo -j SAPD_NFQ_TO_SERVER"),
             ("OUTPUT", 1, "! -o lo -j SAPD_NFQ_FROM_SERVER")]
-        # IMAP adds a dispatch rule each way, pure ACKs two in each protocol chain
-        assert len(report[family]["rules"]) == 22
+        # IMAP adds a dispatch rule each way, pure ACKs two and an opening counter in each
+        # protocol chain
+        assert len(report[family]["rules"]) == 24
         assert all(isinstance(r["packets"], int) for r in report[family]["rules"])
     rules.remove(runner)
     assert not any(r["installed"] or r["chains"] for r in rules.installed(runner).values())
@@ -448,9 +452,9 @@ def test_a_settled_flow_leaves_the_queue(pair, daemon):
     assert connect(client_ns, SERVER4, 110) == "refused"
     pop3 = [n for (chain, _), n in counters(server_ns, IPV4).items() if chain == POP3_CHAIN]
     # inject, save bit, return on mark, return on connmark, INVALID, two pure-ACK RETURNs,
-    # NFQUEUE: the SYN was queued once, came back marked, and the server's RST left by the
-    # connmark.
-    assert pop3 == [0, 1, 1, 1, 0, 0, 0, 1]
+    # the opening counter, NFQUEUE: the SYN was counted and queued once, came back marked,
+    # and the server's RST left by the connmark.
+    assert pop3 == [0, 1, 1, 1, 0, 0, 0, 1, 1]
 
 
 def test_interfaces_in_a_namespace(pair):
