@@ -6,6 +6,6 @@
 
 from sapd_nfq.lab.capture import capture
 from sapd_nfq.lab.mail import MailServer, lab_users
-from sapd_nfq.lab.topology import Host, Lab, LabError
+from sapd_nfq.lab.topology import BRIDGED, ROUTED, Host, Lab, LabError, Layout
 
-__all__ = ["Host", "Lab", "LabError", "MailServer", "capture", "lab_users"]
+__all__ = ["BRIDGED", "ROUTED", "Host", "Lab", "LabError", "Layout", "MailServer", "capture", "lab_users"]

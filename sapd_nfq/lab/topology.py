@@ -1,9 +1,17 @@
 """Three network namespaces, client -- gw -- server, joined by veth pairs.
 
 Addresses come from the benchmarking range 198.18.0.0/15 and the documentation
-range 2001:db8::/32; client and server route through gw, which forwards both
-families. The client link also carries a pool of extra client addresses
-(198.18.3.0/24, 2001:db8:3::/64) for tests that need many senders.
+range 2001:db8::/32. Two layouts of the same three hosts:
+
+- ROUTED: client and server have subnets of their own and route through gw,
+  which forwards both families;
+- BRIDGED: gw joins its two links in the bridge br0 (a transparent gateway),
+  so client and server share one subnet and reach each other at layer 2;
+  br0 holds gw's own address in it (gw still routes what is sent to it).
+
+The client link also carries a pool of extra client addresses
+(198.18.3.0/24, 2001:db8:3::/64) for tests that need many senders; on the
+bridge the server reaches them on its link.
 
 The namespaces are wired only to each other, so no lab packet can reach any
 other network. Nor does a lab process wait on a resolver: `ip netns exec`
@@ -54,22 +62,63 @@ _LINKS = (
     (("client", "to-gw"), ("gw", "to-client")),
     (("gw", "to-server"), ("server", "to-gw")),
 )
-_ADDRESSES = {
-    ("client", "to-gw"): ("198.18.1.2/24", "2001:db8:1::2/64"),
-    ("gw", "to-client"): ("198.18.1.1/24", "2001:db8:1::1/64",
-                          f"198.18.3.1/{_POOL4.prefixlen}", f"2001:db8:3::1/{_POOL6.prefixlen}"),
-    ("gw", "to-server"): ("198.18.2.1/24", "2001:db8:2::1/64"),
-    ("server", "to-gw"): ("198.18.2.2/24", "2001:db8:2::2/64"),
-}
-_DEFAULT_ROUTES = {
-    "client": ("198.18.1.1", "2001:db8:1::1"),
-    "server": ("198.18.2.1", "2001:db8:2::1"),
-}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the three hosts are addressed and joined.
+
+    `addresses` per (role, interface), the first address-holding interface
+    of a host giving its primary addresses; `bridge`, if set, is the bridge
+    gw joins its links in; `onlink` the prefixes the server reaches on its
+    own link (the client pool, when there is no router between them).
+    """
+
+    name: str
+    addresses: dict[tuple[str, str], tuple[str, ...]]
+    default_routes: dict[str, tuple[str, str]]
+    bridge: str | None = None
+    onlink: tuple[str, ...] = ()
+
+    def interfaces(self, role: str) -> tuple[str, ...]:
+        return tuple(ifname for r, ifname in self.addresses if r == role)
+
+
+ROUTED = Layout(
+    "routed",
+    addresses={
+        ("client", "to-gw"): ("198.18.1.2/24", "2001:db8:1::2/64"),
+        ("gw", "to-client"): ("198.18.1.1/24", "2001:db8:1::1/64",
+                              f"198.18.3.1/{_POOL4.prefixlen}", f"2001:db8:3::1/{_POOL6.prefixlen}"),
+        ("gw", "to-server"): ("198.18.2.1/24", "2001:db8:2::1/64"),
+        ("server", "to-gw"): ("198.18.2.2/24", "2001:db8:2::2/64"),
+    },
+    default_routes={"client": ("198.18.1.1", "2001:db8:1::1"),
+                    "server": ("198.18.2.1", "2001:db8:2::1")},
+)
+BRIDGED = Layout(
+    "bridged",
+    addresses={
+        ("client", "to-gw"): ("198.18.1.2/24", "2001:db8:1::2/64"),
+        ("gw", "br0"): ("198.18.1.1/24", "2001:db8:1::1/64",
+                        f"198.18.3.1/{_POOL4.prefixlen}", f"2001:db8:3::1/{_POOL6.prefixlen}"),
+        ("gw", "to-client"): (),
+        ("gw", "to-server"): (),
+        ("server", "to-gw"): ("198.18.1.3/24", "2001:db8:1::3/64"),
+    },
+    default_routes={"client": ("198.18.1.1", "2001:db8:1::1"),
+                    "server": ("198.18.1.1", "2001:db8:1::1")},
+    bridge="br0",
+    onlink=(str(_POOL4), str(_POOL6)),
+)
 # Sysctls set in every namespace before any link exists, so links inherit them:
 # no duplicate address detection, or IPv6 addresses stay "tentative" (unbindable)
 # for a second or two after the link comes up.
 _SYSCTLS_ALL = {"net/ipv6/conf/all/accept_dad": "0", "net/ipv6/conf/default/accept_dad": "0"}
 _SYSCTLS_GW = {"net/ipv4/ip_forward": "1", "net/ipv6/conf/all/forwarding": "1"}
+# Bridged packets meet iptables (br_netfilter; per namespace, so set in gw's own).
+_SYSCTLS_BRIDGE = {"net/bridge/bridge-nf-call-iptables": "1",
+                   "net/bridge/bridge-nf-call-ip6tables": "1"}
 # Offloads off so segments are MTU-sized with real checksums, as on a wire:
 # captures then hold what a NIC would deliver, not veth's checksum-less super-packets.
 _OFFLOADS_OFF = ("tx-checksum-ip-generic", "tx-tcp-segmentation", "tx-tcp6-segmentation")
@@ -99,10 +148,11 @@ class Host:
         return self.ipv6 if family == AF_INET6 else self.ipv4
 
 
-def _plan(role: str) -> tuple[tuple[str, ...], str, str]:
-    """The host's interfaces and its addresses on the first (for gw: client-side) one."""
-    ifnames = tuple(ifname for r, ifname in _ADDRESSES if r == role)
-    ipv4, ipv6 = _ADDRESSES[role, ifnames[0]][:2]
+def _plan(layout: Layout, role: str) -> tuple[tuple[str, ...], str, str]:
+    """The host's interfaces and its addresses on the first one that has any
+    (for gw: the client side)."""
+    ifnames = layout.interfaces(role)
+    ipv4, ipv6 = next(layout.addresses[role, i] for i in ifnames if layout.addresses[role, i])[:2]
     return ifnames, ipv4.split("/")[0], ipv6.split("/")[0]
 
 
@@ -116,17 +166,18 @@ class Lab:
     """
 
     def __init__(self, prefix: str = DEFAULT_PREFIX, state_dir: Path | None = None,
-                 pool_size: int = CLIENT_POOL_SIZE) -> None:
+                 pool_size: int = CLIENT_POOL_SIZE, layout: Layout = ROUTED) -> None:
         if not 0 <= pool_size <= 200:
             raise ValueError(f"pool_size {pool_size} out of range 0..200")
         self.prefix = prefix
+        self.layout = layout
         self.state_dir = Path(state_dir or f"/run/{prefix}-lab")
         pool4 = tuple(str(_POOL4[_POOL_FIRST + i]) for i in range(pool_size))
         pool6 = tuple(str(_POOL6[_POOL_FIRST + i]) for i in range(pool_size))
-        self.client = Host("client", f"{prefix}-client", *_plan("client"),
+        self.client = Host("client", f"{prefix}-client", *_plan(layout, "client"),
                            pool_ipv4=pool4, pool_ipv6=pool6)
-        self.gw = Host("gw", f"{prefix}-gw", *_plan("gw"))
-        self.server = Host("server", f"{prefix}-server", *_plan("server"))
+        self.gw = Host("gw", f"{prefix}-gw", *_plan(layout, "gw"))
+        self.server = Host("server", f"{prefix}-server", *_plan(layout, "server"))
         self.hosts = {h.role: h for h in (self.client, self.gw, self.server)}
         self._procs: list[subprocess.Popen[Any]] = []
 
@@ -153,6 +204,8 @@ class Lab:
                 with IPRoute(netns=self.hosts[role_a].netns) as ipr:
                     ipr.link("add", ifname=if_a, kind="veth",
                              peer={"ifname": if_b, "net_ns_fd": self.hosts[role_b].netns})
+            if self.layout.bridge is not None:
+                self._bridge(self.layout.bridge)
             for host in self.hosts.values():
                 self._configure(host)
             for host in self.hosts.values():
@@ -202,12 +255,22 @@ class Lab:
             for key, value in values.items():
                 Path("/proc/sys", key).write_text(value)
 
+    def _bridge(self, name: str) -> None:
+        """gw's links become the ports of bridge `name`, whose traffic meets iptables."""
+        self._sysctl(self.gw, _SYSCTLS_BRIDGE)
+        with IPRoute(netns=self.gw.netns) as ipr:
+            ipr.link("add", ifname=name, kind="bridge")
+            bridge = ipr.link_lookup(ifname=name)[0]
+            for ifname in self.gw.ifnames:
+                if ifname != name:
+                    ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], master=bridge)
+
     def _configure(self, host: Host) -> None:
         with IPRoute(netns=host.netns) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
             for ifname in host.ifnames:
                 index = ipr.link_lookup(ifname=ifname)[0]
-                cidrs = list(_ADDRESSES[host.role, ifname])
+                cidrs = list(self.layout.addresses[host.role, ifname])
                 if host is self.client:
                     cidrs += [f"{a}/{_POOL4.prefixlen}" for a in host.pool_ipv4]
                     cidrs += [f"{a}/{_POOL6.prefixlen}" for a in host.pool_ipv6]
@@ -219,6 +282,8 @@ class Lab:
             ethtool = Ethtool()
         try:
             for ifname in host.ifnames:
+                if ifname == self.layout.bridge:  # a bridge offloads what its ports do
+                    continue
                 features = ethtool.get_features(ifname)
                 for name in _OFFLOADS_OFF:
                     features.features[name].enable = False
@@ -236,12 +301,17 @@ class Lab:
                 if time.monotonic() > deadline:
                     raise LabError(f"{host.netns}: IPv6 addresses still tentative")
                 time.sleep(0.01)
-            if host.role in _DEFAULT_ROUTES:
+            if host.role in self.layout.default_routes:
                 # The preferred source keeps the pool addresses out of source selection
                 # (IPv6 would otherwise pick the longest prefix match, a pool address).
-                gw4, gw6 = _DEFAULT_ROUTES[host.role]
+                gw4, gw6 = self.layout.default_routes[host.role]
                 ipr.route("add", dst="0.0.0.0/0", gateway=gw4, prefsrc=host.ipv4)
                 ipr.route("add", dst="::/0", gateway=gw6, prefsrc=host.ipv6, family=AF_INET6)
+            if host is self.server:
+                oif = ipr.link_lookup(ifname=host.ifnames[0])[0]
+                for prefix in self.layout.onlink:
+                    family = AF_INET6 if ":" in prefix else socket.AF_INET
+                    ipr.route("add", dst=prefix, oif=oif, family=family)
 
     # --- working inside ----------------------------------------------------
 
