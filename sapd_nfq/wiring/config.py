@@ -298,7 +298,8 @@ class Config:
         (), _interfaces, "list of interface names",
         'where clients reach the mail servers: mode `"input"` hooks only these (`[]`: every '
         'interface but lo); mode `"forward"` needs them, since on a gateway only the interface '
-        "tells a client's session from the servers' own outgoing mail")
+        "tells a client's session from the servers' own outgoing mail; on a bridging gateway, "
+        "the bridge ports clients come in on (docs/bridged-gateways.md)")
     workers: int = _key(
         1, _int(1, 16), "integer 1..16",
         "daemon processes; the rules balance flows over queues `queue`..`queue+workers-1`")
