@@ -120,7 +120,7 @@ class Inspector:
                 else:
                     self.logins.add(self.client_address, event.user, time.time(), AUTH_TTL,
                                     source="pop3")
-        if not self.smtp and self.machine.settled:
+        if self.machine.settled:
             self.done = True
         return _hide(data, start, self.hidden) if self.hidden else data
 

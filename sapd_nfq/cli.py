@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .engine import counters as count
 from .engine.errors import SapdError
 from .engine.logins import MemoryLoginStore
 from .engine.policy import Fail
@@ -192,9 +193,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
                     clock = time.strftime("%H:%M:%S", time.gmtime(notice.time))
                     print(f"{clock}.{int(notice.time % 1 * 1000):03d} {notice}")
     if not args.json:
-        print(f"packets={engine.counters['packets']} flows={engine.counters['flows']} "
-              f"pass={engine.counters['pass']} fail={engine.counters['fail']} "
-              f"logins={engine.counters['logins']}", file=sys.stderr)
+        print(f"packets={engine.counters[count.PACKETS]} flows={engine.counters[count.FLOWS]} "
+              f"pass={engine.counters[count.PASS]} fail={engine.counters[count.FAIL]} "
+              f"logins={engine.counters[count.LOGINS]}", file=sys.stderr)
     return 0
 
 
@@ -292,7 +293,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                       f"{worker.virtusertable_entries} virtusertable entries")
                 print(f"          flows tracked {worker.flows_tracked}, "
                       f"decisions pass {worker.decisions['pass']} fail {worker.decisions['fail']}, "
-                      f"packets {worker.counters.get('packets', 0)}")
+                      f"packets {worker.counters.get(count.PACKETS, 0)}")
                 if worker.last_reload_error:
                     print(f"          last reload FAILED: {worker.last_reload_error}")
                 print("store:    " + _store_line(worker.store))

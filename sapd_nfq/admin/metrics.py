@@ -21,6 +21,18 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from ..engine.counters import (
+    CONFLICTS,
+    ENGINE_ERRORS,
+    FAIL,
+    MALFORMED,
+    PROTOCOL_ERRORS,
+    STORE_ERRORS,
+    TLS_REFUSED,
+    TRUNCATED,
+    UNTRACKED,
+    WRONG_DIRECTION,
+)
 from ..kernel.rules import GUARDS
 from ..wiring.config import Config, parse_listen
 from ..wiring.logsetup import LOGGER
@@ -30,10 +42,10 @@ log = logging.getLogger(LOGGER)
 
 #: engine counters that count a refused or dropped packet, by reason
 REFUSALS = {
-    "fail": "relay_denied", "tls_refused": "starttls_not_allowed",
-    "conflicts": "retransmission_differs", "protocol_errors": "protocol_error",
-    "untracked": "untracked_connection", "wrong_direction": "wrong_direction",
-    "truncated": "truncated", "malformed": "malformed", "engine_errors": "engine_error",
+    FAIL: "relay_denied", TLS_REFUSED: "starttls_not_allowed",
+    CONFLICTS: "retransmission_differs", PROTOCOL_ERRORS: "protocol_error",
+    UNTRACKED: "untracked_connection", WRONG_DIRECTION: "wrong_direction",
+    TRUNCATED: "truncated", MALFORMED: "malformed", ENGINE_ERRORS: "engine_error",
 }
 
 
@@ -84,7 +96,7 @@ def render(status: GateStatus) -> Iterator[Any]:
                   {reason: counters.get(key, 0) for key, reason in REFUSALS.items()})
     stores = [w.store for w in workers]
     yield CounterMetricFamily("sapd_nfq_store_errors", "login store operations that failed",
-                              value=counters.get("store_errors", 0)
+                              value=counters.get(STORE_ERRORS, 0)
                               + sum(x.get("write_errors", 0) for x in stores))
     connected = GaugeMetricFamily("sapd_nfq_store_connected",
                                   "1 if the worker's login store answers (it decides from memory either way)",

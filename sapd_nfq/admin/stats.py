@@ -24,8 +24,8 @@ class Stats:
         self.logins: Counter[str] = Counter()
         self.buckets = [0] * (len(ENGINE_BUCKETS) + 1)
         self.engine_seconds = 0.0
-        #: counted by the worker under the engine's counter names: "engine_errors"
-        #: (a failure it caught), "logins" (learned from a log or the hook)
+        #: counted by the worker under the engine's counter names (engine/counters.py):
+        #: ENGINE_ERRORS (a failure it caught), LOGINS (learned from a log or the hook)
         self.counted: Counter[str] = Counter()
 
     def record(self, decision: Decision, seconds: float) -> None:

@@ -52,18 +52,22 @@ back when it leaves the table, and when the engine stops comparing it.
 A connection that reuses the key of a closed flow starts with a client SYN
 whose ISN differs, which the old flow calls CONFLICT: the caller opens a new
 flow for it (`open` replaces whatever flow held the key).
+
+Each flow carries the caller's state for its connection (`app`: the
+engine's Session), which this module never reads.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import OrderedDict
-from typing import Any
+from typing import Generic, TypeVar
 
 from .packet import ACK, FIN, RST, SYN, Segment
 from .stream import Outcome, RetainBudget, Stream, seq_diff
 
 FlowKey = tuple[str, int, str, int]  # client addr, client port, server addr, server port
+App = TypeVar("App")
 
 #: flows `expire` removes per queue and call, bounding one call's latency
 EXPIRE_BATCH = 1024
@@ -88,13 +92,13 @@ class State(enum.Enum):
     CLOSED = "closed"            # both sent FIN, or an accepted RST
 
 
-class Flow:
-    """One tracked connection. `app` and `fate` are the caller's."""
+class Flow(Generic[App]):
+    """One tracked connection. `app` is the caller's."""
 
     __slots__ = ("key", "client", "server", "state", "reset", "created", "last_seen",
-                 "app", "fate", "_queue", "_budget")
+                 "app", "_queue", "_budget")
 
-    def __init__(self, key: FlowKey, now: float, budget: RetainBudget | None = None) -> None:
+    def __init__(self, key: FlowKey, now: float, app: App, budget: RetainBudget | None = None) -> None:
         self.key = key
         self._budget = budget
         self.client: Stream | None = None
@@ -103,10 +107,8 @@ class Flow:
         self.reset = False  # closed by a RST
         self.created = now
         self.last_seen = now
-        #: the protocol layer's state for this connection, opaque here
-        self.app: Any = None
-        self.fate: object = None
-        self._queue: OrderedDict[FlowKey, Flow] | None = None
+        self.app = app
+        self._queue: OrderedDict[FlowKey, Flow[App]] | None = None
 
     def __repr__(self) -> str:
         return f"Flow({self.key!r}, {self.state.name})"
@@ -210,7 +212,7 @@ class Flow:
             self.reset = True
 
 
-class FlowTable:
+class FlowTable(Generic[App]):
     """Flows by key, bounded by `max_flows`; see the module for eviction."""
 
     def __init__(self, max_flows: int = 65536, syn_timeout: float = 30.0,
@@ -223,18 +225,19 @@ class FlowTable:
         self.closed_timeout = closed_timeout
         self.evicted = 0
         self.expired = 0
-        self._half: OrderedDict[FlowKey, Flow] = OrderedDict()
-        self._live: OrderedDict[FlowKey, Flow] = OrderedDict()
-        self._closed: OrderedDict[FlowKey, Flow] = OrderedDict()
+        self._half: OrderedDict[FlowKey, Flow[App]] = OrderedDict()
+        self._live: OrderedDict[FlowKey, Flow[App]] = OrderedDict()
+        self._closed: OrderedDict[FlowKey, Flow[App]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._half) + len(self._live) + len(self._closed)
 
-    def get(self, key: FlowKey) -> Flow | None:
+    def get(self, key: FlowKey) -> Flow[App] | None:
         return self._live.get(key) or self._half.get(key) or self._closed.get(key)
 
-    def open(self, key: FlowKey, seg: Segment, now: float) -> Flow:
-        """A new flow for the client's SYN `seg`, replacing any flow under `key`.
+    def open(self, key: FlowKey, seg: Segment, now: float, app: App) -> Flow[App]:
+        """A new flow for the client's SYN `seg`, carrying `app`, replacing any
+        flow under `key`.
 
         The flow is empty: pass `seg` to its handle() like every other
         segment, which creates the client's stream.
@@ -244,12 +247,12 @@ class FlowTable:
         self.remove(key)
         while len(self) >= self.max_flows and self._evict_one():
             pass
-        flow = Flow(key, now, self.budget)
+        flow = Flow(key, now, app, self.budget)
         self._half[key] = flow
         flow._queue = self._half
         return flow
 
-    def touch(self, flow: Flow, now: float) -> None:
+    def touch(self, flow: Flow[App], now: float) -> None:
         """Record activity; call it after handle() so a state change moves
         the flow to its new timeout queue at once."""
         flow.last_seen = now
@@ -264,7 +267,7 @@ class FlowTable:
             target[flow.key] = flow
             flow._queue = target
 
-    def remove(self, key: FlowKey) -> Flow | None:
+    def remove(self, key: FlowKey) -> Flow[App] | None:
         for queue in (self._live, self._half, self._closed):
             flow = queue.pop(key, None)
             if flow is not None:
@@ -273,10 +276,10 @@ class FlowTable:
                 return flow
         return None
 
-    def expire(self, now: float, limit: int = EXPIRE_BATCH) -> list[Flow]:
+    def expire(self, now: float, limit: int = EXPIRE_BATCH) -> list[Flow[App]]:
         """Remove and return the flows idle past their timeout (at most
         `limit` per queue and call)."""
-        gone: list[Flow] = []
+        gone: list[Flow[App]] = []
         for queue in (self._closed, self._half, self._live):
             for _ in range(limit):
                 if not queue:
@@ -291,7 +294,7 @@ class FlowTable:
         self.expired += len(gone)
         return gone
 
-    def _class(self, state: State) -> tuple[OrderedDict[FlowKey, Flow], float]:
+    def _class(self, state: State) -> tuple[OrderedDict[FlowKey, Flow[App]], float]:
         """The queue a flow in `state` belongs to, and its timeout."""
         if state is State.CLOSED:
             return self._closed, self.closed_timeout

@@ -24,7 +24,7 @@ line before login, anything after STARTTLS before its reply (CVE-2011-0411),
 and a reply to a tag no command carries.
 
 Once the server confirms a login, STARTTLS or LOGOUT (or greets with PREAUTH
-or BYE), nothing more can be learned: the machine is settled and opaque.
+or BYE), nothing more can be learned: the machine is settled.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from .events import (
     TLSOffered,
     TLSStarted,
 )
-from .login_machine import LoginMachine, Phase
+from .machine import LineMachine
 from .sasl import SaslLogin, login_name
 
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
@@ -176,7 +176,7 @@ def _literal(segment: bytes, continued: bool) -> tuple[bytes, int, bool] | None:
     return head, int(match.group(2)), not match.group(3)
 
 
-class IMAPMachine(LoginMachine):
+class IMAPMachine(LineMachine):
     """Both directions of one IMAP connection, fed as in-order stream bytes.
 
     `receive_client` and `receive_server` return the events the new bytes
@@ -202,13 +202,13 @@ class IMAPMachine(LoginMachine):
         self._greeted = False
 
     def __repr__(self) -> str:
-        return f"<IMAPMachine {self._phase.value}, {len(self._pending)} pending>"
+        return f"<IMAPMachine {self._state}, {len(self._pending)} pending>"
 
     # --- client -> server ----------------------------------------------------
 
     def _client_lines(self, out: list[Event]) -> None:
         buf = self._client
-        while self._phase is Phase.LEARNING and len(buf):
+        while not self._settled and len(buf):
             if self._await_plus or self._in_flight(_Kind.AUTHENTICATE, _Kind.CANCELLED):
                 if len(buf) > buf.max_line:
                     raise ProtocolError("client data piled up awaiting the server")
@@ -322,7 +322,7 @@ class IMAPMachine(LoginMachine):
 
     def _server_lines(self, out: list[Event]) -> None:
         buf = self._server
-        while self._phase is Phase.LEARNING:
+        while not self._settled:
             if self._server_literal:
                 self._server_literal -= buf.take(self._server_literal)
                 if self._server_literal:
@@ -389,7 +389,7 @@ class IMAPMachine(LoginMachine):
         if word == b"OK":
             self._greeted = True
         elif word in (b"PREAUTH", b"BYE"):
-            self._phase = Phase.DONE  # logged in without a login, or turned away
+            self._settled = True  # logged in without a login, or turned away
         else:
             raise ProtocolError("server greeting is neither OK, PREAUTH nor BYE")
 
@@ -415,14 +415,14 @@ class IMAPMachine(LoginMachine):
             case _Action.LOGIN:
                 user = command.sasl.user if command.sasl is not None else command.user
                 out.append(LoginSucceeded(None if command.broken else user, command.method))
-                self._phase = Phase.DONE
+                self._settled = True
             case _Action.FAILED:
                 user = command.sasl.user if command.sasl is not None else command.user
                 out.append(LoginFailed(user, command.method))
             case _Action.TLS:
                 out.append(TLSStarted())
-                self._phase = Phase.DONE
+                self._settled = True
             case _Action.CLOSED:
-                self._phase = Phase.DONE
+                self._settled = True
             case _Action.NOTHING:
                 pass

@@ -1,6 +1,6 @@
 """The relay table: PASS or FAIL for one RCPT.
 
-| sender local | recipient local | client logged in | verdict | row                    |
+| sender local | recipient local | client logged in | ruling  | row                    |
 |--------------|-----------------|------------------|---------|------------------------|
 | any          | yes             | any              | PASS    | ROW_RECIPIENT_LOCAL    |
 | yes          | no              | yes              | PASS    | ROW_LOGGED_IN          |
@@ -19,7 +19,7 @@ Two lists sit in front of the table:
   recorded for the address do not count. SMTP AUTH on the connection still
   counts: it authenticates the connection, not the address.
 
-The login store is asked only when the verdict depends on it; a store that
+The login store is asked only when the ruling depends on it; a store that
 fails gives FAIL, never PASS.
 
 `may_relay` answers the question without an envelope (trusted, or an open
@@ -46,7 +46,7 @@ _MAX_SHOWN = 200
 
 
 @dataclass(frozen=True, slots=True)
-class _Verdict:
+class _Ruling:
     row: str
     reason: str
     #: the login name behind a row-2 PASS, when the login recorded one
@@ -58,16 +58,17 @@ class _Verdict:
 
 
 @dataclass(frozen=True, slots=True)
-class Pass(_Verdict):
+class Pass(_Ruling):
     label: ClassVar[str] = "PASS"
 
 
 @dataclass(frozen=True, slots=True)
-class Fail(_Verdict):
+class Fail(_Ruling):
     label: ClassVar[str] = "FAIL"
 
 
-Verdict = Pass | Fail
+#: the table's ruling on one RCPT (the packet's fate is verdicts.Verdict)
+Ruling = Pass | Fail
 
 
 def _shown(text: str) -> str:
@@ -122,8 +123,8 @@ class RelayPolicy:
         self.never_relay_networks = _networks(never_relay_networks)
 
     def decide(self, client: str, sender: str, recipient: str, now: float,
-               authenticated: bool = False) -> Verdict:
-        """The verdict for RCPT TO:<recipient> after MAIL FROM:<sender> from client.
+               authenticated: bool = False) -> Ruling:
+        """The ruling on RCPT TO:<recipient> after MAIL FROM:<sender> from client.
 
         Raises ValueError if client is not an IP address.
         """

@@ -24,7 +24,7 @@ guess; the engine then stops following the flow, which can only lose a login:
   AUTH before any SASL response (the server may have read a mechanism list).
 
 Once the server confirms a login, STLS or QUIT, nothing more can be learned:
-the machine is settled and opaque and ignores further bytes.
+the machine is settled and ignores further bytes.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from .events import (
     TLSOffered,
     TLSStarted,
 )
-from .login_machine import LoginMachine, Phase
+from .machine import LineMachine
 from .sasl import SaslLogin, login_name
 
 MAX_COMMAND = 255
@@ -160,7 +160,7 @@ def _command(verb: bytes, arg: bytes) -> _Command:
     return _Other(None)
 
 
-class POP3Machine(LoginMachine):
+class POP3Machine(LineMachine):
     """Both directions of one POP3 connection, fed as in-order stream bytes.
 
     `receive_client` and `receive_server` return the events the new bytes
@@ -180,13 +180,13 @@ class POP3Machine(LoginMachine):
         self._pipelining = False                  # the server's CAPA offered PIPELINING
 
     def __repr__(self) -> str:
-        return f"<POP3Machine {self._phase.value}, {len(self._pending)} pending>"
+        return f"<POP3Machine {self._state}, {len(self._pending)} pending>"
 
     # --- client -> server ----------------------------------------------------
 
     def _client_lines(self, out: list[Event]) -> None:
         buf = self._client
-        while self._phase is Phase.LEARNING and len(buf):
+        while not self._settled and len(buf):
             last = self._pending[-1] if self._pending else None
             if isinstance(last, _Stls):
                 raise ProtocolError("client sent data after STLS before the server answered")
@@ -242,7 +242,7 @@ class POP3Machine(LoginMachine):
 
     def _server_lines(self, out: list[Event]) -> None:
         buf = self._server
-        while self._phase is Phase.LEARNING:
+        while not self._settled:
             start = buf.offset
             line = buf.next_line()
             if line is None:
@@ -301,15 +301,15 @@ class POP3Machine(LoginMachine):
                 self._login(False, sasl.user, sasl.method, out)
             case _Stls(), _Status.OK:
                 out.append(TLSStarted())
-                self._phase = Phase.DONE
+                self._settled = True
             case _Quit(), _Status.OK:
-                self._phase = Phase.DONE
+                self._settled = True
             case _:
                 raise ProtocolError(f"{status.value} is no valid reply to {command.name}")
 
     def _login(self, ok: bool, user: str | None, method: str, out: list[Event]) -> None:
         if ok:
             out.append(LoginSucceeded(user, method))
-            self._phase = Phase.DONE
+            self._settled = True
         else:
             out.append(LoginFailed(user, method))

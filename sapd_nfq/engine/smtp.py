@@ -25,8 +25,9 @@ The rules it keeps:
   refuses a MAIL the MTA could still see as nested: the MTA would keep its
   old sender while the engine judged the recipients against the new one.
 
-Any violation raises ProtocolError and pins the machine in an error state.
-Events come back from the call that fed the byte completing them.
+Any violation raises ProtocolError and pins the machine in error
+(machine.py). Events come back from the call that fed the byte completing
+them.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from .events import (
     TLSStarted,
 )
 from .linebuffer import LineBuffer
+from .machine import PinnedMachine
 from .sasl import SaslLogin
 
 MAX_LINE = 2048              # Postfix line_length_limit: longer lines are not read whole
@@ -69,7 +71,6 @@ class _Mode(enum.Enum):
     MESSAGE = "message text"       # up to the lone dot
     CHUNK = "BDAT chunk"           # a counted run of bytes
     OPAQUE = "TLS"
-    ERROR = "error"
 
 
 class _Cmd(enum.Enum):
@@ -155,7 +156,7 @@ class _Pending:
     watched: bool = False  # its reply is reported (Answered)
 
 
-class SMTPMachine:
+class SMTPMachine(PinnedMachine):
     """One SMTP connection, fed the client and the server byte streams."""
 
     # Slots and a plain list for the reply queue: a daemon holds one machine
@@ -163,10 +164,11 @@ class SMTPMachine:
     __slots__ = ("_client", "_server", "_max_pending_bytes", "_mode", "_pending", "_head",
                  "_pending_bytes", "_pushed", "_last_mail", "_last_close", "_greeted",
                  "_reply_code", "_reply_lines", "_reply_start", "_transaction", "_chunking", "_chunk_left",
-                 "_chunk_last", "_scan", "_error")
+                 "_chunk_last", "_scan")
 
     def __init__(self, max_line: int = MAX_LINE,
                  max_pending_bytes: int = MAX_PENDING_BYTES) -> None:
+        super().__init__()
         self._client = LineBuffer(max_line)
         self._server = LineBuffer(max_line)
         self._max_pending_bytes = max_pending_bytes
@@ -191,10 +193,9 @@ class SMTPMachine:
         self._chunk_left = 0
         self._chunk_last = False
         self._scan = _LINE_START
-        self._error: str | None = None
 
     @property
-    def opaque(self) -> bool:
+    def settled(self) -> bool:
         """TLS started: nothing more is parsed."""
         return self._mode is _Mode.OPAQUE
 
@@ -204,7 +205,8 @@ class SMTPMachine:
         return self._mode in (_Mode.MESSAGE, _Mode.CHUNK)
 
     def __repr__(self) -> str:
-        return f"<SMTPMachine {self._mode.value}, {self._waiting} pending>"
+        state = "error" if self._error is not None else self._mode.value
+        return f"<SMTPMachine {state}, {self._waiting} pending>"
 
     @property
     def reply_under_way(self) -> tuple[int, int] | None:
@@ -231,49 +233,26 @@ class SMTPMachine:
 
     # --- feeding ------------------------------------------------------------
 
-    def receive_client(self, data: bytes) -> list[Event]:
-        """New in-order client->server bytes; returns the events they complete."""
-        if self._blocked():
-            return []
+    def _read_client(self, data: bytes) -> list[Event]:
         events: list[Event] = []
-        try:
-            if self._mode is _Mode.MESSAGE:
-                if not self._message(data, events):
-                    return events
-            else:
-                self._client.feed(data)
-            self._client_stream(events)
-        except ProtocolError as exc:
-            self._fail(exc.hint)
-            raise
+        if self._mode is _Mode.MESSAGE:
+            if not self._message(data, events):
+                return events
+        else:
+            self._client.feed(data)
+        self._client_stream(events)
         return events
 
-    def receive_server(self, data: bytes) -> list[Event]:
-        """New in-order server->client bytes; returns the events they complete."""
-        if self._blocked():
-            return []
+    def _read_server(self, data: bytes) -> list[Event]:
         events: list[Event] = []
-        try:
-            self._server.feed(data)
-            while self._mode is not _Mode.OPAQUE:
-                start = self._server.offset
-                line = self._server.next_line()
-                if line is None:
-                    break
-                self._reply_line(line, start, events)
-        except ProtocolError as exc:
-            self._fail(exc.hint)
-            raise
+        self._server.feed(data)
+        while self._mode is not _Mode.OPAQUE:
+            start = self._server.offset
+            line = self._server.next_line()
+            if line is None:
+                break
+            self._reply_line(line, start, events)
         return events
-
-    def _blocked(self) -> bool:
-        if self._mode is _Mode.ERROR:
-            raise ProtocolError(f"SMTP session already failed: {self._error}")
-        return self._mode is _Mode.OPAQUE
-
-    def _fail(self, hint: str) -> None:
-        self._mode = _Mode.ERROR
-        self._error = hint
 
     # --- client stream --------------------------------------------------------
 

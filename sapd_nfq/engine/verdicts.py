@@ -1,14 +1,19 @@
 """What the engine returns for each packet: a verdict, packets to inject,
 and notices (the things an administrator reads in the log or in `replay`).
+
+A Decision is a value, built once when the engine is done with a packet; the
+common ones (accept, drop, bypass with nothing else to do) are shared.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 
 class Verdict(enum.Enum):
+    """What happens to the packet in the kernel (NFQUEUE's verdict)."""
+
     ACCEPT = "accept"
     DROP = "drop"
     #: accept, and take the rest of the flow out of the queue (connmark)
@@ -42,16 +47,21 @@ class Notice:
         return " ".join(parts)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
     verdict: Verdict
-    #: the packet to pass instead of the original (a hidden TLS keyword)
+    #: the packet to pass instead of the original (a hidden TLS keyword, a
+    #: refused recipient, a cleared urgent pointer)
     packet: bytes | None = None
     #: raw IP packets to send (a refusal to the client, resets)
-    inject: list[bytes] = field(default_factory=list)
-    notices: list[Notice] = field(default_factory=list)
+    inject: tuple[bytes, ...] = ()
+    notices: tuple[Notice, ...] = ()
 
 
 ACCEPT = Verdict.ACCEPT
 DROP = Verdict.DROP
 BYPASS = Verdict.BYPASS
+
+ACCEPTED = Decision(ACCEPT)
+DROPPED = Decision(DROP)
+BYPASSED = Decision(BYPASS)

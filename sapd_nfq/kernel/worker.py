@@ -30,6 +30,7 @@ from ..admin.recent import Recent
 from ..admin.report import LearnerStatus, WorkerStatus
 from ..admin.stats import Stats
 from ..engine.core import Engine
+from ..engine.counters import ENGINE_ERRORS, FAIL, LOGINS, PASS
 from ..engine.errors import SapdError
 from ..engine.verdicts import ACCEPT, BYPASS, Notice
 from ..learners.hook import HookServer
@@ -97,7 +98,7 @@ class Worker:
             self.stats.record(decision, time.perf_counter() - started)
         except Exception:  # a bug must not hold the packet or open a relay
             log.exception("engine failure; packet dropped")
-            self.stats.counted["engine_errors"] += 1
+            self.stats.counted[ENGINE_ERRORS] += 1
             pkt.drop()
             return
         for raw in decision.inject:
@@ -203,7 +204,7 @@ class Worker:
             logins_held=len(logins),
             logins_by_source=dict(Counter(login.source for login in logins)),
             store=self.store_status(),
-            decisions={"pass": counters.get("pass", 0), "fail": counters.get("fail", 0)},
+            decisions={"pass": counters.get(PASS, 0), "fail": counters.get(FAIL, 0)},
             counters=counters,
             retained_bytes=self.engine.flows.budget.used,
             reloads=self.reloads,
@@ -341,10 +342,10 @@ class Worker:
             learned = self.learner.poll(now)
         except Exception:  # a bug in following the logs must not stop the packet path
             log.exception("log learner failure")
-            self.stats.counted["engine_errors"] += 1
+            self.stats.counted[ENGINE_ERRORS] += 1
             return
         for login in learned:
-            self.stats.counted["logins"] += 1
+            self.stats.counted[LOGINS] += 1
             notice = Notice("login", login.address, user=login.user, time=now,
                             reason=f"log:{login.server} {login.service} {login.method or ''}".rstrip())
             log.info("%s", notice)
@@ -355,7 +356,7 @@ class Worker:
         now = time.time()
         login = hook.serve_one(self.logins, self.config.auth_ttl, now)
         if login is not None:
-            self.stats.counted["logins"] += 1
+            self.stats.counted[LOGINS] += 1
             notice = Notice("login", login.address, user=login.user, time=now, reason="hook")
             log.info("%s", notice)
             self.recent.note(notice, self.config.auth_ttl)

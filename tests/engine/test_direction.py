@@ -15,6 +15,7 @@ import pytest
 from engine_helpers import CLIENT4, CLIENT6, SERVER4, SERVER6, Conn, make_engine
 
 from sapd_nfq.engine.policy import ROW_NOT_LOGGED_IN
+from sapd_nfq.engine.session import Fate
 from sapd_nfq.engine.verdicts import ACCEPT, BYPASS, DROP
 
 FAMILIES = pytest.mark.parametrize("client, server", [(CLIENT4, SERVER4), (CLIENT6, SERVER6)],
@@ -103,7 +104,7 @@ def test_a_forged_220_to_starttls_does_not_take_the_flow_out_of_inspection(clien
     engine.logins.add(client, "alice", smtp.now, 600)  # may use TLS
     smtp.client(b"STARTTLS\r\n")
     refused_forgery(engine, smtp.forge(b"220 2.0.0 Ready to start TLS\r\n"))
-    assert engine.flows.get((client, smtp.cport, server, 25)).fate is None
+    assert engine.flows.get((client, smtp.cport, server, 25)).app.fate is Fate.INSPECTED
 
 
 @FAMILIES

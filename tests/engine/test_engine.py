@@ -462,7 +462,7 @@ def test_the_answer_to_the_probe_draws_a_reset_that_lands():
 
 def test_an_untracked_reset_is_dropped_and_answered_with_nothing():
     d = Conn(make_engine()).client(b"", flags="RA")
-    assert d.verdict is DROP and d.inject == []
+    assert d.verdict is DROP and not d.inject
 
 
 def test_a_syn_flood_that_overflows_the_table_costs_no_crafted_packets():
@@ -474,7 +474,7 @@ def test_a_syn_flood_that_overflows_the_table_costs_no_crafted_packets():
     for conn in conns:
         conn.cseq += 1
         d = conn.feed(conn.packet(False, flags="SA"))
-        assert d.inject == [] and (d.verdict is DROP) is (conn.cport < 41012)
+        assert not d.inject and (d.verdict is DROP) is (conn.cport < 41012)
     assert engine.flows.evicted == 12 and len(engine.flows) == 8
     # the client whose SYN-ACK was dropped sends its SYN again and gets through
     again = conns[0]

@@ -19,7 +19,7 @@ class Conn:
     """Both ends of one connection, numbering their segments as TCP would."""
 
     def __init__(self, flow: Flow | None = None, cisn: int = 100, sisn: int = 0xFFFFFFF0) -> None:
-        self.flow = flow or Flow(KEY, 0.0)
+        self.flow = flow or Flow(KEY, 0.0, None)
         self.cisn, self.sisn = cisn, sisn
         self.cnext, self.snext = cisn + 1, sisn + 1
 
@@ -275,7 +275,7 @@ SYN_SEG = segment(SYN, seq=100)
 
 
 def open_flow(table: FlowTable, i: int, now: float, state: str = "half") -> Flow:
-    flow = table.open(key(i), SYN_SEG, now)
+    flow = table.open(key(i), SYN_SEG, now, None)
     if state != "half":
         conn = Conn(flow)
         conn.handshake()
@@ -290,10 +290,10 @@ def test_table_basics() -> None:
     flow = open_flow(table, 1, 5.0)
     assert table.get(key(1)) is flow and len(table) == 1
     assert (flow.created, flow.last_seen, flow.state) == (5.0, 5.0, State.SYN_SENT)
-    assert flow.client is None and flow.app is None and flow.fate is None
+    assert flow.client is None and flow.app is None
     assert table.get(key(2)) is None
     with pytest.raises(ValueError):
-        table.open(key(2), segment(ACK), 5.0)
+        table.open(key(2), segment(ACK), 5.0, None)
     assert table.remove(key(1)) is flow and table.remove(key(1)) is None
     assert len(table) == 0
     table.touch(flow, 6.0)  # a flow no longer in the table stays out
@@ -303,7 +303,7 @@ def test_table_basics() -> None:
 def test_open_replaces_a_flow() -> None:
     table = FlowTable()
     old = open_flow(table, 1, 0.0, "closed")
-    new = table.open(key(1), SYN_SEG, 1.0)
+    new = table.open(key(1), SYN_SEG, 1.0, None)
     assert table.get(key(1)) is new and len(table) == 1
     table.touch(old, 2.0)
     assert table.get(key(1)) is new and len(table) == 1
@@ -388,7 +388,7 @@ def test_a_flow_leaving_the_table_gives_back_its_retained_bytes():
     table = FlowTable(max_flows=16, retain_budget=1000)
     key = ("198.18.0.1", 40000, "198.18.0.2", 25)
     syn = segment(SYN, seq=100)
-    flow = table.open(key, syn, 0.0)
+    flow = table.open(key, syn, 0.0, None)
     flow.handle(syn, True)
     flow.handle(segment(SYN | ACK, seq=900, ack=101, from_client=False), False)
     flow.handle(segment(ACK, seq=101, ack=901), True)

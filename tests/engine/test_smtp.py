@@ -562,7 +562,7 @@ def test_starttls_accepted_makes_the_streams_opaque():
     steps = HELLO + [(C, b"STARTTLS\r\n"), (S, b"220 2.0.0 Ready to start TLS\r\n\x16\x03")]
     check(steps, HELLO_EVENTS + [StartTLSRequested(), TLSStarted()])
     machine, _, _ = feed(steps)
-    assert machine.opaque and not machine.in_data
+    assert machine.settled and not machine.in_data
     assert machine.receive_client(b"\x16\x03\x01 RCPT TO:<a@b>\r\n" * 200) == []
     assert machine.receive_server(b"garbage\r\n") == []
 

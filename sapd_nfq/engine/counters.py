@@ -1,0 +1,28 @@
+"""The names of the engine's counters (`Engine.counters`), defined once.
+
+They are the keys operators read: under "counters" in `sapd-nfq status
+--json`, and behind the metrics endpoint's refusal reasons. Renaming one
+breaks their dashboards, so a name here never changes.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+PACKETS: Final = "packets"                  # every packet handed to the engine
+TRUNCATED: Final = "truncated"              # cut short by the queue binding: dropped
+MALFORMED: Final = "malformed"              # not a well-formed TCP packet: dropped
+FOREIGN: Final = "foreign"                  # on no mail port: accepted unjudged
+WRONG_DIRECTION: Final = "wrong_direction"  # ports say one direction, the binding the other: dropped
+URGENT_CLEARED: Final = "urgent_cleared"    # URG cleared, so the urgent byte is read in line
+FLOWS: Final = "flows"                      # connections tracked from their SYN
+UNTRACKED: Final = "untracked"              # a packet of a connection not seen to open
+CONFLICTS: Final = "conflicts"              # a retransmission that differs: session refused
+HELD_BACK: Final = "held_back"              # beyond a gap or over the retain budget: dropped
+PROTOCOL_ERRORS: Final = "protocol_errors"  # a peer broke the protocol
+PASS: Final = "pass"                        # RCPTs the relay table passed
+FAIL: Final = "fail"                        # RCPTs the relay table failed
+TLS_REFUSED: Final = "tls_refused"          # STARTTLS the policy does not allow: refused
+LOGINS: Final = "logins"                    # logins learned, from the wire or elsewhere
+STORE_ERRORS: Final = "store_errors"        # logins the store failed to record
+ENGINE_ERRORS: Final = "engine_errors"      # a bug caught around the engine: the packet dropped
