@@ -70,28 +70,89 @@ class _Body(Enum):
     CAPA = "capa"    # capabilities: read for STLS and PIPELINING
 
 
+class _Kind(Enum):
+    """What a command awaiting its reply is, as far as the reply matters."""
+
+    GREETING = "greeting"
+    USER = "USER"
+    PASS = "PASS"
+    APOP = "APOP"
+    AUTH = "AUTH"                      # no SASL response sent yet
+    AUTH_ANSWERED = "AUTH answered"    # a response sent (initial, or to a challenge)
+    AUTH_CANCELLED = "AUTH cancelled"  # the response was "*"
+    CHALLENGE = "challenge"            # the server awaits a SASL response
+    STLS = "STLS"
+    QUIT = "QUIT"
+    OTHER = "other"
+
+
+class _Action(Enum):
+    NOTHING = "nothing"
+    BODY = "body"            # a multi-line body follows, if the command has one
+    USER = "user"            # the next PASS logs in as this USER
+    NO_USER = "no user"      # the next PASS has no accepted USER
+    CHALLENGE = "challenge"  # the client owes a SASL response
+    LOGIN = "login"
+    FAILED = "failed"
+    TLS = "tls"
+    CLOSED = "closed"
+
+
+_OK, _ERR, _MORE = _Status.OK, _Status.ERR, _Status.MORE
+_REPLIES: dict[tuple[_Kind, _Status], _Action] = {
+    (_Kind.GREETING, _OK): _Action.NOTHING,
+    (_Kind.GREETING, _ERR): _Action.NOTHING,
+    (_Kind.USER, _OK): _Action.USER,
+    (_Kind.USER, _ERR): _Action.NO_USER,
+    (_Kind.PASS, _OK): _Action.LOGIN,
+    (_Kind.PASS, _ERR): _Action.FAILED,
+    (_Kind.APOP, _OK): _Action.LOGIN,
+    (_Kind.APOP, _ERR): _Action.FAILED,
+    # a +OK before any SASL response: the server may have read a mechanism list
+    (_Kind.AUTH, _MORE): _Action.CHALLENGE,
+    (_Kind.AUTH, _ERR): _Action.FAILED,
+    (_Kind.AUTH_ANSWERED, _MORE): _Action.CHALLENGE,
+    (_Kind.AUTH_ANSWERED, _OK): _Action.LOGIN,
+    (_Kind.AUTH_ANSWERED, _ERR): _Action.FAILED,
+    (_Kind.AUTH_CANCELLED, _ERR): _Action.FAILED,
+    # while the server awaits a response only a -ERR, giving up, may come
+    (_Kind.CHALLENGE, _ERR): _Action.FAILED,
+    (_Kind.STLS, _OK): _Action.TLS,
+    (_Kind.STLS, _ERR): _Action.NOTHING,
+    (_Kind.QUIT, _OK): _Action.CLOSED,
+    (_Kind.QUIT, _ERR): _Action.NOTHING,
+    (_Kind.OTHER, _OK): _Action.BODY,
+    (_Kind.OTHER, _ERR): _Action.NOTHING,
+}
+"""What the reply `status` to a command of `kind` does; unlisted: an error."""
+
+
 # --- Commands awaiting a reply -------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class _Greeting:
     name: ClassVar[str] = "the greeting"
+    kind: ClassVar[_Kind] = _Kind.GREETING
 
 
 @dataclass(frozen=True, slots=True)
 class _User:
     user: str | None
     name: ClassVar[str] = "USER"
+    kind: ClassVar[_Kind] = _Kind.USER
 
 
 @dataclass(frozen=True, slots=True)
 class _Pass:
     name: ClassVar[str] = "PASS"
+    kind: ClassVar[_Kind] = _Kind.PASS
 
 
 @dataclass(frozen=True, slots=True)
 class _Apop:
     user: str | None
     name: ClassVar[str] = "APOP"
+    kind: ClassVar[_Kind] = _Kind.APOP
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,30 +164,39 @@ class _Auth:
     cancelled: bool = False  # that response was "*"
     name: ClassVar[str] = "AUTH"
 
+    @property
+    def kind(self) -> _Kind:
+        if self.cancelled:
+            return _Kind.AUTH_CANCELLED
+        return _Kind.AUTH_ANSWERED if self.answered else _Kind.AUTH
+
 
 @dataclass(frozen=True, slots=True)
 class _Challenge:
-    """The server sent a SASL challenge: it awaits the client's response, and
-    only a -ERR (giving up on the exchange) may come first."""
+    """The server sent a SASL challenge: it awaits the client's response."""
 
     sasl: SaslLogin
     name: ClassVar[str] = "a SASL challenge"
+    kind: ClassVar[_Kind] = _Kind.CHALLENGE
 
 
 @dataclass(frozen=True, slots=True)
 class _Stls:
     name: ClassVar[str] = "STLS"
+    kind: ClassVar[_Kind] = _Kind.STLS
 
 
 @dataclass(frozen=True, slots=True)
 class _Quit:
     name: ClassVar[str] = "QUIT"
+    kind: ClassVar[_Kind] = _Kind.QUIT
 
 
 @dataclass(frozen=True, slots=True)
 class _Other:
     body: _Body | None  # what a +OK to it carries; None: a single line
     name: ClassVar[str] = "a command"
+    kind: ClassVar[_Kind] = _Kind.OTHER
 
 
 _Command = _Greeting | _User | _Pass | _Apop | _Auth | _Challenge | _Stls | _Quit | _Other
@@ -274,38 +344,41 @@ class POP3Machine(LineMachine):
             self._pipelining = True
 
     def _reply(self, command: _Command, status: _Status, out: list[Event]) -> None:
-        """What `status` does as the reply to `command`; anything unlisted is an error."""
-        match command, status:
-            case (_Greeting() | _Stls() | _Quit() | _Other()), _Status.ERR:
-                pass
-            case _Greeting(), _Status.OK:
-                pass
-            case _Other(body), _Status.OK:
-                self._body = body
-            case _User(), _Status.OK:
+        """What `status` does as the reply to `command`: the table _REPLIES."""
+        action = _REPLIES.get((command.kind, status))
+        if action is None:
+            raise ProtocolError(f"{status.value} is no valid reply to {command.name}")
+        match action:
+            case _Action.BODY:
+                assert isinstance(command, _Other)
+                self._body = command.body
+            case _Action.USER:
+                assert isinstance(command, _User)
                 self._user = command
-            case _User(), _Status.ERR:
+            case _Action.NO_USER:
                 self._user = None
-            case _Pass(), (_Status.OK | _Status.ERR):
-                user, self._user = self._user, None  # a PASS uses up its USER
-                if user is None and status is _Status.OK:
-                    raise ProtocolError("server accepted PASS without an accepted USER")
-                self._login(status is _Status.OK, user.user if user else None, "USER", out)
-            case _Apop(name), (_Status.OK | _Status.ERR):
-                self._login(status is _Status.OK, name, "APOP", out)
-            case _Auth(sasl, cancelled=False), _Status.MORE:
-                self._pending.append(_Challenge(sasl))
-            case _Auth(sasl, answered=True, cancelled=False), _Status.OK:
-                self._login(True, sasl.user, sasl.method, out)
-            case (_Auth(sasl) | _Challenge(sasl)), _Status.ERR:
-                self._login(False, sasl.user, sasl.method, out)
-            case _Stls(), _Status.OK:
+            case _Action.CHALLENGE:
+                assert isinstance(command, _Auth)
+                self._pending.append(_Challenge(command.sasl))
+            case _Action.LOGIN | _Action.FAILED:
+                ok = action is _Action.LOGIN
+                if isinstance(command, _Pass):
+                    user, self._user = self._user, None  # a PASS uses up its USER
+                    if user is None and ok:
+                        raise ProtocolError("server accepted PASS without an accepted USER")
+                    self._login(ok, user.user if user else None, "USER", out)
+                elif isinstance(command, _Apop):
+                    self._login(ok, command.user, "APOP", out)
+                else:
+                    assert isinstance(command, _Auth | _Challenge)
+                    self._login(ok, command.sasl.user, command.sasl.method, out)
+            case _Action.TLS:
                 out.append(TLSStarted())
                 self._settled = True
-            case _Quit(), _Status.OK:
+            case _Action.CLOSED:
                 self._settled = True
-            case _:
-                raise ProtocolError(f"{status.value} is no valid reply to {command.name}")
+            case _Action.NOTHING:
+                pass
 
     def _login(self, ok: bool, user: str | None, method: str, out: list[Event]) -> None:
         if ok:

@@ -76,6 +76,7 @@ class _Mode(enum.Enum):
 class _Cmd(enum.Enum):
     """What a command waiting for its reply is, as far as replies matter."""
 
+    GREETING = "the greeting"  # what the connection's first reply answers
     MAIL = "MAIL"
     RCPT = "RCPT"
     DATA = "DATA"
@@ -108,14 +109,18 @@ _PLAIN = {"2": _Reply.OK, "4": _Reply.REFUSED, "5": _Reply.REFUSED}
 # (command, reply code) -> outcome: the exact code is looked up first, then
 # its class ("2" for 2xx ...). Anything missing is a protocol error: a 354 to
 # RCPT, say, means the queue and the MTA disagree.
-_REPLIES: dict[_Cmd, dict[str, _Reply]] = {
-    **{cmd: _PLAIN for cmd in _Cmd},
-    _Cmd.DATA: {"354": _Reply.DATA_GO, **_PLAIN},
-    _Cmd.STARTTLS: {"220": _Reply.TLS_GO, "4": _Reply.REFUSED, "5": _Reply.REFUSED},
-    _Cmd.AUTH: {"334": _Reply.CHALLENGE, "235": _Reply.LOGGED_IN,
-                "4": _Reply.LOGIN_FAILED, "5": _Reply.LOGIN_FAILED},
+_REPLIES: dict[tuple[_Cmd, str], _Reply] = {
+    **{(cmd, code): reply for cmd in _Cmd if cmd not in (_Cmd.STARTTLS, _Cmd.AUTH)
+       for code, reply in _PLAIN.items()},
+    (_Cmd.DATA, "354"): _Reply.DATA_GO,
+    (_Cmd.STARTTLS, "220"): _Reply.TLS_GO,
+    (_Cmd.STARTTLS, "4"): _Reply.REFUSED,
+    (_Cmd.STARTTLS, "5"): _Reply.REFUSED,
+    (_Cmd.AUTH, "334"): _Reply.CHALLENGE,
+    (_Cmd.AUTH, "235"): _Reply.LOGGED_IN,
+    (_Cmd.AUTH, "4"): _Reply.LOGIN_FAILED,
+    (_Cmd.AUTH, "5"): _Reply.LOGIN_FAILED,
 }
-_GREETING = _PLAIN
 
 # Whether the MTA has a mail transaction open after a command, on success and
 # on failure; None keeps what was there. Where an MTA's choice is unsure, the
@@ -447,12 +452,12 @@ class SMTPMachine(PinnedMachine):
 
     def _final_reply(self, code: str, events: list[Event]) -> None:
         if not self._greeted:
-            if _lookup(_GREETING, code) is None:
+            if _lookup(_Cmd.GREETING, code) is None:
                 raise ProtocolError(f"greeting with reply code {code}")
             self._greeted = True
             return
         pending = self._pending[self._head]
-        outcome = _lookup(_REPLIES[pending.cmd], code)
+        outcome = _lookup(pending.cmd, code)
         if outcome is None:
             raise ProtocolError(f"reply {code} does not answer {pending.cmd.value}")
         if pending.watched:
@@ -480,5 +485,5 @@ class SMTPMachine(PinnedMachine):
             events.append(event(pending.sasl.user, pending.sasl.method))
 
 
-def _lookup(table: dict[str, _Reply], code: str) -> _Reply | None:
-    return table.get(code) or table.get(code[0])
+def _lookup(cmd: _Cmd, code: str) -> _Reply | None:
+    return _REPLIES.get((cmd, code)) or _REPLIES.get((cmd, code[0]))

@@ -15,7 +15,7 @@ import base64
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from streams import conversation_splits
+from login_machines import PASSWORD, PLAIN_IR, C, Harness, S, feed
 
 from sapd_nfq.engine.errors import ProtocolError
 from sapd_nfq.engine.events import (
@@ -26,13 +26,11 @@ from sapd_nfq.engine.events import (
     TLSOffered,
     TLSStarted,
 )
-from sapd_nfq.engine.imap import _TAGGED, IMAPMachine, _Kind, _Status
+from sapd_nfq.engine.imap import IMAPMachine, _Kind
 
-C, S = "client", "server"
-
-PASSWORD = "s3cr3t-Tr0ub4dor"
-PLAIN_IR = base64.b64encode(b"\0bob\0" + PASSWORD.encode()).decode()
-SECRETS = (PASSWORD, PLAIN_IR, base64.b64encode(PASSWORD.encode()).decode())
+IMAP = Harness(IMAPMachine)
+assert_every_cut = IMAP.assert_every_cut
+assert_refused_every_cut = IMAP.assert_refused_every_cut
 
 CAPS = b"IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS AUTH=PLAIN AUTH=LOGIN"
 GREETING_LINE = b"* OK [CAPABILITY " + CAPS + b"] Dovecot (Debian) ready.\r\n"
@@ -46,35 +44,6 @@ CAPABILITY_AT = len(GREETING_LINE) + len(b"* CAPABILITY ") + CAPS.index(b"STARTT
 OFFERS = [TLSOffered(STARTTLS_AT, 8), TLSOffered(CAPABILITY_AT, 8)]
 LOGGED_IN = b"OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT] Logged in\r\n"
 FAILED_LINE = b"NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"
-
-
-def feed(machine: IMAPMachine, steps) -> list:
-    events = []
-    for side, chunk in steps:
-        receive = machine.receive_client if side == C else machine.receive_server
-        events += receive(chunk)
-    return events
-
-
-def assert_every_cut(steps, expected, *, settled=False):
-    for cut in conversation_splits(steps):
-        machine = IMAPMachine()
-        assert feed(machine, cut) == expected, cut
-        assert machine.settled is settled
-
-
-def assert_refused_every_cut(steps):
-    """Every cut ends in ProtocolError, with no login learnt before it."""
-    for cut in conversation_splits(steps):
-        machine, events = IMAPMachine(), []
-        with pytest.raises(ProtocolError) as raised:
-            for side, chunk in cut:
-                receive = machine.receive_client if side == C else machine.receive_server
-                events += receive(chunk)
-        assert not any(isinstance(e, LoginSucceeded) for e in events), cut
-        assert not any(s in raised.value.hint for s in SECRETS)
-        with pytest.raises(ProtocolError):  # pinned
-            machine.receive_server(b"* OK\r\n")
 
 
 # --- transcripts that log in ------------------------------------------------------
@@ -283,14 +252,7 @@ def test_max_pending():
 
 @pytest.mark.parametrize("steps, expected", [*LOGINS.values(), *FAILED.values()])
 def test_password_never_shown(steps, expected):
-    machine = IMAPMachine()
-    shown = []
-    for side, chunk in steps:
-        shown.append(repr(machine))
-        events = (machine.receive_client if side == C else machine.receive_server)(chunk)
-        shown += [repr(events), str(events)]
-    shown.append(repr(machine))
-    assert not any(secret in text for secret in SECRETS for text in shown)
+    IMAP.assert_password_never_shown(steps)
 
 
 # --- the reply table, over every (state, input) -------------------------------------------
@@ -312,16 +274,6 @@ INPUTS = [(S, b"a OK Logged in\r\n"), (S, b"a NO x\r\n"), (S, b"a BAD x\r\n"),
           (S, b"+ \r\n"), (S, b'* ID ("a" {4}\r\n'), (S, b")\r\n"),
           (C, b"b NOOP\r\n"), (C, b"b LOGIN bob x\r\n"), (C, b"bob\r\n"), (C, b"*\r\n"),
           (C, b"x {2+}\r\n"), (C, PLAIN_IR.encode() + b"\r\n")]
-
-
-def test_the_table_covers_every_kind_and_status():
-    for kind in _Kind:
-        for status in _Status:
-            action = _TAGGED.get((kind, status))
-            if kind in (_Kind.CHALLENGED, _Kind.CANCELLED) and status is _Status.OK:
-                assert action is None
-            else:
-                assert action is not None, (kind, status)
 
 
 @settings(max_examples=400, deadline=None)
@@ -359,8 +311,4 @@ chunk = st.one_of(st.sampled_from(TOKENS), st.binary(max_size=12))
 @given(steps=st.lists(st.tuples(st.sampled_from([C, S]), chunk), max_size=40),
        max_line=st.sampled_from([8, 64, 2048]), max_pending=st.sampled_from([1, 3, 100]))
 def test_any_bytes_parse_or_raise_protocol_error(steps, max_line, max_pending):
-    machine = IMAPMachine(max_line=max_line, max_pending=max_pending)
-    try:
-        feed(machine, steps)
-    except ProtocolError as exc:
-        assert not any(s in exc.hint for s in SECRETS)
+    IMAP.assert_parses_or_raises(steps, max_line=max_line, max_pending=max_pending)

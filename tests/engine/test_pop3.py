@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from streams import conversation_splits
+from login_machines import PASSWORD, PLAIN_IR, C, Harness, S, feed
 
 from sapd_nfq.engine.errors import ProtocolError
 from sapd_nfq.engine.events import (
@@ -28,11 +28,9 @@ from sapd_nfq.engine.events import (
 )
 from sapd_nfq.engine.pop3 import MAX_COMMAND, POP3Machine
 
-C, S = "client", "server"
-
-PASSWORD = "s3cr3t-Tr0ub4dor"
-PLAIN_IR = base64.b64encode(b"\0bob\0" + PASSWORD.encode()).decode()
-SECRETS = (PASSWORD, PLAIN_IR, base64.b64encode(PASSWORD.encode()).decode())
+POP3 = Harness(POP3Machine)
+assert_every_cut = POP3.assert_every_cut
+assert_refused_every_cut = POP3.assert_refused_every_cut
 
 GREETING = (S, b"+OK Dovecot (Ubuntu) ready.\r\n")
 CAPA_BODY = (b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\n"
@@ -43,35 +41,6 @@ STLS_AT = len(GREETING[1]) + CAPA_BODY.index(b"STLS")
 NO_PIPELINING = [(C, b"CAPA\r\n"), (S, b"+OK\r\nTOP\r\nUSER\r\n.\r\n")]
 LOGGED_IN = (S, b"+OK Logged in.\r\n")
 AUTH_FAILED = (S, b"-ERR [AUTH] Authentication failed.\r\n")
-
-
-def feed(machine: POP3Machine, steps) -> list:
-    events = []
-    for side, chunk in steps:
-        receive = machine.receive_client if side == C else machine.receive_server
-        events += receive(chunk)
-    return events
-
-
-def assert_every_cut(steps, expected, *, settled=False, **limits):
-    for cut in conversation_splits(steps):
-        machine = POP3Machine(**limits)
-        assert feed(machine, cut) == expected, cut
-        assert machine.settled is settled
-
-
-def assert_refused_every_cut(steps, **limits):
-    """Every cut ends in ProtocolError, with no login learnt before it."""
-    for cut in conversation_splits(steps):
-        machine, events = POP3Machine(**limits), []
-        with pytest.raises(ProtocolError) as raised:
-            for side, chunk in cut:
-                receive = machine.receive_client if side == C else machine.receive_server
-                events += receive(chunk)
-        assert not any(isinstance(e, LoginSucceeded) for e in events), cut
-        assert not any(s in raised.value.hint for s in SECRETS)
-        with pytest.raises(ProtocolError):  # pinned
-            machine.receive_server(b"+OK\r\n")
 
 
 # --- transcripts that log in ------------------------------------------------------
@@ -359,14 +328,7 @@ ALL = [*LOGINS.values(), *FAILED.values()]
 
 @pytest.mark.parametrize("steps, expected", ALL)
 def test_password_never_shown(steps, expected):
-    machine = POP3Machine()
-    shown = []
-    for side, chunk in steps:
-        shown.append(repr(machine))
-        events = (machine.receive_client if side == C else machine.receive_server)(chunk)
-        shown += [repr(events), str(events)]
-    shown.append(repr(machine))
-    assert not any(secret in text for secret in SECRETS for text in shown)
+    POP3.assert_password_never_shown(steps)
 
 
 @pytest.mark.parametrize("line", [
@@ -397,20 +359,7 @@ chunk = st.one_of(st.sampled_from(TOKENS), st.binary(max_size=12))
 @given(steps=st.lists(st.tuples(st.sampled_from([C, S]), chunk), max_size=40),
        max_line=st.sampled_from([8, 64, 2048]), max_pending=st.sampled_from([1, 3, 100]))
 def test_any_bytes_parse_or_raise_protocol_error(steps, max_line, max_pending):
-    machine = POP3Machine(max_line=max_line, max_pending=max_pending)
-    failed = False
-    for side, data in steps:
-        receive = machine.receive_client if side == C else machine.receive_server
-        try:
-            events = receive(data)
-        except ProtocolError:
-            failed = True
-            continue
-        assert not failed, "an error must pin the machine"
-        assert all(isinstance(e, (LoginSucceeded, LoginFailed, TLSOffered, StartTLSRequested,
-                                  TLSStarted, Quit)) for e in events)
-        if machine.settled:
-            assert receive(data) == []
+    POP3.assert_parses_or_raises(steps, max_line=max_line, max_pending=max_pending)
 
 
 # --- hypothesis: a login only from the +OK that answers PASS, APOP or AUTH --------------
