@@ -6,12 +6,13 @@ import json
 import sys
 import time
 
+from dovecot_lines import login
+
 from sapd_nfq.engine.loglines import MAX_JOURNAL_ENTRY, journal_entry, parse_line
 from sapd_nfq.learners.logs import JournalFollower
 from sapd_nfq.wiring.config import load_config
 
-LOGIN = ("imap-login: Login: user=<alice>, method=PLAIN, rip=198.18.1.2, lip=198.18.2.2, "
-         "mpid=42, TLS, session=<c2Vzc2lvbg>")
+LOGIN = login(prefix="", info="").decode()
 DOVECOT = {"_UID": "0", "_EXE": "/usr/lib/dovecot/log", "_COMM": "log",
            "SYSLOG_IDENTIFIER": "dovecot", "MESSAGE": LOGIN, "__CURSOR": "s=1;i=1"}
 

@@ -6,18 +6,20 @@ from __future__ import annotations
 import os
 import time
 
+import dovecot_lines
+
 from sapd_nfq.engine.logins import MemoryLoginStore
 from sapd_nfq.engine.loglines import MAX_LINE
 from sapd_nfq.learners.logs import SESSION_MAX, FileFollower, LogLearner
 
 
-def login_line(address: str, user: str = "alice", session: str = "c2Vzc2lvbg") -> bytes:
-    return (f"Dec 02 04:44:31 imap-login: Info: Login: user=<{user}>, method=PLAIN, "
-            f"rip={address}, lip=198.18.2.2, mpid=1, TLS, session=<{session}>\n").encode()
+def login_line(address: str, user: str = "alice") -> bytes:
+    """A login line as the log file holds it."""
+    return dovecot_lines.login(user, address=address) + b"\n"
 
 
-def end_line(session: str = "c2Vzc2lvbg") -> bytes:
-    return f"Dec 02 05:44:31 imap(alice)<1><{session}>: Info: Disconnected: Logged out\n".encode()
+def end_line() -> bytes:
+    return dovecot_lines.session_end() + b"\n"
 
 
 def append(path, data: bytes) -> None:
@@ -186,7 +188,7 @@ def test_reads_many_lines_quickly(tmp_path):
     ll.poll(100.0)
     noise = (b"Dec 02 04:44:31 imap(alice)<1><c2Vzc2lvbg>: Info: Connection closed in=0 out=0\n")
     count = 50_000
-    append(log, (noise * 9 + login_line("198.18.1.2", session="c2Vzc2lvbg")) * (count // 10))
+    append(log, (noise * 9 + login_line("198.18.1.2")) * (count // 10))
     start = time.perf_counter()
     while ll.lines < count:
         ll.poll(100.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import pytest
 from engine_helpers import CLIENT4, CLIENT6, SERVER6, Conn, make_engine
@@ -17,6 +18,7 @@ from sapd_nfq.engine.policy import ROW_LOGGED_IN, ROW_NOT_LOCAL, ROW_NOT_LOGGED_
 from sapd_nfq.engine.smtp import MAX_PENDING_BYTES
 from sapd_nfq.engine.verdicts import ACCEPT, BYPASS, DROP
 
+C, S = "client", "server"
 RELAY = b"MAIL FROM:<alice@lab.example>\r\nRCPT TO:<dave@external.example>\r\n"
 
 
@@ -71,37 +73,6 @@ def test_relay_without_login_is_refused_with_550_and_resets():
     assert again.verdict is DROP and parse(again.inject[0]).flags & RST
     # Whatever the server still sends never reaches the client.
     assert conn.server(b"250 2.1.0 Ok\r\n").verdict is DROP
-
-
-def test_pop3_login_then_relay_passes_and_pop3_leaves_the_queue():
-    engine = make_engine()
-    pop = Conn(engine, cport=41000, sport=110)
-    d = pop.pop3_login(b"alice")
-    assert d.verdict is BYPASS
-    [n] = notices(d, "login")
-    assert n.user == "alice" and "secret" not in repr(d)
-    assert engine.logins.is_logged_in(pop.client_addr, pop.now)
-    # A mailbox download after the login is no longer inspected.
-    assert pop.server(b"+OK 2 messages\r\n").verdict is BYPASS
-
-    smtp = Conn(engine, now=pop.now)
-    smtp.smtp_greeting()
-    d = smtp.client(RELAY)
-    assert d.verdict is ACCEPT
-    [n] = notices(d, "pass")
-    assert n.row == ROW_LOGGED_IN and n.user == "alice"
-
-
-def test_failed_pop3_login_grants_nothing():
-    engine = make_engine()
-    pop = Conn(engine, sport=110)
-    pop.handshake()
-    pop.server(b"+OK ready\r\n")
-    pop.client(b"USER alice\r\n")
-    pop.server(b"+OK\r\n")
-    pop.client(b"PASS wrong\r\n")
-    d = pop.server(b"-ERR [AUTH] Authentication failed.\r\n")
-    assert notices(d, "login-failed") and not engine.logins.entries(pop.now)
 
 
 def test_login_window_expires():
@@ -321,14 +292,6 @@ def test_urgent_flag_on_a_hidden_starttls_offer():
     assert parse(d.packet).payload == reply.replace(b"STARTTLS", b"XXXXXXXX")
 
 
-def test_urgent_data_on_pop3_is_read_in_line():
-    conn = Conn(make_engine(), sport=110)
-    conn.handshake()
-    conn.server(b"+OK Dovecot ready.\r\n")
-    sent = conn.packet(True, b"USER alice\r\n", flags="PAU", urgptr=5)
-    assert_urgent_cleared(conn.feed(sent), sent)
-
-
 def test_starttls_offer_split_over_segments_is_hidden_where_it_completes():
     conn = Conn(make_engine())
     conn.handshake()
@@ -368,75 +331,142 @@ def test_relay_clients_policy_still_hides_tls_from_others():
     assert b"XXXXXXXX" in parse(conn.server(b"250-mx\r\n250 STARTTLS\r\n").packet).payload
 
 
-def test_pop3_stls_allowed_by_default_and_hidden_on_request():
-    allow = Conn(make_engine(), sport=110)
-    allow.handshake()
-    allow.server(b"+OK ready\r\n")
-    allow.client(b"CAPA\r\n")
-    assert allow.server(b"+OK\r\nSTLS\r\nUSER\r\n.\r\n").packet is None
-    allow.client(b"STLS\r\n")
-    assert allow.server(b"+OK Begin TLS negotiation now.\r\n").verdict is BYPASS
+# --- POP3 and IMAP alike ---------------------------------------------------------
 
-    strip = Conn(make_engine(pop3_stls="strip"), sport=110)
-    strip.handshake()
-    strip.server(b"+OK ready\r\n")
-    strip.client(b"CAPA\r\n")
-    assert b"\r\nXXXX\r\n" in parse(strip.server(b"+OK\r\nSTLS\r\nUSER\r\n.\r\n").packet).payload
-    assert_refused(strip.client(b"STLS\r\n"), strip, b"-ERR")
+@dataclass(frozen=True)
+class Mailbox:
+    """A mailbox protocol's lines, for what the engine does with both alike."""
+
+    protocol: str
+    port: int
+    #: from the greeting to the server's TLS offer, and the offer as it passes hidden
+    offer: list[tuple[str, bytes]]
+    hidden: bytes
+    #: alice logs in with "secret", up to the server's reply (`method`: how)
+    login: list[tuple[str, bytes]]
+    logged_in: bytes
+    method: str
+    #: alice tries a wrong password, up to the server's reply
+    wrong: list[tuple[str, bytes]]
+    failed: bytes
+    starttls: bytes
+    tls_started: bytes
+    #: the config key for TLS, and how a refusal reads
+    tls_key: str
+    refused: bytes
+    #: a client line no server would read as we do
+    broken: bytes
+    #: server bytes after a login, no longer inspected
+    after_login: bytes
 
 
 IMAP_GREETING = b"* OK [CAPABILITY IMAP4rev1 LITERAL+ STARTTLS AUTH=PLAIN] Dovecot ready.\r\n"
+POP3 = Mailbox(
+    "pop3", 110,
+    offer=[(S, b"+OK Dovecot ready.\r\n"), (C, b"CAPA\r\n"), (S, b"+OK\r\nSTLS\r\nUSER\r\n.\r\n")],
+    hidden=b"\r\nXXXX\r\n",
+    login=[(S, b"+OK Dovecot ready.\r\n"), (C, b"USER alice\r\n"), (S, b"+OK\r\n"),
+           (C, b"PASS secret\r\n")],
+    logged_in=b"+OK Logged in.\r\n", method="USER",
+    wrong=[(S, b"+OK ready\r\n"), (C, b"USER alice\r\n"), (S, b"+OK\r\n"), (C, b"PASS wrong\r\n")],
+    failed=b"-ERR [AUTH] Authentication failed.\r\n",
+    starttls=b"STLS\r\n", tls_started=b"+OK Begin TLS negotiation now.\r\n",
+    tls_key="pop3_stls", refused=b"-ERR", broken=b"USER b\x00ob\r\n",
+    after_login=b"+OK 2 messages\r\n")
+IMAP = Mailbox(
+    "imap", 143,
+    offer=[(S, IMAP_GREETING)],
+    hidden=b" XXXXXXXX ",
+    login=[(S, IMAP_GREETING), (C, b"a1 LOGIN {5+}\r\nalice secret\r\n")],
+    logged_in=b"a1 OK [CAPABILITY IMAP4rev1] Logged in\r\n", method="LOGIN",
+    wrong=[(S, IMAP_GREETING), (C, b"a1 LOGIN alice wrong\r\n")],
+    failed=b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n",
+    starttls=b"a STARTTLS\r\n", tls_started=b"a OK Begin TLS negotiation now.\r\n",
+    tls_key="imap_starttls", refused=b"* BYE", broken=b"a* LOGIN bob x\r\n",
+    after_login=b"* 2 EXISTS\r\n")
+MAILBOXES = pytest.mark.parametrize("box", [POP3, IMAP], ids=lambda box: box.protocol)
 
 
-def test_imap_login_then_relay_passes_and_imap_leaves_the_queue():
+def play(conn: Conn, steps: list[tuple[str, bytes]]):
+    """Each step on its side; the last step's Decision."""
+    decision = None
+    for side, data in steps:
+        decision = conn.client(data) if side == C else conn.server(data)
+    return decision
+
+
+@MAILBOXES
+def test_a_mailbox_login_then_relay_passes_and_the_mailbox_leaves_the_queue(box):
     engine = make_engine()
-    imap = Conn(engine, cport=41000, sport=143)
-    imap.handshake()
-    assert imap.server(IMAP_GREETING).packet is None
-    imap.client(b"a1 LOGIN {5+}\r\nalice secret\r\n")
-    d = imap.server(b"a1 OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+    mailbox = Conn(engine, cport=41000, sport=box.port)
+    mailbox.handshake()
+    play(mailbox, box.login)
+    d = mailbox.server(box.logged_in)
     assert d.verdict is BYPASS
     [n] = notices(d, "login")
-    assert (n.user, n.reason) == ("alice", "imap LOGIN") and "secret" not in repr(d)
-    [login] = engine.logins.entries(imap.now)
-    assert (login.user, login.source) == ("alice", "imap")
-    smtp = Conn(engine, now=imap.now)
+    assert (n.user, n.reason) == ("alice", f"{box.protocol} {box.method}") and "secret" not in repr(d)
+    [login] = engine.logins.entries(mailbox.now)
+    assert (login.address, login.user, login.source) == (mailbox.client_addr, "alice", box.protocol)
+    # The mailbox's download after the login is no longer inspected.
+    assert mailbox.server(box.after_login).verdict is BYPASS
+
+    smtp = Conn(engine, now=mailbox.now)
     smtp.smtp_greeting()
-    assert smtp.client(RELAY).verdict is ACCEPT
+    d = smtp.client(RELAY)
+    assert d.verdict is ACCEPT
+    [n] = notices(d, "pass")
+    assert n.row == ROW_LOGGED_IN and n.user == "alice"
 
 
-def test_failed_imap_login_grants_nothing():
+@MAILBOXES
+def test_a_failed_mailbox_login_grants_nothing(box):
     engine = make_engine()
-    imap = Conn(engine, sport=143)
-    imap.handshake()
-    imap.server(IMAP_GREETING)
-    imap.client(b"a1 LOGIN alice wrong\r\n")
-    d = imap.server(b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")
+    mailbox = Conn(engine, sport=box.port)
+    mailbox.handshake()
+    play(mailbox, box.wrong)
+    d = mailbox.server(box.failed)
     assert d.verdict is ACCEPT and notices(d, "login-failed")
-    assert not engine.logins.is_logged_in(imap.client_addr, imap.now)
+    assert not engine.logins.entries(mailbox.now)
 
 
-def test_imap_starttls_allowed_by_default_and_hidden_on_request():
-    allow = Conn(make_engine(), sport=143)
+@MAILBOXES
+def test_mailbox_tls_allowed_by_default_and_hidden_on_request(box):
+    allow = Conn(make_engine(), sport=box.port)
     allow.handshake()
-    assert allow.server(IMAP_GREETING).packet is None
-    allow.client(b"a STARTTLS\r\n")
-    assert allow.server(b"a OK Begin TLS negotiation now.\r\n").verdict is BYPASS
+    assert play(allow, box.offer).packet is None
+    allow.client(box.starttls)
+    assert allow.server(box.tls_started).verdict is BYPASS
 
-    strip = Conn(make_engine(imap_starttls="strip"), sport=143)
+    strip = Conn(make_engine(**{box.tls_key: "strip"}), sport=box.port)
     strip.handshake()
-    assert b" XXXXXXXX " in parse(strip.server(IMAP_GREETING).packet).payload
-    assert_refused(strip.client(b"a STARTTLS\r\n"), strip, b"* BYE")
+    assert box.hidden in parse(play(strip, box.offer).packet).payload
+    assert_refused(strip.client(box.starttls), strip, box.refused)
 
 
-def test_an_imap_stream_it_cannot_follow_leaves_the_queue():
-    imap = Conn(make_engine(), sport=143)
-    imap.handshake()
-    imap.server(IMAP_GREETING)
-    d = imap.client(b"a* LOGIN bob x\r\n")
+@MAILBOXES
+def test_a_mailbox_stream_it_cannot_follow_leaves_the_queue(box):
+    mailbox = Conn(make_engine(), sport=box.port)
+    mailbox.handshake()
+    play(mailbox, box.offer[:1])
+    d = mailbox.client(box.broken)
     assert d.verdict is BYPASS
     [n] = notices(d, "error")
-    assert n.reason.startswith("IMAP: ")
+    assert n.reason.startswith(f"{box.protocol.upper()}: ")
+
+
+@MAILBOXES
+def test_an_untracked_mailbox_connection_leaves_the_queue(box):
+    conn = Conn(make_engine(), sport=box.port)
+    assert conn.client(b"NOOP\r\n").verdict is BYPASS
+
+
+@MAILBOXES
+def test_urgent_data_on_a_mailbox_is_read_in_line(box):
+    conn = Conn(make_engine(), sport=box.port)
+    conn.handshake()
+    play(conn, box.login[:1])
+    sent = conn.packet(True, box.login[1][1], flags="PAU", urgptr=5)
+    assert_urgent_cleared(conn.feed(sent), sent)
 
 
 def test_untracked_smtp_connection_is_reset_both_ways():
@@ -494,11 +524,6 @@ def test_refused_sessions_give_their_slots_up_before_live_ones():
         assert_refused(attempt.client(RELAY), attempt, b"550 5.7.1")
     assert engine.flows.get((idle.client_addr, idle.cport, idle.server_addr, idle.sport)) is not None
     assert idle.client(b"QUIT\r\n").verdict is ACCEPT
-
-
-def test_untracked_pop3_connection_leaves_the_queue():
-    conn = Conn(make_engine(), sport=110)
-    assert conn.client(b"RETR 1\r\n").verdict is BYPASS
 
 
 def test_a_retransmission_with_different_bytes_is_refused():

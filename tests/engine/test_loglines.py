@@ -11,50 +11,36 @@ address or turns a failure into a login.
 from __future__ import annotations
 
 import pytest
+from dovecot_lines import SESSION, failed, login
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sapd_nfq.engine.loglines import MAX_LINE, LogLogin, LogSessionEnd, parse_line
 
-SESSION = "xJF7TJ9h2L/GEgEC"
-TAIL = f"rip=198.18.1.2, lip=198.18.2.2, mpid=28598, TLS, session=<{SESSION}>"
-
-
-def dovecot(service: str, user: str, *, prefix: str = "Dec 02 04:44:31 ", info: str = "Info: ",
-            method: str = "PLAIN", tail: str = TAIL) -> bytes:
-    return f"{prefix}{service}-login: {info}Login: user=<{user}>, method={method}, {tail}".encode()
-
-
-def failed(user: str, service: str = "imap") -> bytes:
-    return (f"Dec 02 04:44:33 {service}-login: Info: Disconnected: Connection closed "
-            f"(auth failed, 1 attempts in 2 secs): user=<{user}>, method=PLAIN, "
-            f"rip=198.18.1.2, lip=198.18.2.2, TLS, session=<ApWETJ9h4L/GEgEC>").encode()
-
-
 GOOD = {
-    "2.3 log_path imap": (dovecot("imap", "alice"),
+    "2.3 log_path imap": (login("alice"),
                           LogLogin("dovecot", "imap", "198.18.1.2", "alice", "PLAIN", True, SESSION)),
     "2.3 log_path pop3 CRAM-MD5": (
-        dovecot("pop3", "bob", method="CRAM-MD5"),
+        login("bob", service="pop3", method="CRAM-MD5"),
         LogLogin("dovecot", "pop3", "198.18.1.2", "bob", "CRAM-MD5", True, SESSION)),
-    "2.3 submission": (dovecot("submission", "alice"),
+    "2.3 submission": (login("alice", service="submission"),
                        LogLogin("dovecot", "submission", "198.18.1.2", "alice", "PLAIN", True, SESSION)),
-    "syslog": (dovecot("imap", "alice", prefix="Dec  2 04:44:31 mail dovecot: ", info=""),
+    "syslog": (login("alice", prefix="Dec  2 04:44:31 mail dovecot: ", info=""),
                LogLogin("dovecot", "imap", "198.18.1.2", "alice", "PLAIN", True, SESSION)),
     "syslog with pid, RFC 3339": (
-        dovecot("pop3", "alice", prefix="2026-12-02T04:44:31.123456+00:00 mail dovecot[812]: ",
+        login("alice", service="pop3", prefix="2026-12-02T04:44:31.123456+00:00 mail dovecot[812]: ",
                 info=""),
         LogLogin("dovecot", "pop3", "198.18.1.2", "alice", "PLAIN", True, SESSION)),
     "2.4 plaintext, no mpid shown": (
-        dovecot("imap", "alice@lab.example", info="",
+        login("alice@lab.example", info="",
                 tail=f"rip=2001:db8:1::2, lip=2001:db8:2::2, session=<{SESSION}>"),
         LogLogin("dovecot", "imap", "2001:db8:1::2", "alice@lab.example", "PLAIN", False, SESSION)),
     "2.4 secured": (
-        dovecot("imap", "alice", tail=f"rip=198.18.1.2, lip=198.18.2.2, mpid=7, secured, "
+        login("alice", tail=f"rip=198.18.1.2, lip=198.18.2.2, mpid=7, secured, "
                                       f"session=<{SESSION}>"),
         LogLogin("dovecot", "imap", "198.18.1.2", "alice", "PLAIN", True, SESSION)),
     "IPv4-mapped address": (
-        dovecot("imap", "alice", tail="rip=::ffff:198.18.1.2, lip=::ffff:198.18.2.2"),
+        login("alice", tail="rip=::ffff:198.18.1.2, lip=::ffff:198.18.2.2"),
         LogLogin("dovecot", "imap", "198.18.1.2", "alice", "PLAIN", False, None)),
     "courier imapd-ssl": (
         b"Dec  2 04:44:31 mail imapd-ssl: LOGIN, user=alice, ip=[::ffff:198.18.1.2], "
@@ -65,7 +51,7 @@ GOOD = {
         LogLogin("courier", "pop3", "2001:db8:1::2", "bob", None, False)),
     # a name holding a whole success line's fields stays a name: the server's follow it
     "forged fields inside the name": (
-        dovecot("imap", "x>, method=PLAIN, rip=198.18.6.6, lip=198.18.2.2, mpid=1, TLS, session=<a"),
+        login("x>, method=PLAIN, rip=198.18.6.6, lip=198.18.2.2, mpid=1, TLS, session=<a"),
         LogLogin("dovecot", "imap", "198.18.1.2",
                  "x>, method=PLAIN, rip=198.18.6.6, lip=198.18.2.2, mpid=1, TLS, session=<a",
                  "PLAIN", True, SESSION)),
@@ -95,17 +81,17 @@ NOT_LOGINS = {
                          b"Login: user=<alice>, method=PLAIN, rip=198.18.6.6, lip=198.18.2.2"),
     "another program": (b"Dec  2 04:44:31 mail evil: imap-login: Login: user=<x>, "
                         b"method=PLAIN, rip=198.18.6.6, lip=198.18.2.2"),
-    "TLS handshaking (the session is not secured yet)": dovecot(
-        "imap", "alice", tail="rip=198.18.1.2, lip=198.18.2.2, TLS handshaking"),
-    "custom elements": dovecot("imap", "alice", tail="rip=198.18.1.2, lip=198.18.2.2, port=143"),
-    "not an address": dovecot("imap", "alice", tail="rip=example.org, lip=198.18.2.2"),
+    "TLS handshaking (the session is not secured yet)": login(
+        "alice", tail="rip=198.18.1.2, lip=198.18.2.2, TLS handshaking"),
+    "custom elements": login("alice", tail="rip=198.18.1.2, lip=198.18.2.2, port=143"),
+    "not an address": login("alice", tail="rip=example.org, lip=198.18.2.2"),
     "courier failure": (b"Dec  2 04:44:31 mail imapd: LOGIN FAILED, user=alice, "
                         b"ip=[::ffff:198.18.1.2]"),
     "courier failure, name a success": (
         b"Dec  2 04:44:31 mail imapd: LOGIN FAILED, user=x imapd: LOGIN, user=alice, "
         b"ip=[198.18.6.6], port=[1], ip=[::ffff:198.18.1.2]"),
-    "too long": dovecot("imap", "a" * MAX_LINE),
-    "a line break inside": dovecot("imap", "alice") + b"\n" + dovecot("imap", "bob"),
+    "too long": login("a" * MAX_LINE),
+    "a line break inside": login("alice") + b"\n" + login("bob"),
     "empty": b"",
 }
 
@@ -135,7 +121,7 @@ NAME_CHARS = st.lists(st.sampled_from([*"ab@.<>,= :[]()x", "198.18.6.6", "rip=",
 @given(name=NAME_CHARS)
 def test_no_name_changes_the_address_or_makes_a_failure_a_login(name):
     assert not isinstance(parse_line(failed(name)), LogLogin)
-    got = parse_line(dovecot("imap", name))
+    got = parse_line(login(name))
     assert isinstance(got, LogLogin)
     assert (got.address, got.session) == ("198.18.1.2", SESSION)
     assert got.user == (name or None)
