@@ -20,7 +20,7 @@ from sapd_nfq.kernel.rules import (
     GUARD,
     IPV4,
     IPV6,
-    POP3_CHAIN,
+    MAILBOX_CHAIN,
     PORT_GUARD,
     SEEN,
     SMTP_CHAIN,
@@ -122,7 +122,7 @@ def test_families_differ_only_in_the_comments_and_the_pure_ack_headers():
 ], ids=["ipv4", "ipv6"])
 def test_only_an_empty_ack_with_known_header_lengths_goes_by(family, lengths, checks):
     text = rules.render(RuleSpec(), family)
-    for chain in (SMTP_CHAIN, POP3_CHAIN):
+    for chain in (SMTP_CHAIN, MAILBOX_CHAIN):
         returns = [rule for rule in chain_rules(text, chain) if "-m u32" in rule]
         assert len(returns) == 2
         for rule, length, doff in zip(returns, lengths, (5, 8)):
@@ -162,7 +162,7 @@ def test_rule_set_structure(spec, family):
 def test_dispatch_picks_client_packets_by_dport_and_server_packets_by_sport(spec):
     text = rules.render(spec)
     for chain, option, skip in ((TO_SERVER, "--dports", "-o"), (FROM_SERVER, "--sports", "-i")):
-        by_target = {SMTP_CHAIN: [], POP3_CHAIN: []}
+        by_target = {SMTP_CHAIN: [], MAILBOX_CHAIN: []}
         found = chain_rules(text, chain)
         # Mode "forward": first, what goes between client interfaces goes back.
         returns = [f"{skip} {name} -j RETURN" for name in spec.interfaces] if spec.mode == "forward" else []
@@ -175,13 +175,13 @@ def test_dispatch_picks_client_packets_by_dport_and_server_packets_by_sport(spec
             by_target[words[-1]] += map(int, ports)
         # IMAP shares the POP3 chain
         assert by_target == {SMTP_CHAIN: list(spec.smtp_ports),
-                             POP3_CHAIN: [*spec.pop3_ports, *spec.imap_ports]}
+                             MAILBOX_CHAIN: [*spec.pop3_ports, *spec.imap_ports]}
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
 def test_queue_chains_check_marks_then_invalid_then_pure_acks_then_count_then_queue(spec):
     text = rules.render(spec)
-    for chain, bypass in ((SMTP_CHAIN, False), (POP3_CHAIN, spec.pop3_fail_open)):
+    for chain, bypass in ((SMTP_CHAIN, False), (MAILBOX_CHAIN, spec.pop3_fail_open)):
         body = chain_rules(text, chain)
         assert body[0] == f"-m mark --mark {INJECT_MARK:#x}/{INJECT_MASK:#x} -j RETURN"
         assert [rule.split(" -j ")[1] for rule in body[1:4]] == [
@@ -593,6 +593,6 @@ def test_smtp_openings_are_read_from_the_saved_counters():
         f"[12:720] -A FORWARD -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m multiport --dports 25 -j {SEEN}\n"
         f"[5:300] -A {SMTP_CHAIN} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN\n"
         f"[40:9000] -A {SMTP_CHAIN} -j NFQUEUE --queue-num 0\n"
-        f"[3:180] -A {POP3_CHAIN} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN\n"
+        f"[3:180] -A {MAILBOX_CHAIN} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN\n"
         "COMMIT\n")
     assert saved.smtp_opens() == {"host": 12, "queued": 5}

@@ -58,11 +58,12 @@ TABLE = "mangle"
 TO_SERVER = "SAPD_NFQ_TO_SERVER"
 FROM_SERVER = "SAPD_NFQ_FROM_SERVER"
 SMTP_CHAIN = "SAPD_NFQ_SMTP"
-POP3_CHAIN = "SAPD_NFQ_POP3"
+#: POP3's and IMAP's chain: both only teach logins, and both fail open alike
+MAILBOX_CHAIN = "SAPD_NFQ_POP3"
 GUARD = "SAPD_NFQ_GUARD"
 PORT_GUARD = "SAPD_NFQ_PORT_GUARD"
 SEEN = "SAPD_NFQ_SEEN"
-CHAINS = (TO_SERVER, FROM_SERVER, SMTP_CHAIN, POP3_CHAIN, GUARD, PORT_GUARD, SEEN)
+CHAINS = (TO_SERVER, FROM_SERVER, SMTP_CHAIN, MAILBOX_CHAIN, GUARD, PORT_GUARD, SEEN)
 #: the chains whose drops are spoofs (status and metrics count them)
 GUARDS = (GUARD, PORT_GUARD)
 
@@ -265,9 +266,8 @@ def _dispatch(chain: str, option: str, spec: RuleSpec, skip: str | None = None) 
     if skip is not None and spec.mode == "forward":
         match = spec.goes_out if skip == "-o" else spec.came_in
         lines += [f"-A {chain} {match(name)} -j RETURN" for name in spec.interfaces]
-    # IMAP shares the POP3 chain: both only teach logins, and both fail open alike.
-    for ports, target in ((spec.smtp_ports, SMTP_CHAIN), (spec.pop3_ports, POP3_CHAIN),
-                          (spec.imap_ports, POP3_CHAIN)):
+    for ports, target in ((spec.smtp_ports, SMTP_CHAIN), (spec.pop3_ports, MAILBOX_CHAIN),
+                          (spec.imap_ports, MAILBOX_CHAIN)):
         for listed in _port_lists(ports):
             lines.append(f"-A {chain} -p tcp -m multiport --{option} {listed} -j {target}")
     return "\n".join(lines)
@@ -327,14 +327,14 @@ def render(spec: RuleSpec, family: Family = IPV4, present: Sequence[Hook] = ()) 
                    "and IMAP fail closed, as configured: with no daemon the kernel drops the packet.")
     text = _template("sapd-nfq.rules.in").substitute(
         family=family.name, restore=family.restore,
-        to_server=TO_SERVER, from_server=FROM_SERVER, smtp=SMTP_CHAIN, pop3=POP3_CHAIN,
+        to_server=TO_SERVER, from_server=FROM_SERVER, smtp=SMTP_CHAIN, pop3=MAILBOX_CHAIN,
         to_server_rules=_dispatch(TO_SERVER, "dports", spec, skip="-o"),
         from_server_rules=_dispatch(FROM_SERVER, "sports", spec, skip="-i"),
         guard=GUARD, guard_rules=_guard(spec),
         port_guard=PORT_GUARD, port_guard_rules=_port_guard(spec), seen=SEEN,
         smtp_rules=_queue_chain(SMTP_CHAIN, _queue_target(spec, bypass=False), family),
         pop3_policy=pop3_policy,
-        pop3_rules=_queue_chain(POP3_CHAIN, _queue_target(spec, bypass=spec.pop3_fail_open),
+        pop3_rules=_queue_chain(MAILBOX_CHAIN, _queue_target(spec, bypass=spec.pop3_fail_open),
                                 family),
         hooks="\n".join(_hook_changes(hooks(spec), present)),
     )

@@ -43,7 +43,7 @@ from lab_gate import (
 )
 
 from sapd_nfq.kernel.marks import BYPASS_MARK
-from sapd_nfq.kernel.rules import POP3_CHAIN
+from sapd_nfq.kernel.rules import MAILBOX_CHAIN
 
 pytestmark = pytest.mark.lab
 
@@ -61,7 +61,7 @@ def settled_packets(gate: Gate, family: int) -> int:
     _, status = gate.status()
     rule = f"-m connmark --mark {BYPASS_MARK:#x}/{BYPASS_MARK:#x} -j RETURN"
     table = status["rules"]["ipv6" if family == AF_INET6 else "ipv4"]
-    return sum(r["packets"] for r in table["rules"] if r["chain"] == POP3_CHAIN and r["rule"] == rule)
+    return sum(r["packets"] for r in table["rules"] if r["chain"] == MAILBOX_CHAIN and r["rule"] == rule)
 
 
 # --- the relay table ------------------------------------------------------------------

@@ -29,7 +29,7 @@ from sapd_nfq.kernel.rules import (
     CHAINS,
     IPV4,
     IPV6,
-    POP3_CHAIN,
+    MAILBOX_CHAIN,
     SMTP_CHAIN,
     RuleSpec,
 )
@@ -299,11 +299,11 @@ def test_packets_meet_the_queue(pair, family, server, client):
     # POP3: queued with --queue-bypass, so it passes and the server's RST comes back.
     assert connect(client_ns, server, 110) == "refused"
     after_pop3 = counters(server_ns, family)
-    assert queued(after_pop3, POP3_CHAIN) >= 2  # the client's SYN and the server's RST
+    assert queued(after_pop3, MAILBOX_CHAIN) >= 2  # the client's SYN and the server's RST
     # IMAP: through the same chain, failing open alike.
     assert connect(client_ns, server, 143) == "refused"
     after_imap = counters(server_ns, family)
-    assert queued(after_imap, POP3_CHAIN) >= queued(after_pop3, POP3_CHAIN) + 2
+    assert queued(after_imap, MAILBOX_CHAIN) >= queued(after_pop3, MAILBOX_CHAIN) + 2
     after_pop3 = after_imap
     # Other ports never reach our queue chains.
     assert connect(client_ns, server, 80) == "refused"
@@ -450,7 +450,7 @@ def test_an_accept_verdict_still_meets_the_host_filter(pair, daemon):
 def test_a_settled_flow_leaves_the_queue(pair, daemon):
     server_ns, client_ns = pair
     assert connect(client_ns, SERVER4, 110) == "refused"
-    pop3 = [n for (chain, _), n in counters(server_ns, IPV4).items() if chain == POP3_CHAIN]
+    pop3 = [n for (chain, _), n in counters(server_ns, IPV4).items() if chain == MAILBOX_CHAIN]
     # inject, save bit, return on mark, return on connmark, INVALID, two pure-ACK RETURNs,
     # the opening counter, NFQUEUE: the SYN was counted and queued once, came back marked,
     # and the server's RST left by the connmark.
