@@ -5,4 +5,5 @@ netlink, subprocess, database or logging-handler code, and nothing from the
 adapters around it (tests/test_architecture.py keeps it so). The daemon, the
 CLI and the tests drive it alike: `Engine.handle(packet, now)` (core.py),
 with a login store handed in through the `LoginStore` interface (logins.py).
+docs/engine.md maps its modules.
 """

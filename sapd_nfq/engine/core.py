@@ -1,9 +1,13 @@
 """The engine: packet bytes in, a Decision out. No sockets, no netlink.
 
-Per packet: parse the headers, find the flow, normalise the TCP stream, feed
-the new bytes to the flow's protocol machine, and turn its events into a
-verdict. Everything that can grant relay is decided here, from the relay
-table in policy.py; the NFQUEUE loop only carries out the Decision.
+Per packet, in steps that each return a value or the Decision itself:
+parse the headers; route the packet (its protocol, its direction); track
+its flow (open it at the client's SYN, or settle a packet whose connection
+was refused, let go, or never seen); inspect it (judge it in its TCP stream,
+feed the new bytes to the session's machine, judge the machine's events);
+and rewrite what passes. The Decision is built once, at the end of the step
+that decides. Everything that can grant relay is decided here, from the
+relay table in policy.py; the NFQUEUE loop only carries out the Decision.
 
 Safe verdicts, in one place:
 - a packet we cannot parse, or that the queue binding truncated: DROP;
@@ -172,10 +176,6 @@ class Engine:
         `from_client_side` is where the packet came in, as the binding tells:
         True from a client interface, False from the server side (or sent by
         this host), None when unknown (a replay): then the ports decide.
-
-        The steps: parse the packet, route it (its protocol and direction),
-        track its flow, then inspect what it adds to the stream. Each step
-        either hands the next one its result or returns the Decision itself.
         """
         counters = self.counters
         counters[PACKETS] += 1
@@ -276,7 +276,7 @@ class Engine:
         if reading.refusal is not None:
             return self._refuse(flow, seg, from_client, now, reading.refusal, reading.notices)
         passed = cleared
-        if seg.payload:
+        if seg.payload and (session.hidden or session.refusals is not None):
             passed = self._rewrite(flow, session, seg, packet, from_client) or cleared
         verdict: Verdict = ACCEPT
         if reading.settled:

@@ -10,9 +10,9 @@ a login confirmed, the session ended): further bytes are not read, and the
 engine lets the rest of the flow leave the queue.
 
 `PinnedMachine` keeps that rule once for all three: a subclass reads bytes
-in `_read_client` and `_read_server` and says when it is `settled`.
-`LineMachine` adds what POP3 and IMAP share: a line buffer each way, and a
-flag a reply sets once the login, TLS or the end of the session settles it.
+in `_read_client` and `_read_server`, and sets `_settled` once a reply
+settles the session. `LineMachine` adds what POP3 and IMAP share: a line
+buffer each way.
 """
 
 from __future__ import annotations
@@ -39,20 +39,21 @@ class Machine(Protocol):
 class PinnedMachine:
     """A machine that stays in error once a peer broke the protocol."""
 
-    __slots__ = ("_error",)
+    __slots__ = ("_error", "_settled")
 
     def __init__(self) -> None:
         self._error: str | None = None  # the hint of the violation, once there was one
+        self._settled = False
 
     @property
     def settled(self) -> bool:
-        raise NotImplementedError
+        return self._settled
 
     def receive_client(self, data: bytes) -> list[Event]:
         """New in-order client->server bytes; returns the events they complete."""
         if self._error is not None:
             raise ProtocolError(self._error)
-        if self.settled:
+        if self._settled:
             return []
         try:
             return self._read_client(data)
@@ -64,7 +65,7 @@ class PinnedMachine:
         """New in-order server->client bytes; returns the events they complete."""
         if self._error is not None:
             raise ProtocolError(self._error)
-        if self.settled:
+        if self._settled:
             return []
         try:
             return self._read_server(data)
@@ -88,21 +89,15 @@ class LineMachine(PinnedMachine):
     """POP3 and IMAP: lines each way, read until a reply settles the session.
 
     A subclass reads complete lines in `_client_lines` and `_server_lines`,
-    appending the events they complete, and sets `_settled` once nothing
-    more is to be learned.
+    appending the events they complete.
     """
 
-    __slots__ = ("_client", "_server", "_settled")
+    __slots__ = ("_client", "_server")
 
     def __init__(self, max_line: int) -> None:
         super().__init__()
         self._client = LineBuffer(max_line)
         self._server = LineBuffer(max_line)
-        self._settled = False
-
-    @property
-    def settled(self) -> bool:
-        return self._settled
 
     def _read_client(self, data: bytes) -> list[Event]:
         out: list[Event] = []

@@ -70,7 +70,6 @@ class _Mode(enum.Enum):
     AWAIT_TLS = "STARTTLS reply wait"
     MESSAGE = "message text"       # up to the lone dot
     CHUNK = "BDAT chunk"           # a counted run of bytes
-    OPAQUE = "TLS"
 
 
 class _Cmd(enum.Enum):
@@ -200,17 +199,12 @@ class SMTPMachine(PinnedMachine):
         self._scan = _LINE_START
 
     @property
-    def settled(self) -> bool:
-        """TLS started: nothing more is parsed."""
-        return self._mode is _Mode.OPAQUE
-
-    @property
     def in_data(self) -> bool:
         """Client bytes are message text (after 354, or inside a BDAT chunk)."""
         return self._mode in (_Mode.MESSAGE, _Mode.CHUNK)
 
     def __repr__(self) -> str:
-        state = "error" if self._error is not None else self._mode.value
+        state = self._mode.value if self._state == "learning" else self._state
         return f"<SMTPMachine {state}, {self._waiting} pending>"
 
     @property
@@ -251,7 +245,7 @@ class SMTPMachine(PinnedMachine):
     def _read_server(self, data: bytes) -> list[Event]:
         events: list[Event] = []
         self._server.feed(data)
-        while self._mode is not _Mode.OPAQUE:
+        while not self._settled:  # TLS may start on any reply
             start = self._server.offset
             line = self._server.next_line()
             if line is None:
@@ -478,7 +472,7 @@ class SMTPMachine(PinnedMachine):
             self._mode, self._scan = _Mode.MESSAGE, _LINE_START
             events.append(DataStarted())
         elif outcome is _Reply.TLS_GO:
-            self._mode = _Mode.OPAQUE
+            self._settled = True  # TLS: nothing more is parsed
             events.append(TLSStarted())
         elif pending.sasl is not None:
             event = LoginSucceeded if outcome is _Reply.LOGGED_IN else LoginFailed
