@@ -1,8 +1,10 @@
 """The names of the engine's counters (`Engine.counters`), defined once.
 
-They are the keys operators read: under "counters" in `sapd-nfq status
---json`, and behind the metrics endpoint's refusal reasons. Renaming one
-breaks their dashboards, so a name here never changes.
+A worker counts what it catches around the engine under the same names (its
+own tallies, admin/stats.py), and the two are added up for its status. They
+are the keys operators read: under "counters" in `sapd-nfq status --json`,
+and behind the metrics endpoint's refusal reasons. Renaming one breaks their
+dashboards, so a name here never changes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,6 @@ PROTOCOL_ERRORS: Final = "protocol_errors"  # a peer broke the protocol
 PASS: Final = "pass"                        # RCPTs the relay table passed
 FAIL: Final = "fail"                        # RCPTs the relay table failed
 TLS_REFUSED: Final = "tls_refused"          # STARTTLS the policy does not allow: refused
-LOGINS: Final = "logins"                    # logins learned, from the wire or elsewhere
+LOGINS: Final = "logins"                    # logins learned: on the wire, or (the worker) from a log or the hook
 STORE_ERRORS: Final = "store_errors"        # logins the store failed to record
-ENGINE_ERRORS: Final = "engine_errors"      # a bug caught around the engine: the packet dropped
+ENGINE_ERRORS: Final = "engine_errors"      # (the worker) a failure caught around the engine or a learner
