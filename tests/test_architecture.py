@@ -169,6 +169,15 @@ def test_the_daemon_runs_without_scapy():
     assert done.returncode == 0, done.stderr
 
 
+def test_the_cli_imports_without_the_libraries_of_the_kernel_side():
+    """Another user runs `sapd-nfq` with the system's python3 (tests/lab/test_local_users_lab.py),
+    which has none of them: only a command that binds, installs or builds a lab may load them."""
+    code = ("import sys; sys.modules.update(dict.fromkeys(('pyroute2', 'netfilterqueue', 'scapy'))); "
+            "import sapd_nfq.cli")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def test_mypy_strict_on_the_package():
     # the files and the strictness come from [tool.mypy] in pyproject.toml
     result = subprocess.run([tool("mypy")], cwd=ROOT, capture_output=True, text=True)
