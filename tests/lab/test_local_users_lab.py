@@ -19,6 +19,7 @@ home (0700) is out of nobody's reach.
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import subprocess
@@ -77,11 +78,15 @@ def wait_relays(lab, client: str) -> None:
 @pytest.fixture(scope="module")
 def env(lab):
     """The environment both users run in, nothing taken from the caller's: its
-    PYTHONPATH is a copy of the package that everyone may read, wherever the
-    clone lives."""
+    PYTHONPATH is a copy of the package and its libraries that everyone may
+    read, wherever the clone and its virtualenv live."""
     copy = lab.state_dir / "local-users-package"
-    shutil.copytree(REPO / "sapd_nfq", copy / "sapd_nfq",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # the package, and the pure-Python libraries its commands load (status reads the
+    # host's links through pyroute2): the system's python3 may have none of them
+    sources = [REPO / "sapd_nfq", *(Path(importlib.import_module(name).__file__).parent
+                                     for name in ("pyroute2", "redis", "prometheus_client"))]
+    for source in sources:
+        shutil.copytree(source, copy / source.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for path in (copy, *copy.rglob("*")):
         path.chmod(0o755 if path.is_dir() else 0o644)
     yield {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(copy), "HOME": "/nonexistent"}
@@ -149,7 +154,9 @@ def auth_list(run) -> str:
 
 
 def reloads(run) -> int:
-    return json.loads(run("root", "sapd-nfq", "status", "--json").stdout)["workers"][0]["reloads"]
+    done = run("root", "sapd-nfq", "status", "--json")
+    assert done.stdout, done.stderr
+    return json.loads(done.stdout)["workers"][0]["reloads"]
 
 
 # --- the control socket ------------------------------------------------------------
