@@ -111,6 +111,40 @@ def mail_server(_lab_session):
     return _lab_session[1]
 
 
+def _unpacked(lab, mta_class):
+    from sapd_nfq.lab.topology import LabError
+
+    mta = mta_class(lab)
+    try:
+        mta.start()
+    except LabError as exc:
+        mta.stop()
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{mta.name} could not be set up: {exc}", pytrace=False)
+        pytest.skip(f"{mta.name} could not be set up here: {exc}")
+    return mta
+
+
+@pytest.fixture(scope="session")
+def sendmail(lab):
+    """Sendmail beside the lab's Postfix, on an address of its own (lab/sendmail.py)."""
+    from sapd_nfq.lab.sendmail import Sendmail
+
+    mta = _unpacked(lab, Sendmail)
+    yield mta
+    mta.stop()
+
+
+@pytest.fixture(scope="session")
+def exim(lab):
+    """Exim beside the lab's Postfix, on an address of its own (lab/exim.py)."""
+    from sapd_nfq.lab.exim import Exim
+
+    mta = _unpacked(lab, Exim)
+    yield mta
+    mta.stop()
+
+
 @pytest.fixture(scope="session")
 def _pools(lab):
     # Every test's login store is a file of its own, so even a reused address

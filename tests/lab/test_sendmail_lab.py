@@ -28,25 +28,11 @@ from lab_gate import CLIENT_TIMEOUT, raw_transaction, try_rcpt, wait_until
 
 from sapd_nfq.engine.refusal import REPLY, command
 from sapd_nfq.lab.client_mta import ClientMTA
-from sapd_nfq.lab.sendmail import Sendmail
-from sapd_nfq.lab.topology import LabError
 
 pytestmark = pytest.mark.lab
 
 SENDER = "alice@lab.example"
 OUTSIDE = "dave@external.example"
-
-
-@pytest.fixture(scope="module")
-def sendmail(lab):
-    mta = Sendmail(lab)
-    try:
-        mta.start()
-    except LabError as exc:
-        mta.stop()
-        pytest.skip(f"Sendmail could not be set up here: {exc}")
-    yield mta
-    mta.stop()
 
 
 @pytest.fixture
