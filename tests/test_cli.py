@@ -71,11 +71,11 @@ def test_replay_text_output(capsys, config):
     code, out, err = run(capsys, "replay", str(CAPTURES / "smtp_pipelining.pcap"), "--config", config)
     assert code == 0
     lines = out.splitlines()
-    assert len(lines) == 3
+    assert len(lines) == 2
     assert "PASS client=198.18.1.2" in lines[0] and "'alice@lab.example'" in lines[0]
+    # the capture's MTA is Postfix: erin is refused in place with a NOOP, so
+    # its 250 (to the RCPT as captured) reads as Postfix's answer to that
     assert "FAIL client=198.18.1.2" in lines[1] and "row 4" in lines[1]
-    # the capture's MTA relayed erin, as sent: refused in place, its 250 ends the session
-    assert "RESET client=198.18.1.2" in lines[2] and "MTA accepted" in lines[2]
     assert "pass=1 fail=1" in err
 
 

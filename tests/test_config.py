@@ -127,6 +127,7 @@ BAD_VALUES = [
     ("smtp_auth_relays", '"yes"', "true or false"),
     ("smtp_auth_relays", "1", "true or false"),
     ("refusal", '"rcpt"', '"recipient" or "session"'),
+    ("mta", '"qmail"', '"exim" or "other"'),
     ("max_flows", "15", "an integer >= 16"),
     ("max_flows", "1e6", "an integer >= 16"),
     ("queue", "65536", "an integer 0..65535"),

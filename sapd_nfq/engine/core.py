@@ -72,7 +72,7 @@ from .flows import Flow, FlowTable, State, payload_offset
 from .logins import LoginStore, StoreError
 from .packet import ACK, RST, SYN, URG, Segment, Truncated, parse, with_stream_bytes, without_urgent
 from .policy import Fail, RelayPolicy
-from .refusal import Refusals
+from .refusal import FORMS, MTA, Form, Refusals
 from .session import Fate, Session
 from .stream import Outcome
 from .verdicts import ACCEPT, ACCEPTED, BYPASS, BYPASSED, DROP, DROPPED, Decision, Notice, Verdict
@@ -136,6 +136,8 @@ class Settings(Protocol):
     def pop3_stls(self) -> str: ...
     @property
     def refusal(self) -> str: ...
+    @property
+    def mta(self) -> str: ...
     @property
     def imap_ports(self) -> Sequence[int]: ...
     @property
@@ -293,6 +295,8 @@ class Engine:
               now: float) -> _Reading:
         """Feed new stream bytes to the session's machine and judge its events."""
         machine = session.machine
+        if session.mta is not None and not from_client:
+            session.mta.feed(data)
         try:
             events = machine.receive_client(data) if from_client else machine.receive_server(data)
         except ProtocolError as exc:
@@ -448,9 +452,16 @@ class Engine:
             return False
         if session.refusals is None:
             session.refusals = Refusals()
-        session.refusals.refuse(event)
+        session.refusals.refuse(event, self._form(session))
         session.smtp.watch(event.number)
         return True
+
+    def _form(self, session: Session) -> Form:
+        """The refusal that costs this session's MTA nothing (refusal.py)."""
+        if self.config.mta != "auto":
+            return FORMS[MTA(self.config.mta)]
+        assert session.mta is not None  # only SMTP has recipients
+        return FORMS[session.mta.mta or MTA.OTHER]
 
     # -- rewriting what passes ----------------------------------------------
 

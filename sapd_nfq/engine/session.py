@@ -12,7 +12,7 @@ import enum
 from .imap import IMAPMachine
 from .machine import Machine
 from .pop3 import POP3Machine
-from .refusal import Refusals
+from .refusal import Recognizer, Refusals
 from .smtp import SMTPMachine
 
 
@@ -26,7 +26,7 @@ class Fate(enum.Enum):
 
 class Session:
     __slots__ = ("protocol", "smtp", "machine", "fate", "sender", "authenticated", "user",
-                 "hidden", "refusals")
+                 "hidden", "refusals", "mta")
 
     def __init__(self, protocol: str) -> None:
         self.protocol = protocol  # "smtp", "pop3" or "imap": also the source of its logins
@@ -43,3 +43,5 @@ class Session:
         self.hidden: list[tuple[int, int]] = []
         #: recipients refused in place (refusal.py), once there is one
         self.refusals: Refusals | None = None
+        #: which MTA answers, told from its first lines (SMTP only)
+        self.mta = Recognizer() if self.smtp is not None else None

@@ -287,9 +287,16 @@ class Config:
         True, _bool, "`true` or `false`", "a `235` reply to SMTP AUTH counts as logged in")
     refusal: str = _key(
         "recipient", _choice("recipient", "session"), '`"recipient"` or `"session"`',
-        "refuse only the recipient the table fails (the MTA refuses a rewritten command, its "
-        "reply becomes `550 5.7.1`, the message still goes to the other recipients), or end "
-        "the whole session")
+        "refuse only the recipient the table fails (the MTA gets a rewritten command it "
+        "answers without counting an error, its answer becomes a 550 telling the user to log "
+        "in, the message still goes to the other recipients), or end the whole session")
+    mta: str = _key(
+        "auto", _choice("auto", "postfix", "sendmail", "exim", "other"),
+        '`"auto"`, `"postfix"`, `"sendmail"`, `"exim"` or `"other"`',
+        "the MTA behind the gate, which picks the command a refused recipient becomes so that "
+        "it spends none of the MTA's error budget (docs/mta-error-budgets.md): `\"auto\"` "
+        "tells it from its greeting and EHLO reply; `\"other\"` sends an unknown verb, which "
+        "every MTA counts as an error")
     max_flows: int = _key(
         65536, _int(16), "integer >= 16", "flows tracked at once")
     queue: int = _key(

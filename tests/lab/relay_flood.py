@@ -4,7 +4,7 @@ Run inside the lab's client namespace (`lab.spawn("client", ...)`), one
 thread per source address, each opening session after session: EHLO, MAIL
 FROM a local sender, RCPT TO an external recipient, QUIT. One JSON line per
 attempt goes to stdout: the source, the outcome ("refused" for the gate's
-550 5.7.1, "relayed" if the RCPT was accepted, else "error") and the time it
+550 telling the user to log in, "relayed" if the RCPT was accepted, else "error") and the time it
 took. A separate process, so that the test's own thread keeps its namespace.
 """
 
@@ -18,8 +18,6 @@ import sys
 import threading
 import time
 import uuid
-
-RELAY_DENIED = "550 5.7.1"
 
 
 def attempt(server: str, source: str, sender: str, timeout: float) -> str:
@@ -40,7 +38,7 @@ def attempt(server: str, source: str, sender: str, timeout: float) -> str:
         smtp.close()  # no QUIT: the gate resets a refused session
     if code == 250:
         return "relayed"
-    return "refused" if f"{code} {text.decode()}".startswith(RELAY_DENIED) else "error"
+    return "refused" if code == 550 and b"log in" in text.lower() else "error"
 
 
 def main() -> int:

@@ -33,14 +33,14 @@ STORY = {
     1: ("<-  250 2.0.0 Ok: queued as ",
         "INFO PASS client=198.18.1.2 sender='carol@external.example' "
         "recipient='alice@lab.example' row=row 1: recipient local"),
-    2: ("<** 550 5.7.1 ",
+    2: ("<** 550 Log in.",
         "INFO FAIL client=198.18.1.2 sender='alice@lab.example' "
         "recipient='dave@external.example' row=row 3: "),
     3: ("< +OK Logged in.", "INFO LOGIN client=198.18.1.2 user=alice "),
     4: ("<-  250 2.0.0 Ok: queued as ",
         "INFO PASS client=198.18.1.2 user=alice sender='alice@lab.example' "
         "recipient='dave@external.example' row=row 2: "),
-    5: ("<** 550 5.7.1 ",
+    5: ("<** 550 Log in.",
         "INFO FAIL client=198.18.1.2 sender='alice@lab.example' "
         "recipient='dave@external.example' row=row 3: "),
     # POP3S: learned from Dovecot's log (in the namespace lab; the VMs do not share it)

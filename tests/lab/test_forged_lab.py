@@ -28,7 +28,7 @@ import time
 from socket import AF_INET, AF_INET6
 
 import pytest
-from lab_gate import CLIENT_TIMEOUT, Gate, PostfixLog, try_rcpt, wait_until
+from lab_gate import CLIENT_TIMEOUT, Gate, PostfixLog, relay_denied, try_rcpt, wait_until
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
@@ -275,7 +275,7 @@ def test_forward_mode_drops_a_forged_354(lab, mail_server, make_gate, fresh, fam
     source, server = fresh(family), lab.server.address(family)
     after_data, after_rcpt = forge_smtp_354(lab, family, source, server)
     assert after_data.startswith(b"554"), after_data  # the server's own answer
-    assert after_rcpt.startswith(b"550 5.7.1"), after_rcpt
+    assert relay_denied(after_rcpt), after_rcpt
     assert guard_drops(gate, family) >= 1
 
 
@@ -289,7 +289,7 @@ def test_the_engine_drops_a_forgery_the_rules_let_through(lab, mail_server, make
     assert guard_drops(gate, family) == 0
     assert counter(gate, "wrong_direction") >= 1
     after_data, after_rcpt = forge_smtp_354(lab, family, source, server)
-    assert after_data.startswith(b"554") and after_rcpt.startswith(b"550 5.7.1"), (after_data, after_rcpt)
+    assert after_data.startswith(b"554") and relay_denied(after_rcpt), (after_data, after_rcpt)
     no_login(gate, source)
 
 

@@ -30,11 +30,11 @@ import pytest
 from lab_gate import (
     CLI_TIMEOUT,
     LOCAL,
-    RELAY_DENIED,
     REPO,
     Gate,
     external,
     mangle_rules,
+    relay_denied,
     try_rcpt,
     wait_until,
 )
@@ -67,7 +67,7 @@ else:
 
 def relay_refused(lab, client: str) -> bool:
     """Whether a RCPT to an external address from `client` is refused by the gate."""
-    return str(try_rcpt(lab, client, lab.server.ipv4, LOCAL, external())).startswith(RELAY_DENIED)
+    return relay_denied(str(try_rcpt(lab, client, lab.server.ipv4, LOCAL, external())))
 
 
 def wait_relays(lab, client: str) -> None:
