@@ -13,6 +13,10 @@ with 25 refused recipients among 5 local ones, then the message. Shown:
   rejection or syntax error; Sendmail answered every HELP (it counts NOOP
   and unknown commands, not HELP).
 
+A sending Postfix and a sending Exim (which sends the message with BDAT,
+CHUNKING) relaying such a message to the lab's Postfix deliver the 5 local
+copies and bounce exactly the 25 refused recipients, deferring none.
+
 As a control, the gate told to send every MTA an unknown verb (`mta =
 "other"`, the refusal before MTAs were told apart) loses the Exim session
 after its third unknown command: the check above can fail.
@@ -25,7 +29,10 @@ import uuid
 from socket import AF_INET
 
 import pytest
-from lab_gate import PostfixLog, raw_transaction, wait_until
+from lab_gate import PostfixLog, raw_transaction, relay_denied, wait_until
+
+from sapd_nfq.lab.client_mta import ClientMTA
+from sapd_nfq.lab.exim import EximClient
 
 pytestmark = pytest.mark.lab
 
@@ -111,3 +118,34 @@ def test_the_unknown_verb_spends_exim_s_budget(lab, exim, make_gate, fresh):
     dropped = exim.log.wait_for(lambda lines: exim_troubles(lines) or None, offset, 30,
                                 "Exim dropping the call")
     assert "too many unrecognized commands" in dropped[0], dropped
+
+
+def test_a_sending_postfix_bounces_exactly_the_refused_recipients(lab, mail_server, make_gate):
+    make_gate()
+    tag, rcpts, locals_ = transaction()
+    with ClientMTA(lab) as sending:
+        offset = sending.send(SENDER, rcpts, f"thirty recipients {tag}")
+        statuses = {r: sending.wait_for_status(r, offset, timeout=60) for r in rcpts}
+    for rcpt, status in statuses.items():
+        if rcpt in locals_:
+            assert "status=sent" in status, status
+        else:
+            assert "status=bounced" in status and relay_denied(status), status
+
+
+def test_a_sending_exim_bounces_exactly_the_refused_recipients(lab, mail_server, make_gate):
+    make_gate()
+    tag, rcpts, locals_ = transaction()
+    sending = EximClient(lab)
+    sending.setup()
+    log = sending.send(SENDER, rcpts, f"thirty recipients {tag}")
+    # `=>` and `->` delivered (K: by BDAT, CHUNKING), `**` bounced, `==` deferred;
+    # the bounce itself goes to a blackhole
+    delivered = [line for line in log if re.search(r" [=-]> .* R=relayhost ", line)]
+    bounced = [line for line in log if " ** " in line]
+    assert sorted(re.search(r"[=-]> (\S+)", line)[1] for line in delivered) == sorted(locals_), log
+    assert all(" K " in line for line in delivered), delivered
+    assert sorted(re.search(r"\*\* (\S+)", line)[1] for line in bounced) == sorted(
+        set(rcpts) - set(locals_)), log
+    assert all(relay_denied(line) for line in bounced), bounced
+    assert not [line for line in log if " == " in line], log  # nothing deferred

@@ -5,6 +5,9 @@
 #                                  packages, write exim4.conf, the files /etc holds for it, mail dirs
 #   exim.sh start STATE_DIR        run the daemon (inside the server namespace)
 #   exim.sh stop  STATE_DIR
+#   exim.sh setup-client STATE_DIR RELAYHOST   (on the host) the same for a sending Exim
+#   exim.sh send STATE_DIR SENDER RCPT...      (inside the client namespace) submit the message
+#                                              on stdin and deliver it at once
 #
 # Debian's MTAs conflict as packages, so none is installed: `apt-get download` fetches
 # exim4-daemon-light and exim4-base (and libidn12, which the daemon links and a mail
@@ -20,6 +23,10 @@
 # suffixes allowed) to the maildirs STATE_DIR/mail/USER, and drops mail for any other
 # domain (the lab reaches no outside host). It relays for every client: the gate alone
 # decides. Limits, log selectors and host lookups stay at Exim's defaults.
+#
+# A sending Exim (setup-client) runs no daemon: `send` submits a message and delivers
+# it in the foreground (-odi) to RELAYHOST port 25, with CHUNKING where offered
+# (hosts_try_chunking), logging to STATE_DIR/log/mainlog; its bounces are dropped.
 set -eu
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -30,7 +37,8 @@ EXIM_USER=Debian-exim
 LIBDIR=/usr/lib/x86_64-linux-gnu
 
 usage() {
-    echo "usage: $0 setup STATE_DIR IPV4 | start STATE_DIR | stop STATE_DIR" >&2
+    echo "usage: $0 setup STATE_DIR IPV4 | start STATE_DIR | stop STATE_DIR" \
+         "| setup-client STATE_DIR RELAYHOST | send STATE_DIR SENDER RCPT..." >&2
     exit 2
 }
 
@@ -41,7 +49,8 @@ free_id() {
     echo "$id"
 }
 
-setup() {
+# The packages, the files /etc holds for Exim, its spool and log.
+unpack() {
     ROOT=$STATE/root
     install -d -m 755 "$STATE" "$STATE/debs" "$STATE/etc" "$STATE/etc/exim4"
     if [ ! -x "$ROOT/usr/sbin/exim4" ]; then
@@ -59,11 +68,16 @@ setup() {
     fi
     exim_uid=$(awk -F: -v u="$EXIM_USER" '$1 == u { print $3 }' "$STATE/etc/passwd")
     exim_gid=$(awk -F: -v u="$EXIM_USER" '$1 == u { print $4 }' "$STATE/etc/passwd")
-    printf '127.0.0.1 localhost\n%s %s mx3\n' "$IPV4" "$HOSTNAME_" > "$STATE/etc/hosts"
+    echo '127.0.0.1 localhost' > "$STATE/etc/hosts"
     printf 'passwd: files\ngroup: files\nshadow: files\nhosts: files\n' > "$STATE/etc/nsswitch.conf"
     echo 'nameserver 127.0.0.1' > "$STATE/etc/resolv.conf"
 
     install -d -m 750 -o "$exim_uid" -g "$exim_gid" "$STATE/spool" "$STATE/log"
+}
+
+setup() {
+    unpack
+    echo "$IPV4 $HOSTNAME_ mx3" >> "$STATE/etc/hosts"
     install -d -m 755 -o "$VMAIL_USER" "$STATE/mail"
     : > "$STATE/localparts"
     for user in $(awk -F: '!/^#/ && NF == 2 { print $1 }' "$HERE/users"); do
@@ -124,14 +138,52 @@ begin retry
 EOF
 }
 
-start() {
+setup_client() {
+    unpack
+    cat > "$STATE/etc/exim4/exim4.conf" <<EOF
+primary_hostname = client.lab.example
+qualify_domain = lab.example
+spool_directory = $STATE/spool
+log_file_path = $STATE/log/%slog
+keep_environment =
+tls_advertise_hosts =
+
+begin routers
+
+bounces:
+  driver = redirect
+  senders = :
+  data = :blackhole:
+
+relayhost:
+  driver = manualroute
+  route_list = * $RELAYHOST byname
+  self = send
+  transport = remote_smtp
+
+begin transports
+
+remote_smtp:
+  driver = smtp
+  hosts_try_chunking = *
+  hosts_avoid_tls = *
+
+begin retry
+
+* * F,1h,1m
+EOF
+}
+
+# exim4 with these arguments, in a mount namespace where it finds itself, its
+# libraries and its /etc.
+exim() {
     exec unshare --mount --propagation private sh -c '
-        state=$1 libdir=$2
+        state=$1 libdir=$2; shift 2
         mount -t overlay overlay -o "lowerdir=$state/root/usr/sbin:/usr/sbin" /usr/sbin &&
         mount -t overlay overlay -o "lowerdir=$state/root$libdir:$libdir" "$libdir" &&
         mount -t overlay overlay -o "lowerdir=$state/etc:/etc" /etc &&
-        exec /usr/sbin/exim4 -bd -q1m' \
-        exim "$STATE" "$LIBDIR"
+        exec /usr/sbin/exim4 "$@"' \
+        exim "$STATE" "$LIBDIR" "$@"
 }
 
 stop() {
@@ -143,9 +195,12 @@ stop() {
 
 [ $# -ge 2 ] || usage
 COMMAND=$1 STATE=$2
+shift 2
 case $COMMAND in
-    setup) [ $# -eq 3 ] || usage; IPV4=$3; setup ;;
-    start) start ;;
+    setup) [ $# -eq 1 ] || usage; IPV4=$1; setup ;;
+    start) exim -bd -q1m ;;
     stop) stop ;;
+    setup-client) [ $# -eq 1 ] || usage; RELAYHOST=$1; setup_client ;;
+    send) [ $# -ge 2 ] || usage; exim -odi -f "$@" ;;
     *) usage ;;
 esac
