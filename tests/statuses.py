@@ -1,7 +1,7 @@
 """A worker's status with every field filled in, for the tests of the
 status's readers (the CLI, the metrics) and of its JSON."""
 
-from sapd_nfq.admin.report import EngineSeconds, LearnerStatus, WorkerStatus
+from sapd_nfq.admin.report import EngineSeconds, LearnerStatus, ReceiveStatus, WorkerStatus
 from sapd_nfq.admin.stats import ENGINE_BUCKETS
 
 WORKER = WorkerStatus(
@@ -14,4 +14,5 @@ WORKER = WorkerStatus(
     reloads=0, reload_errors=0,
     login_logs=LearnerStatus(files=("/var/log/dovecot.log",), lines=7, logins=1, sessions=1),
     last_reload_error=None, verdicts={"accept": 9}, rows={"pass|row 2: ...": 1}, logins={"pop3": 1},
-    engine_seconds=EngineSeconds(buckets=(9,) + (0,) * len(ENGINE_BUCKETS), sum=1e-4, bounds=ENGINE_BUCKETS))
+    engine_seconds=EngineSeconds(buckets=(9,) + (0,) * len(ENGINE_BUCKETS), sum=1e-4, bounds=ENGINE_BUCKETS),
+    receive=ReceiveStatus(gso=True, overruns=0, cut=0))

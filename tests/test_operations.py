@@ -14,7 +14,7 @@ from statuses import WORKER
 
 from sapd_nfq.admin import metrics
 from sapd_nfq.admin.recent import DECISIONS_KEPT, Recent
-from sapd_nfq.admin.report import GateStatus, QueueStatus, WorkerStatus, load
+from sapd_nfq.admin.report import GateStatus, QueueStatus, ReceiveStatus, WorkerStatus, load
 from sapd_nfq.admin.stats import ENGINE_BUCKETS, Stats
 from sapd_nfq.engine.verdicts import ACCEPT, DROP, Decision, Notice
 from sapd_nfq.kernel.rules import GUARD, PORT_GUARD
@@ -82,7 +82,7 @@ STATUS_KEYS = [
     "ok", "pid", "started", "queue", "mode", "config", "virtusertable", "postfix_maps",
     "virtusertable_entries", "flows_tracked", "flows_evicted", "logins_held", "logins_by_source",
     "store", "decisions", "counters", "retained_bytes", "reloads", "reload_errors", "login_logs",
-    "last_reload_error", "verdicts", "rows", "logins", "engine_seconds"]
+    "last_reload_error", "verdicts", "rows", "logins", "engine_seconds", "receive"]
 
 
 def test_a_worker_status_crosses_the_control_socket_whole():
@@ -90,6 +90,7 @@ def test_a_worker_status_crosses_the_control_socket_whole():
     assert list(sent) == STATUS_KEYS
     assert list(sent["login_logs"]) == ["files", "lines", "logins", "sessions"]
     assert list(sent["engine_seconds"]) == ["buckets", "sum", "bounds"]
+    assert sent["receive"] == {"gso": True, "overruns": 0, "cut": 0}
     assert WorkerStatus.from_json(sent) == WORKER
     assert WorkerStatus.from_json({**sent, "login_logs": None}).login_logs is None
 
@@ -145,7 +146,8 @@ def queue_status(queue: int, accepted: int) -> QueueStatus:
                      verdicts=dict(stats.verdicts), rows=dict(stats.rows), logins=dict(stats.logins),
                      engine_seconds=stats.histogram(),
                      store={"connected": queue == 0, "pending_writes": queue, "write_errors": 1,
-                            "dropped_writes": 0})
+                            "dropped_writes": 0},
+                     receive=ReceiveStatus(gso=queue == 0, overruns=2, cut=0))
     return QueueStatus(queue, worker, {"queue_dropped": 4, "user_dropped": 0})
 
 
@@ -173,4 +175,7 @@ def test_metrics_sum_the_workers():
     assert got["sapd_nfq_store_connected", (("queue", "1"),)] == 0
     assert got["sapd_nfq_store_pending_writes", ()] == 1 and got["sapd_nfq_store_errors_total", ()] == 2
     assert got["sapd_nfq_engine_seconds_count", ()] == 5
+    assert got["sapd_nfq_receive_overruns_total", ()] == 4
+    assert got["sapd_nfq_queue_gso", (("queue", "0"),)] == 1
+    assert got["sapd_nfq_queue_gso", (("queue", "1"),)] == 0
     assert got["sapd_nfq_engine_seconds_bucket", (("le", "1e-05"),)] == 5

@@ -119,6 +119,15 @@ def render(status: GateStatus) -> Iterator[Any]:
     yield CounterMetricFamily("sapd_nfq_reload_errors", "reloads that failed (the running table stayed)",
                               value=sum(w.reload_errors for w in workers))
 
+    yield CounterMetricFamily("sapd_nfq_receive_overruns", "times a worker's receive buffer was full "
+                              "(the kernel dropped packets)",
+                              value=sum(w.receive.overruns for w in workers if w.receive))
+    gso = GaugeMetricFamily("sapd_nfq_queue_gso", "1 if the kernel queues super-packets whole "
+                            "(it took the GSO flag)", labels=["queue"])
+    for worker in workers:
+        if worker.receive is not None and worker.receive.gso is not None:
+            gso.add_metric([str(worker.queue)], 1 if worker.receive.gso else 0)
+    yield gso
     kernel = {"queue_dropped": ("sapd_nfq_kernel_queue_dropped", "packets the kernel dropped: queue full"),
               "user_dropped": ("sapd_nfq_kernel_user_dropped", "packets the kernel could not hand over")}
     for key, (name, doc) in kernel.items():

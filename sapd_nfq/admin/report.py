@@ -42,6 +42,15 @@ class LearnerStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class ReceiveStatus:
+    """The worker's queue socket (kernel/queue_socket.py)."""
+
+    gso: bool | None  # the kernel took the GSO flag; None before it answered
+    overruns: int  # times the receive buffer was full (the kernel dropped packets)
+    cut: int  # datagrams longer than the reader's buffer
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerStatus:
     """One worker's answer to `status`."""
 
@@ -71,6 +80,7 @@ class WorkerStatus:
     rows: dict[str, int]  # decisions by "verdict|row"
     logins: dict[str, int]  # logins learned on the wire, by source
     engine_seconds: EngineSeconds
+    receive: ReceiveStatus | None = None  # None until the queue is bound
 
     def as_json(self) -> dict[str, Any]:
         return {"ok": True, **asdict(self)}

@@ -27,7 +27,7 @@ from netfilterqueue import NetfilterQueue, Packet
 
 from ..admin.control import ControlServer
 from ..admin.recent import Recent
-from ..admin.report import LearnerStatus, WorkerStatus
+from ..admin.report import LearnerStatus, ReceiveStatus, WorkerStatus
 from ..admin.stats import Stats
 from ..engine.core import Engine
 from ..engine.counters import ENGINE_ERRORS, FAIL, LOGINS, PASS
@@ -43,6 +43,7 @@ from ..wiring.logsetup import LOGGER
 from .inject import Injector
 from .interfaces import ClientSide
 from .marks import BYPASS_MARK
+from .queue_socket import QueueSocket, receive_buffer
 
 #: a reload that would make local addresses non-local waits until the file
 #: has held still this long. A file caught half-written reads as a shorter but
@@ -84,6 +85,7 @@ class Worker:
         self.worker = worker
         self.learner = self._learner(config)
         self._next_learn = 0.0
+        self.reader: QueueSocket | None = None
 
     # -- packets -----------------------------------------------------------
 
@@ -218,6 +220,8 @@ class Worker:
             rows=dict(self.stats.rows),
             logins=dict(self.stats.logins),
             engine_seconds=self.stats.histogram(),
+            receive=None if self.reader is None else ReceiveStatus(
+                gso=self.reader.gso, overruns=self.reader.overruns, cut=self.reader.cut),
         )
 
     def store_status(self) -> dict[str, object]:
@@ -258,7 +262,17 @@ class Worker:
         if isinstance(self.logins, ReplicaLoginStore):
             self.logins.start()  # the table loaded (or the store found out) before packets flow
         nfq = NetfilterQueue()
-        nfq.bind(self.queue, self.on_packet, max_len=self.config.queue_maxlen)
+        nfq.bind(self.queue, self.on_packet, max_len=self.config.queue_maxlen,
+                 sock_len=receive_buffer(self.config.queue_maxlen))
+        # bind() set a copy range of 4016 bytes and no flags: the daemon sets its own
+        self.reader = QueueSocket(nfq.get_fd(), self.queue)
+        try:
+            self.reader.configure()
+        except BaseException:
+            self.reader.close()
+            nfq.unbind()
+            raise
+        self.reader.feed(nfq)  # what arrived while the kernel answered
         control = ControlServer(self.config, self.queue, self.control)
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
@@ -286,7 +300,7 @@ class Worker:
                 timeout = WATCH_INTERVAL if self.learner is None else LEARN_INTERVAL
                 for key, _ in sel.select(timeout=timeout):
                     if key.data == "queue":
-                        nfq.run(block=False)
+                        self.reader.feed(nfq)
                     elif key.data == "control":
                         control.serve_one()
                     elif key.data == "hook":
@@ -316,6 +330,7 @@ class Worker:
             control.close()
             if hook is not None:
                 hook.close()
+            self.reader.close()
             nfq.unbind()
             self.injector.close()
             if self.learner is not None:

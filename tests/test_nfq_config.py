@@ -1,0 +1,163 @@
+"""The queue's configuration message against the kernel's struct layouts, and the
+reader that hands netfilterqueue whole datagrams and keeps the kernel's answers."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import struct
+import sys
+
+import pytest
+
+from sapd_nfq.kernel.nfq_config import MAX_COPY_RANGE, Answer, config_message, split
+from sapd_nfq.kernel.queue_socket import DATAGRAM_SIZE, QueueConfigError, QueueSocket, receive_buffer
+
+little_endian = pytest.mark.skipif(sys.byteorder != "little", reason="netlink headers are in host order")
+
+# Written out from the headers, not from the module: <linux/netlink.h> struct
+# nlmsghdr {u32 len; u16 type; u16 flags; u32 seq; u32 pid}, <linux/netfilter/nfnetlink.h>
+# struct nfgenmsg {u8 family; u8 version; be16 res_id}, struct nlattr {u16 len; u16 type},
+# NFQA_CFG_PARAMS = struct nfqnl_msg_config_params {be32 copy_range; u8 copy_mode} packed.
+CONFIG_GSO_QUEUE_7_SEQ_1 = bytes.fromhex(
+    "30000000" "0203" "0500" "01000000" "00000000"  # 48 bytes, (QUEUE << 8) | CONFIG, REQUEST|ACK
+    "00" "00" "0007"                                   # AF_UNSPEC, NFNETLINK_V0, queue 7
+    "0900" "0200" "0000fffb" "02" "000000"            # PARAMS: copy range 65531, COPY_PACKET, pad
+    "0800" "0500" "00000004"                           # FLAGS: NFQA_CFG_F_GSO
+    "0800" "0400" "00000004")                          # MASK: NFQA_CFG_F_GSO
+CONFIG_PLAIN_QUEUE_300_SEQ_9 = bytes.fromhex(
+    "20000000" "0203" "0500" "09000000" "00000000"
+    "00" "00" "012c"
+    "0900" "0200" "0000fffb" "02" "000000")
+
+
+@little_endian
+def test_config_message_matches_the_kernel_layout():
+    assert MAX_COPY_RANGE == 65531
+    assert config_message(7, 1) == CONFIG_GSO_QUEUE_7_SEQ_1
+    assert config_message(300, 9, gso=False) == CONFIG_PLAIN_QUEUE_300_SEQ_9
+
+
+@pytest.mark.parametrize("queue, copy_range", [(-1, 100), (65536, 100), (0, 0), (0, 65532)])
+def test_config_message_refuses_what_the_kernel_cannot_take(queue, copy_range):
+    with pytest.raises(ValueError):
+        config_message(queue, 1, copy_range=copy_range)
+
+
+def nlmsg(kind: int, seq: int, body: bytes, flags: int = 0) -> bytes:
+    length = 16 + len(body)
+    return struct.pack("=IHHII", length, kind, flags, seq, 1234) + body + b"\0" * (-length % 4)
+
+
+def answer(seq: int, error: int) -> bytes:
+    """NLMSG_ERROR: s32 error, then the request's header (NLM_F_CAPPED: no more)."""
+    return nlmsg(2, seq, struct.pack("=i", -error) + struct.pack("=IHHII", 48, 0x302, 5, seq, 0),
+                 flags=0x100)
+
+
+def packet_message(size: int, seq: int = 0) -> bytes:
+    """An NFQNL_MSG_PACKET-shaped message (type (QUEUE << 8) | PACKET) of `size` body bytes."""
+    return nlmsg(0x300, seq, bytes(range(256)) * (size // 256) + b"p" * (size % 256))
+
+
+def test_split_keeps_packets_whole_and_takes_the_answers_out():
+    one = packet_message(65531 + 200)
+    assert split(one).packets is one and split(one).answers == () and not split(one).cut
+    mixed = packet_message(10) + answer(5, 0) + packet_message(3) + answer(6, errno.EOPNOTSUPP)
+    parts = split(mixed)
+    assert parts.packets == packet_message(10) + packet_message(3)
+    assert parts.answers == (Answer(5, 0), Answer(6, errno.EOPNOTSUPP))
+    assert split(answer(1, errno.EPERM)).packets == b""
+
+
+def test_split_says_when_a_message_was_cut():
+    whole = packet_message(5000)
+    parts = split(whole[:4096])  # what a 4,096-byte receive leaves of it
+    assert parts.cut and parts.packets == whole[:4096] and parts.answers == ()
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\x01\x02", struct.pack("=IHHII", 3, 2, 0, 1, 0) + b"x" * 8])
+def test_split_hands_over_what_it_cannot_read(garbage):
+    parts = split(garbage)
+    assert parts.answers == () and parts.packets == (garbage if len(garbage) >= 16 else b"")
+
+
+def test_receive_buffer_holds_a_queue_of_full_size_packets_and_fits_an_int():
+    assert receive_buffer(4096) * 2 >= 4096 * DATAGRAM_SIZE
+    assert receive_buffer(10**6) * 2 < 2**31
+
+
+# --- the reader, over a datagram socket pair standing in for netlink ------------
+
+
+@pytest.fixture
+def kernel():
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for sock in (ours, theirs):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    reader = QueueSocket(ours.fileno(), 7)
+    ours.close()  # the reader holds its own duplicate
+    yield reader, theirs
+    reader.close()
+    theirs.close()
+
+
+def drain(reader: QueueSocket) -> list[bytes]:
+    """What netfilterqueue's run_socket would hand its parser, until the reader is empty."""
+    got = []
+    while True:
+        try:
+            got.append(reader.recv(4096))
+        except BlockingIOError:
+            return got
+
+
+def test_reader_hands_over_each_datagram_whole(kernel):
+    reader, theirs = kernel
+    datagrams = [packet_message(n) for n in (40, 65531 + 300, 9000)]
+    for datagram in datagrams:
+        theirs.send(datagram)
+    assert drain(reader) == datagrams
+
+
+def test_reader_keeps_error_messages_from_the_binding(kernel, caplog):
+    reader, theirs = kernel
+    theirs.send(packet_message(100))
+    theirs.send(answer(40, errno.EINVAL))
+    theirs.send(answer(41, 0))
+    theirs.send(packet_message(200))
+    with caplog.at_level(logging.ERROR):
+        assert drain(reader) == [packet_message(100), packet_message(200)]
+    assert "request 40" in caplog.text and "Invalid argument" in caplog.text
+    assert "request 41" not in caplog.text
+
+
+def test_configure_sends_the_gso_flag_and_reads_the_ack(kernel):
+    reader, theirs = kernel
+    theirs.send(packet_message(64))  # a packet that was queued before the answer
+    theirs.send(answer(1, 0))
+    reader.configure()
+    assert reader.gso is True
+    assert theirs.recv(1000)[16:] == config_message(7, 1)[16:]
+    assert drain(reader) == [packet_message(64)]
+
+
+def test_a_kernel_without_the_gso_flag_gets_the_copy_range_alone(kernel, caplog):
+    reader, theirs = kernel
+    theirs.send(answer(1, errno.EOPNOTSUPP))
+    theirs.send(answer(2, 0))
+    with caplog.at_level(logging.WARNING):
+        reader.configure()
+    assert reader.gso is False
+    assert "refuses the GSO flag" in caplog.text
+    assert theirs.recv(1000) == config_message(7, 1)
+    assert theirs.recv(1000) == config_message(7, 2, gso=False)
+
+
+def test_a_refused_configuration_is_an_error(kernel):
+    reader, theirs = kernel
+    theirs.send(answer(1, errno.EPERM))
+    with pytest.raises(QueueConfigError, match="Operation not permitted"):
+        reader.configure()
