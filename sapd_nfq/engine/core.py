@@ -10,7 +10,10 @@ that decides. Everything that can grant relay is decided here, from the
 relay table in policy.py; the NFQUEUE loop only carries out the Decision.
 
 Safe verdicts, in one place:
-- a packet we cannot parse, or that the queue binding truncated: DROP;
+- a packet we cannot parse: DROP;
+- a packet the queue copied only part of (longer than its copy range, or
+  over 64 KB): never inspected, rewritten or counted as seen; SMTP drops it
+  (a loss the sender repairs), a POP3 or IMAP flow leaves the queue;
 - an SMTP packet of a connection we did not see open (sapd-nfq restarted, or
   the flow was evicted): DROP and reset both ends, since we cannot know
   whether it carries an uninspected RCPT; the client reconnects and is
@@ -184,11 +187,14 @@ class Engine:
         if now >= self._next_expiry:
             self.flows.expire(now)
             self._next_expiry = now + 1.0
+        whole = True
         try:
             seg = parse(packet, wire_len)
-        except Truncated:
+        except Truncated as exc:
             counters[TRUNCATED] += 1
-            return DROPPED
+            if exc.segment is None:
+                return DROPPED
+            seg, whole = exc.segment, False
         except MalformedPacket:
             counters[MALFORMED] += 1
             return DROPPED
@@ -196,6 +202,8 @@ class Engine:
         if isinstance(route, Decision):
             return route
         protocol, from_client = route
+        if not whole:
+            return self._truncated(seg, protocol, from_client, now)
         cleared = None
         if seg.flags & URG:  # the receiver must read the urgent byte in line, as we do
             counters[URGENT_CLEARED] += 1
@@ -424,6 +432,31 @@ class Engine:
         if from_client and not seg.flags & RST:
             return Decision(DROP, inject=(craft.reset_sender(seg),))
         return DROPPED
+
+    def _truncated(self, seg: Segment, protocol: str, from_client: bool, now: float) -> Decision:
+        """A packet we hold only part of: never inspected, rewritten or taken as seen.
+
+        SMTP drops it, as if it had been lost before us: the sender sends it
+        again, and its bytes are inspected when they arrive whole. A POP3 or
+        IMAP flow leaves the queue: losing it can only lose a login.
+        """
+        key = (seg.src, seg.sport, seg.dst, seg.dport) if from_client else \
+            (seg.dst, seg.dport, seg.src, seg.sport)
+        flow = self.flows.get(key)
+        fate = None if flow is None else flow.app.fate
+        if fate is Fate.REFUSED:
+            return self._refused_flow(seg, from_client)
+        if fate is Fate.BYPASSED:
+            return BYPASSED
+        if protocol == "smtp":
+            return DROPPED
+        if flow is None:
+            return BYPASSED
+        flow.app.fate = Fate.BYPASSED
+        flow.release()
+        return Decision(BYPASS, notices=(Notice(
+            "error", key[0], key[2], time=now,
+            reason=f"{protocol.upper()}: a packet longer than the queue copies; not followed further"),))
 
     def _untracked(self, seg: Segment, smtp: bool) -> Decision:
         self.counters[UNTRACKED] += 1

@@ -12,9 +12,16 @@ fragments, foreign protocols or bytes we did not receive:
   destination options); a routing header with segments left is refused,
   because its IPv6 destination is not the final one (the flow key and the
   checksum pseudo-header would both be wrong);
-- a packet shorter than its IP length says is `Truncated` (netfilterqueue
-  cuts payloads over 4016 bytes); bytes past the IP length (ethernet
-  padding) are ignored.
+- a packet shorter than its IP length says is `Truncated` (the queue copies
+  at most 65531 bytes of a packet; a GRO super-packet or a segment of a
+  larger MTU may be longer), and so is one whose length the IP header does
+  not give (total length 0: a BIG TCP packet over 64 KB, or an IPv6
+  jumbogram); bytes past the IP length (ethernet padding) are ignored.
+
+Checksums are not checked here: conntrack has (the rules drop its INVALID),
+and the TCP checksum of a GRO super-packet, or of one the sender's stack
+left to the NIC, holds only the pseudo-header's sum. What the gate rewrites
+leaves with both checksums computed over the whole packet (`_with_checksum`).
 """
 
 from __future__ import annotations
@@ -35,13 +42,23 @@ _IPV6_HOP_BY_HOP, _IPV6_ROUTING, _IPV6_FRAGMENT, _IPV6_DEST_OPTS = 0, 43, 44, 60
 _IPV4 = struct.Struct("!BBHHHBB")
 # payload length, next header (after the 4-byte version/class/flow word)
 _IPV6 = struct.Struct("!HB")
+_IPV6_LENGTH = struct.Struct("!H")
 # ports, seq, ack, data offset byte, flags, window
 _TCP_HEADER = struct.Struct("!HHIIBBH")
 _CHECKSUM = struct.Struct("!H")
 
 
 class Truncated(MalformedPacket):
-    """We hold fewer bytes than the packet had on the wire."""
+    """We hold fewer bytes than the packet had on the wire.
+
+    `segment` has the headers when they arrived whole (its payload is the
+    part that arrived), so that the packet can be given its protocol's safe
+    verdict; it is never to be inspected, rewritten or counted as seen.
+    """
+
+    def __init__(self, message: str, segment: Segment | None = None) -> None:
+        super().__init__(message)
+        self.segment = segment
 
 
 class Segment:
@@ -87,40 +104,68 @@ def parse(packet: bytes, wire_len: int | None = None) -> Segment:
     reports it; more than we hold means Truncated.
     """
     have = len(packet)
+    end, cut = _ip_end(packet, have)
     if wire_len is not None and wire_len > have:
-        raise Truncated(f"captured {have} of {wire_len} bytes")
+        cut = f"captured {have} of {wire_len} bytes"
+    try:
+        seg = _segment(packet, end)
+    except MalformedPacket as exc:
+        if cut is None:
+            raise
+        raise Truncated(cut) from exc
+    if cut is not None:
+        raise Truncated(cut, seg)
+    return seg
+
+
+def _ip_end(packet: bytes, have: int) -> tuple[int, str | None]:
+    """Where the IP packet ends in what we hold, and why it is cut there, if it is."""
     if not have:
         raise MalformedPacket("empty packet")
     version = packet[0] >> 4
     if version == 4:
         if have < 20:
             raise MalformedPacket(f"IPv4 header needs 20 bytes, have {have}")
-        vihl, _, end, _, frag, _, proto = _IPV4.unpack_from(packet)
+        vihl, _, end = _IPV4.unpack_from(packet)[:3]
         off = (vihl & 0x0F) * 4
+        if end == 0 and off >= 20:
+            return have, "IPv4 total length 0 (BIG TCP, over 64 KB)"
         if off < 20 or end < off:
             raise MalformedPacket(f"IPv4 header length {off}, total length {end}")
         if end > have:
-            raise Truncated(f"IPv4 total length {end}, captured {have}")
+            return have, f"IPv4 total length {end}, captured {have}"
+        return end, None
+    if version == 6:
+        if have < 40:
+            raise MalformedPacket(f"IPv6 header needs 40 bytes, have {have}")
+        (length,) = _IPV6_LENGTH.unpack_from(packet, 4)
+        if length == 0 and have > 40:
+            return have, "IPv6 payload length 0 (a jumbogram, over 64 KB)"
+        if 40 + length > have:
+            return have, f"IPv6 payload length {length}, captured {have - 40}"
+        return 40 + length, None
+    raise MalformedPacket(f"IP version {version}")
+
+
+def _segment(packet: bytes, end: int) -> Segment:
+    """The TCP segment in packet[:end] (its IP header already checked by _ip_end)."""
+    version = packet[0] >> 4
+    if version == 4:
+        vihl, _, _, _, frag, _, proto = _IPV4.unpack_from(packet)
+        off = (vihl & 0x0F) * 4
         if frag & 0x3FFF:
             raise MalformedPacket("IPv4 fragment")
         if proto != _TCP:
             raise MalformedPacket(f"IPv4 protocol {proto} is not TCP")
         src = _address_text(packet[12:16])
         dst = _address_text(packet[16:20])
-    elif version == 6:
-        if have < 40:
-            raise MalformedPacket(f"IPv6 header needs 40 bytes, have {have}")
-        length, proto = _IPV6.unpack_from(packet, 4)
-        end = 40 + length
-        if end > have:
-            raise Truncated(f"IPv6 payload length {length}, captured {have - 40}")
+    else:
+        _, proto = _IPV6.unpack_from(packet, 4)
         off = 40
         while proto != _TCP:
             off, proto = _ipv6_extension(packet, off, end, proto)
         src = _address_text(packet[8:24])
         dst = _address_text(packet[24:40])
-    else:
-        raise MalformedPacket(f"IP version {version}")
 
     if off + 20 > end:
         raise MalformedPacket("TCP header beyond the IP packet")
@@ -215,10 +260,21 @@ def without_urgent(packet: bytes, seg: Segment) -> bytes:
 
 def _with_checksum(out: bytearray, seg: Segment) -> bytes:
     """`out` (the packet `seg` was parsed from, edited in place without
-    changing a length) with its TCP checksum recomputed."""
+    changing a length) with full checksums: TCP over the whole segment, and
+    the IPv4 header's.
+
+    The kernel takes a packet given back with a verdict as checksummed
+    (CHECKSUM_NONE), a super-packet too, whose segments it later cuts from
+    it in software: the fields must hold the full sums, not the partial one
+    a GRO or TSO packet carries.
+    """
     field = seg.tcp_offset + 16
     out[field:field + 2] = b"\0\0"
     _CHECKSUM.pack_into(out, field, -_checksum_residue(out, seg) % 0xFFFF)
+    if seg.version == 4:
+        out[10:12] = b"\0\0"
+        header = bytes(out[:seg.tcp_offset])
+        _CHECKSUM.pack_into(out, 10, -int.from_bytes(header, "big") % 0xFFFF)
     return bytes(out)
 
 

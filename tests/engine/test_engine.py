@@ -581,6 +581,51 @@ def test_malformed_and_truncated_packets_are_dropped():
     assert engine.counters["truncated"] == 1 and engine.counters["malformed"] == 1
 
 
+def big_tcp(packet: bytes) -> bytes:
+    """`packet` as BIG TCP leaves a super-packet over 64 KB: its length field 0."""
+    at = 2 if packet[0] >> 4 == 4 else 4
+    return packet[:at] + b"\0\0" + packet[at + 2:]
+
+
+TRUNCATIONS = {"copy-range": lambda packet: packet[:-4], "big-tcp": big_tcp}
+
+
+@pytest.mark.parametrize("client", [CLIENT4, CLIENT6])
+@pytest.mark.parametrize("cut", TRUNCATIONS.values(), ids=TRUNCATIONS.keys())
+def test_a_truncated_smtp_packet_is_dropped_unseen_and_judged_when_it_comes_whole(client, cut):
+    conn = Conn(make_engine(), client=client, server=SERVER6 if ":" in client else "198.18.2.2")
+    conn.smtp_greeting()
+    conn.client(b"MAIL FROM:<a@b.example>\r\n")
+    whole = conn.packet(True, b"RCPT TO:<x@external.example>\r\n" + b"NOOP\r\n" * 9000)
+    decision = conn.feed(cut(whole))
+    assert decision.verdict is DROP and decision.packet is None and not decision.inject
+    assert not decision.notices and conn.engine.counters["truncated"] == 1
+    # nothing of it counts as seen: the sender's resend is judged in full
+    assert_refused(conn.feed(whole), conn, b"550")
+
+
+@pytest.mark.parametrize("port, login", [
+    (110, [b"USER alice\r\n", b"+OK\r\n", b"PASS secret\r\n"]),
+    (143, [b"a1 LOGIN alice secret\r\n"]),
+], ids=["pop3", "imap"])
+@pytest.mark.parametrize("cut", TRUNCATIONS.values(), ids=TRUNCATIONS.keys())
+def test_a_truncated_pop3_or_imap_packet_lets_the_flow_go_and_teaches_nothing(port, login, cut):
+    engine = make_engine()
+    conn = Conn(engine, sport=port)
+    conn.handshake()
+    conn.server(b"+OK Dovecot ready.\r\n" if port == 110 else b"* OK [CAPABILITY IMAP4rev1] ready\r\n")
+    for i, line in enumerate(login):
+        (conn.client if i % 2 == 0 else conn.server)(line)
+    success = b"+OK Logged in.\r\n" if port == 110 else b"a1 OK Logged in\r\n"
+    decision = conn.feed(cut(conn.packet(False, success + b"x" * 60000)))
+    assert decision.verdict is BYPASS and decision.packet is None
+    assert notices(decision, "error") and not notices(decision, "login")
+    assert not engine.logins.is_logged_in(CLIENT4, conn.now)
+    # the rest of the flow leaves too, whole or not
+    assert conn.feed(conn.packet(False, success)).verdict is BYPASS
+    assert not engine.logins.is_logged_in(CLIENT4, conn.now)
+
+
 def test_other_ports_are_not_judged():
     engine = make_engine()
     pkt = bytes(IP(src="198.18.1.2", dst="198.18.2.2") / TCP(sport=1234, dport=80, flags="S"))

@@ -124,7 +124,6 @@ MALFORMED = {
     "v6-routing-in-transit": v6(b"x", ext=(IPv6ExtHdrRouting(addresses=[SERVER6], segleft=1),)),
     "v6-ext-beyond-packet": _set(v6(b"", ext=(IPv6ExtHdrDestOpt(),)), 41, "!B", 9),
     "v6-ext-header-cut": _set(_set(V6, 6, "!B", 60), 4, "!H", 4)[:44],
-    "v6-zero-length-jumbo": _set(V6, 4, "!H", 0),
 }
 
 
@@ -135,19 +134,32 @@ def test_malformed(packet: bytes) -> None:
     assert not isinstance(info.value, Truncated)
 
 
+# (packet, wire_len, whether the TCP header arrived)
 TRUNCATED = {
-    "v4-total-length": (V4[:44], None),
-    "v4-header-cut": (V4[:30], None),
-    "v6-payload-length": (V6[:64], None),
-    "wire-len": (V4, len(V4) + 1),
-    "netfilterqueue-cut": (v4(b"x" * 5000)[:4096], None),
+    "v4-total-length": (V4[:44], None, True),
+    "v4-header-cut": (V4[:30], None, False),
+    "v6-payload-length": (V6[:64], None, True),
+    "wire-len": (V4, len(V4) + 1, True),
+    "netfilterqueue-cut": (v4(b"x" * 5000)[:4096], None, True),
+    # a 65535-byte packet (MTU 65535) and the queue's copy range of 65531
+    "copy-range-cut": (v4(b"x" * 65495)[:65531], None, True),
+    "v6-copy-range-cut": (v6(b"x" * 65475)[:65531], None, True),
+    # the length fields cannot say more than 64 KB: BIG TCP leaves them 0
+    "v4-big-tcp": (_set(V4, 2, "!H", 0), None, True),
+    "v6-big-tcp": (_set(V6, 4, "!H", 0), None, True),
+    "v4-big-tcp-fragment": (_set(_set(V4, 2, "!H", 0), 6, "!H", 0x2000), None, False),
 }
 
 
-@pytest.mark.parametrize("packet, wire_len", TRUNCATED.values(), ids=TRUNCATED.keys())
-def test_truncated(packet: bytes, wire_len: int | None) -> None:
-    with pytest.raises(Truncated):
+@pytest.mark.parametrize("packet, wire_len, headers", TRUNCATED.values(), ids=TRUNCATED.keys())
+def test_truncated(packet: bytes, wire_len: int | None, headers: bool) -> None:
+    with pytest.raises(Truncated) as info:
         parse(packet, wire_len)
+    seg = info.value.segment
+    assert (seg is not None) == headers
+    if seg is not None:  # the headers, for the safe verdict; the payload only as far as it came
+        assert (seg.sport, seg.dport, seg.seq) == (40000, 25, 1000)
+        assert packet[seg.payload_offset:] == seg.payload
 
 
 def test_wire_len_equal_or_smaller_is_whole() -> None:
@@ -219,6 +231,39 @@ def test_without_urgent_clears_flag_and_pointer_only(packet: bytes) -> None:
                                                                    seg.payload)
     assert len(out) == len(packet) and out[:seg.tcp_offset] == packet[:seg.tcp_offset]
     assert tcp_checksum_ok(out) and _scapy_checksum(out)[0] == _scapy_checksum(out)[1]
+
+
+def _as_gro_leaves_it(packet: bytes) -> bytes:
+    """`packet` with the checksums a GRO super-packet carries into the queue:
+    the TCP field holds only the pseudo-header's sum (left for hardware),
+    and here the IPv4 header's is stale too."""
+    seg = parse(packet)
+    out = bytearray(packet)
+    length = len(packet) - seg.tcp_offset
+    pseudo = (packet[12:20] + b"\0\x06" + length.to_bytes(2, "big") if seg.version == 4
+              else packet[8:40] + length.to_bytes(4, "big") + b"\0\0\0\x06")
+    struct.pack_into("!H", out, seg.tcp_offset + 16, int.from_bytes(pseudo, "big") % 0xFFFF)
+    if seg.version == 4:
+        struct.pack_into("!H", out, 10, 0x1234)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("build", [v4, v6], ids=["v4", "v6"])
+def test_a_rewritten_super_packet_leaves_with_full_checksums(build) -> None:
+    body = b"250-SIZE 100\r\n" * 4600 + b"250-STARTTLS\r\n250 8BITMIME\r\n"
+    packet = _as_gro_leaves_it(build(body, sport=25, dport=40000, tcp=TCP_OPTIONS))
+    assert len(packet) > 64000 and not tcp_checksum_ok(packet)
+    seg = parse(packet)
+    out = with_payload_bytes(packet, seg, seg.payload.index(b"STARTTLS"), b"XXXXXXXX")
+    assert len(out) == len(packet) and b"250-XXXXXXXX" in out
+    assert tcp_checksum_ok(out)
+    stated, fresh = _scapy_checksum(out)
+    assert stated == fresh
+    if seg.version == 4:
+        header = IP(out)
+        stated_ip = header.chksum
+        del header.chksum
+        assert stated_ip == IP(bytes(header)).chksum
 
 
 @pytest.mark.parametrize("start, data", [(-1, b"x"), (4, b"xx"), (6, b"")])
