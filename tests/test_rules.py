@@ -51,6 +51,7 @@ EXPECTED_RULES = """\
 -A SAPD_NFQ_SMTP -m mark --mark 0x1000/0x1000 -j RETURN
 -A SAPD_NFQ_SMTP -m connmark --mark 0x1000/0x1000 -j RETURN
 -A SAPD_NFQ_SMTP -m conntrack --ctstate INVALID -j DROP
+-A SAPD_NFQ_SMTP -p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS --set-mss 65491
 -A SAPD_NFQ_SMTP -p tcp -m tcp --tcp-flags FIN,SYN,RST,PSH,ACK,URG ACK -m length --length 40 \
 -m u32 --u32 "0x0>>0x16&0x3c=0x14&&0x4&0x3fff=0x0&&0x20>>0x1c=0x5" \
 -m statistic --mode random --probability 0.93750000000 -j RETURN
@@ -64,6 +65,7 @@ EXPECTED_RULES = """\
 -A SAPD_NFQ_POP3 -m mark --mark 0x1000/0x1000 -j RETURN
 -A SAPD_NFQ_POP3 -m connmark --mark 0x1000/0x1000 -j RETURN
 -A SAPD_NFQ_POP3 -m conntrack --ctstate INVALID -j DROP
+-A SAPD_NFQ_POP3 -p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS --set-mss 65491
 -A SAPD_NFQ_POP3 -p tcp -m tcp --tcp-flags FIN,SYN,RST,PSH,ACK,URG ACK -m length --length 40 \
 -m u32 --u32 "0x0>>0x16&0x3c=0x14&&0x4&0x3fff=0x0&&0x20>>0x1c=0x5" \
 -m statistic --mode random --probability 0.93750000000 -j RETURN
@@ -104,10 +106,11 @@ def test_representative_rule_set_exactly():
     assert text.startswith("# sapd-nfq rules for ipv4")
 
 
-def test_families_differ_only_in_the_comments_and_the_pure_ack_headers():
+def test_families_differ_only_in_the_comments_the_pure_ack_headers_and_the_mss():
     spec = RuleSpec()
     v4, v6 = rules.render(spec, IPV4), rules.render(spec, IPV6)
-    pure_ack = re.compile(r"--length \d+ -m u32 --u32 \"[^\"]*\"")
+    assert v4.count("--set-mss 65491") == v6.count("--set-mss 65471") == 2  # 65531 less headers
+    pure_ack = re.compile(r"--length \d+ -m u32 --u32 \"[^\"]*\"|--set-mss \d+")
     assert ([pure_ack.sub("", line) for line in rule_lines(v4)]
             == [pure_ack.sub("", line) for line in rule_lines(v6)])
     assert rule_lines(v4) != rule_lines(v6)
@@ -189,17 +192,19 @@ def test_queue_chains_check_marks_then_invalid_then_pure_acks_then_count_then_qu
             "RETURN", "RETURN"]
         assert body[3].startswith(f"-m connmark --mark {BYPASS_MARK:#x}/{BYPASS_MARK:#x}")
         assert body[4] == "-m conntrack --ctstate INVALID -j DROP"
+        # segments that fit the copy range: 65531 less the IPv4 and TCP headers
+        assert body[5] == "-p tcp -m tcp --tcp-flags SYN,RST SYN -j TCPMSS --set-mss 65491"
         # after INVALID: conntrack has checked a pure ACK's window before it goes by
         assert all("--tcp-flags FIN,SYN,RST,PSH,ACK,URG ACK" in rule and rule.endswith("-j RETURN")
-                   for rule in body[5:7])
+                   for rule in body[6:8])
         # a rule with no target counts the connections opening into the queue
-        assert body[7] == "-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN"
-        assert len(body) == 9 and body[8].startswith("-j NFQUEUE ")
-        assert body[8].endswith(" --queue-bypass") is bypass
+        assert body[8] == "-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN"
+        assert len(body) == 10 and body[9].startswith("-j NFQUEUE ")
+        assert body[9].endswith(" --queue-bypass") is bypass
         if spec.workers == 1:
-            assert f"--queue-num {spec.queue}" in body[8]
+            assert f"--queue-num {spec.queue}" in body[9]
         else:
-            assert f"--queue-balance {spec.queue}:{spec.queue + spec.workers - 1}" in body[8]
+            assert f"--queue-balance {spec.queue}:{spec.queue + spec.workers - 1}" in body[9]
 
 
 def test_smtp_never_bypasses_the_queue_even_when_pop3_fails_open():

@@ -52,6 +52,7 @@ from typing import Any
 from sapd_nfq.engine.errors import ConfigError, SapdError
 from sapd_nfq.kernel.interfaces import check_name
 from sapd_nfq.kernel.marks import BYPASS_MARK, CLIENT_OPENED_MARK, INJECT_MARK, INJECT_MASK
+from sapd_nfq.kernel.nfq_config import MAX_COPY_RANGE
 
 # --- Names ---------------------------------------------------------------------
 TABLE = "mangle"
@@ -250,11 +251,17 @@ def _u32(tests: Sequence[tuple[int, int, int | None, int]]) -> str:
                      for offset, shift, mask, value in tests)
 
 
+def max_segment(family: Family) -> int:
+    """The MSS whose segments fit the queue's copy range: the IP and TCP
+    headers without options (the sender leaves room for its options)."""
+    return MAX_COPY_RANGE - (20 if family is IPV4 else 40) - 20
+
+
 def _queue_chain(chain: str, target: str, family: Family) -> str:
     return _template("queue-chain.rules.in").substitute(
         chain=chain, queue=target, inject_mark=hex(INJECT_MARK),
         inject_mask=hex(INJECT_MASK), bypass=hex(BYPASS_MARK),
-        pure_acks=_pure_acks(chain, family))
+        mss=max_segment(family), pure_acks=_pure_acks(chain, family))
 
 
 def _dispatch(chain: str, option: str, spec: RuleSpec, skip: str | None = None) -> str:

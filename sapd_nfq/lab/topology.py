@@ -119,9 +119,14 @@ _SYSCTLS_GW = {"net/ipv4/ip_forward": "1", "net/ipv6/conf/all/forwarding": "1"}
 # Bridged packets meet iptables (br_netfilter; per namespace, so set in gw's own).
 _SYSCTLS_BRIDGE = {"net/bridge/bridge-nf-call-iptables": "1",
                    "net/bridge/bridge-nf-call-ip6tables": "1"}
-# Offloads off so segments are MTU-sized with real checksums, as on a wire:
-# captures then hold what a NIC would deliver, not veth's checksum-less super-packets.
-_OFFLOADS_OFF = ("tx-checksum-ip-generic", "tx-tcp-segmentation", "tx-tcp6-segmentation")
+# Offloads, off unless a test turns them on (`Lab.set_links`): segments are then
+# MTU-sized with real checksums, as on a wire, and captures hold what a NIC would
+# deliver. On, as a NIC's defaults have it: senders hand down 64 KB TSO packets with
+# the TCP checksum left to do, veth passes them on whole, and GRO merges what arrives.
+_OFFLOADS = ("tx-checksum-ip-generic", "tx-tcp-segmentation", "tx-tcp6-segmentation", "rx-gro")
+DEFAULT_MTU = 1500
+#: the most a veth takes
+MAX_MTU = 65535
 
 
 class LabError(RuntimeError):
@@ -278,15 +283,28 @@ class Lab:
                     address, prefixlen = cidr.split("/")
                     ipr.addr("add", index=index, address=address, prefixlen=int(prefixlen))
                 ipr.link("set", index=index, state="up")
+        self._set_host_links(host, DEFAULT_MTU, offloads=False)
+
+    def set_links(self, mtu: int = DEFAULT_MTU, *, offloads: bool = False) -> None:
+        """Every lab link's MTU, and its segmentation and receive offloads on or off."""
+        if not 68 <= mtu <= MAX_MTU:
+            raise ValueError(f"MTU {mtu} out of range 68..{MAX_MTU}")
+        for host in self.hosts.values():
+            self._set_host_links(host, mtu, offloads=offloads)
+
+    def _set_host_links(self, host: Host, mtu: int, *, offloads: bool) -> None:
+        # a bridge takes its MTU and offloads from its ports
+        links = [ifname for ifname in host.ifnames if ifname != self.layout.bridge]
+        with IPRoute(netns=host.netns) as ipr:
+            for ifname in links:
+                ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], mtu=mtu)
         with self.inside(host):
             ethtool = Ethtool()
         try:
-            for ifname in host.ifnames:
-                if ifname == self.layout.bridge:  # a bridge offloads what its ports do
-                    continue
+            for ifname in links:
                 features = ethtool.get_features(ifname)
-                for name in _OFFLOADS_OFF:
-                    features.features[name].enable = False
+                for name in _OFFLOADS:
+                    features.features[name].enable = offloads
                 ethtool.set_features(ifname, features)
         finally:
             ethtool.close()

@@ -145,6 +145,18 @@ def exim(lab):
     mta.stop()
 
 
+@pytest.fixture
+def links(request, lab):
+    """The lab's links as an indirect parameter asks, (MTU, offloads on), for
+    the test's length; the plain links (MTU 1500, offloads off) after it."""
+    from sapd_nfq.lab.topology import DEFAULT_MTU
+
+    mtu, offloads = getattr(request, "param", (DEFAULT_MTU, False))
+    lab.set_links(mtu, offloads=offloads)
+    yield mtu, offloads
+    lab.set_links()
+
+
 @pytest.fixture(scope="session")
 def _pools(lab):
     # Every test's login store is a file of its own, so even a reused address
