@@ -19,6 +19,7 @@ from lab_gate import EXTERNAL, LOCAL, SourcePOP3, assert_relay_refused, external
 pytestmark = pytest.mark.lab
 
 FAMILIES = [pytest.param(AF_INET, id="ipv4"), pytest.param(AF_INET6, id="ipv6")]
+MODES = [pytest.param("forward", id="forward"), pytest.param("input", id="input")]
 JUMBO = [pytest.param((9000, True), id="mtu9000-offloads"),
          pytest.param((65535, True), id="mtu65535-offloads")]
 MESSAGE_SIZE = 3 * 1024 * 1024
@@ -47,10 +48,11 @@ def send_big(lab, source: str, server: str, recipient: str, subject: str) -> lis
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("links", JUMBO, indirect=True)
 def test_a_multi_megabyte_message_arrives_byte_for_byte(lab, mail_server, make_gate, fresh,
-                                                        links, family):
-    gate = make_gate()
+                                                        links, mode, family):
+    gate = make_gate(mode)
     source, server = fresh(family), lab.server.address(family)
     subject = f"big-{uuid.uuid4().hex[:10]}"
     before = len(mail_server.wait_for_mail("alice", 0))
@@ -94,8 +96,9 @@ def test_a_large_mailbox_comes_back_by_pop3_retr(lab, mail_server, make_gate, fr
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("links", JUMBO, indirect=True)
-def test_a_relay_is_refused(lab, mail_server, make_gate, fresh, links, family):
-    gate = make_gate()
+def test_a_relay_is_refused(lab, mail_server, make_gate, fresh, links, mode, family):
+    gate = make_gate(mode)
     source, server = fresh(family), lab.server.address(family)
     assert_relay_refused(lab, mail_server, gate, source, server, LOCAL, external())

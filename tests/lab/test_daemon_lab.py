@@ -49,6 +49,9 @@ pytestmark = pytest.mark.lab
 
 FAMILIES = [pytest.param(AF_INET, id="ipv4"), pytest.param(AF_INET6, id="ipv6")]
 MODES = [pytest.param("forward", id="forward"), pytest.param("input", id="input")]
+# The relay table on plain links and with offloads and GRO on: the gate then judges
+# super-packets of up to 64 KB.
+LINKS = [pytest.param((1500, False), id="offloads-off"), pytest.param((1500, True), id="offloads-on")]
 
 
 @pytest.fixture
@@ -66,7 +69,8 @@ def settled_packets(gate: Gate, family: int) -> int:
 
 # --- the relay table ------------------------------------------------------------------
 
-def test_mail_to_a_local_recipient_is_delivered(lab, mail_server, gate, fresh):
+@pytest.mark.parametrize("links", LINKS, indirect=True)
+def test_mail_to_a_local_recipient_is_delivered(lab, mail_server, gate, fresh, links):
     source = fresh()
     for sender, user in ((EXTERNAL, "alice"), (LOCAL, "bob")):  # row 1: any sender
         before = len(mail_server.wait_for_mail(user, 0))
@@ -79,7 +83,8 @@ def test_mail_to_a_local_recipient_is_delivered(lab, mail_server, gate, fresh):
                           rf"recipient='{user}@lab.example' row=row 1")
 
 
-def test_local_sender_to_external_without_login_is_refused(lab, mail_server, gate, fresh):
+@pytest.mark.parametrize("links", LINKS, indirect=True)
+def test_local_sender_to_external_without_login_is_refused(lab, mail_server, gate, fresh, links):
     source, recipient = fresh(), external()
     postfix = PostfixLog(mail_server)
     done = swaks(lab, source, lab.server.ipv4, LOCAL, recipient, "no login")
@@ -90,7 +95,8 @@ def test_local_sender_to_external_without_login_is_refused(lab, mail_server, gat
     assert_relay_refused(lab, mail_server, gate, source, lab.server.ipv4, LOCAL, external())
 
 
-def test_a_pipelined_relay_attempt_is_refused(lab, mail_server, gate, fresh):
+@pytest.mark.parametrize("links", LINKS, indirect=True)
+def test_a_pipelined_relay_attempt_is_refused(lab, mail_server, gate, fresh, links):
     # MAIL, RCPT and DATA arrive in one segment: the RCPT alone is refused
     # (refusal = "recipient"); Postfix got the NOOP it became, never the address.
     source, recipient = fresh(), external()
@@ -102,7 +108,8 @@ def test_a_pipelined_relay_attempt_is_refused(lab, mail_server, gate, fresh):
     assert postfix.mentions(recipient) == []
 
 
-def test_external_to_external_is_refused_even_after_login(lab, mail_server, gate, fresh):
+@pytest.mark.parametrize("links", LINKS, indirect=True)
+def test_external_to_external_is_refused_even_after_login(lab, mail_server, gate, fresh, links):
     source, server = fresh(), lab.server.ipv4
     pop3_login(lab, mail_server, source, server)
     assert_relay_refused(lab, mail_server, gate, source, server, EXTERNAL, external())  # row 4

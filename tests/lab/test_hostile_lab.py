@@ -408,6 +408,22 @@ def test_a_trick_hides_no_relay(lab, mail_server, raw_quiet, where, trick, famil
     run_trick(lab, mail_server, where, trick, family)
 
 
+# With segmentation offloads and GRO on every link, as a NIC's defaults have them: the
+# gateway's GRO merges what a trick sends in order, and the queue gets the merged packet.
+OFFLOADED = [t for t in EVERYWHERE if t.id in ("data-ahead-of-a-gap", "overlap-with-other-bytes",
+                                              "urgent-byte", "tiny-segments",
+                                              "ack-only-segments-as-long-as-pure-acks")]
+
+
+@pytest.mark.parametrize("links", [pytest.param((1500, True), id="offloads-on")], indirect=True)
+@pytest.mark.parametrize("family", FAMILY)
+@pytest.mark.parametrize("trick", OFFLOADED)
+@pytest.mark.parametrize("where", WHERE, indirect=True)
+def test_a_trick_hides_no_relay_with_offloads_on(lab, mail_server, raw_quiet, where, trick, family,
+                                                 links):
+    run_trick(lab, mail_server, where, trick, family)
+
+
 @pytest.mark.parametrize("trick", IPV6_ONLY)
 @pytest.mark.parametrize("where", WHERE, indirect=True)
 def test_an_ipv6_trick_hides_no_relay(lab, mail_server, raw_quiet, where, trick):

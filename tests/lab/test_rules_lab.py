@@ -196,9 +196,9 @@ def test_installed_reports_what_is_there(ns):
                          "-j SAPD_NFQ_SEEN"),
             ("INPUT", 2, "! -i lo -j SAPD_NFQ_TO_SERVER"),
             ("OUTPUT", 1, "! -o lo -j SAPD_NFQ_FROM_SERVER")]
-        # IMAP adds a dispatch rule each way, pure ACKs two and an opening counter in each
-        # protocol chain
-        assert len(report[family]["rules"]) == 24
+        # IMAP adds a dispatch rule each way; the MSS clamp, pure ACKs two and an opening
+        # counter in each protocol chain
+        assert len(report[family]["rules"]) == 26
         assert all(isinstance(r["packets"], int) for r in report[family]["rules"])
     rules.remove(runner)
     assert not any(r["installed"] or r["chains"] for r in rules.installed(runner).values())
@@ -451,10 +451,10 @@ def test_a_settled_flow_leaves_the_queue(pair, daemon):
     server_ns, client_ns = pair
     assert connect(client_ns, SERVER4, 110) == "refused"
     pop3 = [n for (chain, _), n in counters(server_ns, IPV4).items() if chain == MAILBOX_CHAIN]
-    # inject, save bit, return on mark, return on connmark, INVALID, two pure-ACK RETURNs,
-    # the opening counter, NFQUEUE: the SYN was counted and queued once, came back marked,
-    # and the server's RST left by the connmark.
-    assert pop3 == [0, 1, 1, 1, 0, 0, 0, 1, 1]
+    # inject, save bit, return on mark, return on connmark, INVALID, MSS clamp, two pure-ACK
+    # RETURNs, the opening counter, NFQUEUE: the SYN had its MSS clamped, was counted and
+    # queued once, came back marked, and the server's RST left by the connmark.
+    assert pop3 == [0, 1, 1, 1, 0, 1, 0, 0, 1, 1]
 
 
 def test_interfaces_in_a_namespace(pair):
