@@ -41,6 +41,7 @@ from typing import Protocol
 
 from . import craft
 from .counters import (
+    ACK_REQUESTS,
     CONFLICTS,
     FAIL,
     FLOWS,
@@ -278,13 +279,17 @@ class Engine:
             self.counters[CONFLICTS] += 1
             return self._refuse(flow, seg, from_client, now,
                                 _Refusal("retransmission differs from the inspected bytes"))
+        session = flow.app
         if outcome is Outcome.GAP or outcome is Outcome.OVERFLOW:
             self.counters[HELD_BACK] += 1
+            if outcome is Outcome.OVERFLOW:  # only an ACK frees the kept bytes: ask for one
+                return Decision(DROP, inject=self._ask_for_ack(flow, session, 0, seg, from_client,
+                                                               full=True))
             return DROPPED
-        session = flow.app
         reading = self._read(flow, session, data, from_client, now) if data else _NOTHING_NEW
         if reading.refusal is not None:
             return self._refuse(flow, seg, from_client, now, reading.refusal, reading.notices)
+        asking = self._ask_for_ack(flow, session, len(data), seg, from_client) if data else ()
         passed = cleared
         if seg.payload and (session.hidden or session.refusals is not None):
             passed = self._rewrite(flow, session, seg, packet, from_client) or cleared
@@ -293,9 +298,34 @@ class Engine:
             verdict = BYPASS
             session.fate = Fate.BYPASSED
             flow.release()  # what follows is no longer compared
-        if passed is None and not reading.notices:
+        if passed is None and not reading.notices and not asking:
             return ACCEPTED if verdict is ACCEPT else BYPASSED
-        return Decision(verdict, passed, notices=reading.notices)
+        return Decision(verdict, passed, inject=asking, notices=reading.notices)
+
+    def _ask_for_ack(self, flow: Flow[Session], session: Session, new: int, seg: Segment,
+                     from_client: bool, full: bool = False) -> tuple[bytes, ...]:
+        """A byte the receiver had before, sent to it again, when the bytes kept
+        for comparison near their limit, or are `full` (the segment was dropped
+        for it; each resend asks again, in case an answer was lost): its answer
+        is an ACK the queue sees (stream.py, `wants_ack`). Never a byte the gate
+        rewrote: the receiver got the rewritten one. `new` bytes of the segment
+        were just taken into the stream."""
+        stream = flow.client if from_client else flow.server
+        if stream is None or not (full or stream.wants_ack()):
+            return ()
+        before = stream.byte_before(new)
+        if before is None:
+            return ()
+        at = stream.offset_of(before[0])
+        refused = () if session.refusals is None else \
+            session.refusals.client if from_client else session.refusals.server
+        spans = [(offset, len(text)) for offset, text in refused]
+        if not from_client:
+            spans += session.hidden
+        if any(offset <= at < offset + length for offset, length in spans):
+            return ()
+        self.counters[ACK_REQUESTS] += 1
+        return (craft.duplicate_to_receiver(seg, *before),)
 
     # -- protocol events ----------------------------------------------------
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Final
 
 PACKETS: Final = "packets"                  # every packet handed to the engine
-TRUNCATED: Final = "truncated"              # cut short by the queue binding: dropped
+TRUNCATED: Final = "truncated"              # held only in part: dropped (SMTP) or let go (POP3, IMAP)
 MALFORMED: Final = "malformed"              # not a well-formed TCP packet: dropped
 FOREIGN: Final = "foreign"                  # on no mail port: accepted unjudged
 WRONG_DIRECTION: Final = "wrong_direction"  # ports say one direction, the binding the other: dropped
@@ -21,6 +21,7 @@ FLOWS: Final = "flows"                      # connections tracked from their SYN
 UNTRACKED: Final = "untracked"              # a packet of a connection not seen to open
 CONFLICTS: Final = "conflicts"              # a retransmission that differs: session refused
 HELD_BACK: Final = "held_back"              # beyond a gap or over the retain budget: dropped
+ACK_REQUESTS: Final = "ack_requests"        # a byte sent again to a receiver, for an ACK the queue sees
 PROTOCOL_ERRORS: Final = "protocol_errors"  # a peer broke the protocol
 PASS: Final = "pass"                        # RCPTs the relay table passed
 FAIL: Final = "fail"                        # RCPTs the relay table failed

@@ -95,6 +95,19 @@ def probe_receiver(seg: Segment) -> bytes:
     return _packet(seg.version, seg.src, seg.dst, seg.sport, seg.dport, seg.seq, seg.ack, ACK)
 
 
+def duplicate_to_receiver(seg: Segment, seq: int, data: bytes) -> bytes:
+    """`data`, bytes the receiver of `seg` was sent before, again at `seq`.
+
+    A receiver answers a duplicate at once with an ACK carrying a D-SACK
+    block (RFC 2883; SACK is on by default in Linux and Windows): an ACK
+    with options, which the rules never let by the queue, so the daemon
+    learns how far the receiver got. Were the first copy lost, the receiver
+    takes the same bytes again.
+    """
+    return _packet(seg.version, seg.src, seg.dst, seg.sport, seg.dport, seq, seg.ack, ACK,
+                   payload=data)
+
+
 def reset_sender(seg: Segment) -> bytes:
     """RST to the sender of `seg`, as if from its peer, at `seg`'s ack."""
     if seg.flags & ACK:

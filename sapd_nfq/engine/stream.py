@@ -82,7 +82,7 @@ class Stream:
     """
 
     __slots__ = ("isn", "max_unacked", "budget", "offset", "fin", "added", "_base", "_buf",
-                 "_start")
+                 "_start", "_ask_at")
 
     def __init__(self, isn: int, max_unacked: int = MAX_UNACKED,
                  budget: RetainBudget | None = None) -> None:
@@ -95,6 +95,7 @@ class Stream:
         self._base = 0              # stream offset of the first retained byte
         self._buf = bytearray()     # retained bytes from _buf[_start] on
         self._start = 0
+        self._ask_at = 0            # stream offset from which wants_ack() may say yes again
 
     @property
     def next_seq(self) -> int:
@@ -148,6 +149,31 @@ class Stream:
         if fin:
             self.fin = True
         return Outcome.NEW, new
+
+    def wants_ack(self) -> bool:
+        """Whether to ask the receiver how far it got: the bytes kept have
+        passed half their limit, and the stream moved an eighth of it since
+        it last asked.
+
+        Only ACKs free kept bytes, and the rules let most pure ACKs by the
+        queue (one in 16 reaches it). A receiver of 64 KB super-packets sends
+        few, so the bytes kept could reach the limit; the sender's next
+        segment would be dropped, and after its last ACK went by no other
+        would come to free them: the stream would hold still for good.
+        """
+        if 2 * self.retained < self.max_unacked or self.offset < self._ask_at:
+            return False
+        self._ask_at = self.offset + self.max_unacked // 8
+        return True
+
+    def byte_before(self, new: int) -> tuple[int, bytes] | None:
+        """(seq, byte) of the last byte delivered before the `new` latest
+        ones, if it is still kept."""
+        at = self.offset - new - 1
+        if at < self._base:
+            return None
+        index = self._start + at - self._base
+        return (self.isn + 1 + at) & _MASK, bytes(self._buf[index:index + 1])
 
     def offset_of(self, seq: int) -> int:
         """The stream offset of the byte at sequence number `seq` (near the

@@ -15,7 +15,9 @@ from streams import random_chunks
 from sapd_nfq.engine.logins import StoreError
 from sapd_nfq.engine.packet import ACK, FIN, RST, URG, parse, tcp_checksum_ok
 from sapd_nfq.engine.policy import ROW_LOGGED_IN, ROW_NOT_LOCAL, ROW_NOT_LOGGED_IN, ROW_RECIPIENT_LOCAL
+from sapd_nfq.engine.refusal import Refusals
 from sapd_nfq.engine.smtp import MAX_PENDING_BYTES
+from sapd_nfq.engine.stream import MAX_UNACKED
 from sapd_nfq.engine.verdicts import ACCEPT, BYPASS, DROP
 
 C, S = "client", "server"
@@ -624,6 +626,52 @@ def test_a_truncated_pop3_or_imap_packet_lets_the_flow_go_and_teaches_nothing(po
     # the rest of the flow leaves too, whole or not
     assert conn.feed(conn.packet(False, success)).verdict is BYPASS
     assert not engine.logins.is_logged_in(CLIENT4, conn.now)
+
+
+def data_phase(conn: Conn) -> None:
+    conn.smtp_greeting()
+    conn.client(b"MAIL FROM:<dave@external.example>\r\n")
+    conn.server(b"250 2.1.0 Ok\r\n")
+    conn.client(b"RCPT TO:<alice@lab.example>\r\n")
+    conn.server(b"250 2.1.5 Ok\r\n")
+    conn.client(b"DATA\r\n")
+    conn.server(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+
+
+SUPER = (b"y" * 998 + b"\r\n") * 60  # a 60 KB super-packet of message text
+
+
+def test_a_stream_near_its_limit_asks_the_receiver_for_an_ack():
+    # The server's ACKs went by the queue (the rules let most pure ACKs by): the
+    # engine keeps every byte it passed, and past half the limit asks the server
+    # how far it got, with a byte it had before.
+    conn = Conn(make_engine())
+    data_phase(conn)
+    asked = []
+    for _ in range(MAX_UNACKED // len(SUPER) - 1):
+        sent_from = conn.cseq
+        decision = conn.client(SUPER)
+        assert decision.verdict is ACCEPT
+        if decision.inject:
+            [probe] = map(parse, decision.inject)
+            assert (probe.src, probe.dst, probe.dport) == (conn.client_addr, conn.server_addr, 25)
+            assert probe.seq == sent_from - 1 and probe.payload == b"\n" and probe.flags == ACK
+            asked.append(sent_from)
+    assert len(asked) == 4 and conn.engine.counters["ack_requests"] == 4  # 2 MiB on, every 512 KiB
+    # the answer frees what the server has: no more asking
+    conn.feed(conn.packet(False, flags="A", ack=conn.cseq, options=[("SAck", (0, 1))]))
+    assert not conn.client(SUPER).inject
+
+
+def test_never_asks_with_a_byte_the_gate_rewrote():
+    conn = Conn(make_engine(refusal="recipient"))
+    data_phase(conn)
+    session = conn.engine.flows.get((conn.client_addr, conn.cport, conn.server_addr, 25)).app
+    session.refusals = Refusals()
+    session.refusals.client.append((0, b"\0" * (MAX_UNACKED * 2)))  # say every byte was rewritten
+    for _ in range(MAX_UNACKED // len(SUPER) - 1):
+        assert not conn.client(SUPER).inject
+    assert conn.engine.counters["ack_requests"] == 0
 
 
 def test_other_ports_are_not_judged():
