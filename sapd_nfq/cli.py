@@ -294,6 +294,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"          flows tracked {worker.flows_tracked}, "
                       f"decisions pass {worker.decisions['pass']} fail {worker.decisions['fail']}, "
                       f"packets {worker.counters.get(count.PACKETS, 0)}")
+                if worker.receive is not None:
+                    print(f"          GSO {'on' if worker.receive.gso else 'off'}, "
+                          f"truncated {worker.counters.get(count.TRUNCATED, 0)}, "
+                          f"receive buffer full {worker.receive.overruns} times")
                 if worker.last_reload_error:
                     print(f"          last reload FAILED: {worker.last_reload_error}")
                 print("store:    " + _store_line(worker.store))
