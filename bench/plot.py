@@ -74,8 +74,10 @@ def plot(results: dict, out: Path) -> None:
     conc = results["plan"]["concurrency"]
     alt = s.get("alternatives")
     fig, axes = plt.subplots(3 if alt else 2, 3, figsize=(15, 12.5 if alt else 8.5))
-    _bars(axes[0][0], s["pop3_mb_s"], "POP3 RETR (Dovecot), after login", "MB/s")
-    _bars(axes[0][1], s["upload_mb_s"], "SMTP upload, 10 MB messages (Postfix)", "MB/s")
+    _grouped(axes[0][0], {"offloads off": s["pop3_mb_s"], "offloads on": s["pop3_offloads_mb_s"]},
+             "POP3 RETR (Dovecot), after login", "MB/s")
+    _grouped(axes[0][1], {"offloads off": s["upload_mb_s"], "offloads on": s["upload_offloads_mb_s"]},
+             "SMTP upload, 10 MB messages (Postfix)", "MB/s")
     _grouped(axes[0][2], {f"{c} client{'s' if c > 1 else ''}": s[f"sessions_{c}_per_s"] for c in conc},
              "short SMTP sessions (fast responder)", "sessions/s")
     axes[0][2].legend(fontsize=7)

@@ -28,9 +28,9 @@ def test_arguments() -> None:
     plan = run.make_plan(run.parse_args(["--reps", "2", "--paths", "relay,nofilter",
                                          "--no-alternatives"]))
     assert plan.reps == 2 and plan.paths == ("nofilter", "relay") and not plan.alternatives
-    # per repetition and path: 3 POP3 and 3 upload runs, 2 session loads; the relay's two
-    # refusal loads; relay's memory
-    assert run.total_steps(plan) == 2 * 2 * (3 + 3 + 2) + 2 * 2 + 3
+    # per repetition and path: 3 POP3 and 3 upload runs with offloads off and on, 2 session
+    # loads; the relay's two refusal loads; relay's memory
+    assert run.total_steps(plan) == 2 * 2 * (2 * (3 + 3) + 2) + 2 * 2 + 3
     with pytest.raises(SystemExit):
         run.parse_args(["--paths", "nofilter,bogus"])
     args = load.parse_args(["sessions", "--server", LOOPBACK, "--port", "25",
@@ -137,6 +137,9 @@ def test_results_summary_and_plot(tmp_path: Path) -> None:
 
     raw = {"pop3": {p: [bulk(100)] for p in run.PATHS},
            "upload": {p: [bulk(50), {"error": "x"}] for p in run.PATHS},
+           "pop3_offloads": {p: [bulk(100)] for p in run.PATHS},
+           "upload_offloads": {p: [{**bulk(120 if p == "sapd" else 80), "queued_packets": 2400}]
+                               for p in run.PATHS},
            "memory": {"sapd": [{"flows": f, "rss_mb": 20 + f / 1000} for f in plan.flows]},
            "scaling": {"sapd": {"1": [sessions(100)],
                                 "2": [{**sessions(150), "path_cpu_us_per_session": 120.0}]}}}
@@ -153,6 +156,8 @@ def test_results_summary_and_plot(tmp_path: Path) -> None:
     assert ratios["session_cpu_ratio_vs_relay"] == 1.0 and ratios["sessions_ratio_vs_floor"] == 1.0
     assert ratios["refusal_rate_ratio_vs_pass"] == 0.9
     assert ratios["p99_rtt_ratio_under_refusal_flood"] == 1.5
+    assert ratios["smtp_upload_ratio_vs_floor_offloads_on"] == 1.5
+    assert summary["upload_offloads_packets_per_mb"]["sapd"]["median"] == 20
     checked = run.targets(ratios)
     assert checked["rss_mb_10k_flows"] == {"value": 30.0, "target": "<= 48", "met": True}
     assert checked["workers2_cpu_per_session_ratio"]["met"] is False
@@ -162,7 +167,8 @@ def test_results_summary_and_plot(tmp_path: Path) -> None:
                "mode": "quick", "date": "today",
                "machine": {"cpus": 2, "cpu_model": "cpu", "kernel": "k", "python": "3"}}
     table = run.format_table(results)
-    assert "| POP3 RETR, MB/s" in table and "| relay attempts refused/s, 64" in table
+    assert "| POP3 RETR, offloads off, MB/s" in table and "| relay attempts refused/s, 64" in table
+    assert "| SMTP upload, offloads on, MB/s" in table and "| smtp_upload_ratio_vs_floor_offloads_on | 1.50" in table
     json.dumps(results)
     plot = pytest.importorskip("bench.plot")
     plot.plot(results, tmp_path / "r.png")
