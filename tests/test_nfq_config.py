@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from sapd_nfq.kernel.nfq_config import MAX_COPY_RANGE, Answer, config_message, split
+from sapd_nfq.kernel.nfq_config import MAX_COPY_RANGE, Answer, config_message, lone_packet, split
 from sapd_nfq.kernel.queue_socket import DATAGRAM_SIZE, QueueConfigError, QueueSocket, receive_buffer
 
 little_endian = pytest.mark.skipif(sys.byteorder != "little", reason="netlink headers are in host order")
@@ -63,12 +63,19 @@ def packet_message(size: int, seq: int = 0) -> bytes:
 
 def test_split_keeps_packets_whole_and_takes_the_answers_out():
     one = packet_message(65531 + 200)
-    assert split(one).packets is one and split(one).answers == () and not split(one).cut
+    assert split(one).packets == one and split(one).answers == () and not split(one).cut
     mixed = packet_message(10) + answer(5, 0) + packet_message(3) + answer(6, errno.EOPNOTSUPP)
     parts = split(mixed)
     assert parts.packets == packet_message(10) + packet_message(3)
     assert parts.answers == (Answer(5, 0), Answer(6, errno.EOPNOTSUPP))
     assert split(answer(1, errno.EPERM)).packets == b""
+
+
+def test_a_lone_packet_goes_as_it_came():
+    assert lone_packet(packet_message(1600)) and lone_packet(packet_message(65531 + 301))
+    assert not lone_packet(answer(1, 0))  # the daemon's, not the binding's
+    assert not lone_packet(packet_message(10) + packet_message(10))
+    assert not lone_packet(packet_message(5000)[:4096]) and not lone_packet(b"\0" * 8)
 
 
 def test_split_says_when_a_message_was_cut():

@@ -34,6 +34,7 @@ MAX_COPY_RANGE = 0xFFFF - 4
 
 # struct nlmsghdr (host order): length, type, flags, seq, port id
 _NLMSGHDR = struct.Struct("=IHHII")
+_LENGTH_TYPE = struct.Struct("=IH")
 # struct nfgenmsg: family, version, resource id (the queue number, big-endian)
 _NFGENMSG = struct.Struct("=BB")
 _RES_ID = struct.Struct("!H")
@@ -87,6 +88,15 @@ class Datagram:
     cut: bool
 
 
+def lone_packet(datagram: bytes) -> bool:
+    """Whether the datagram is a single message for the binding, as nearly
+    every one is: then it goes to the binding as it came, unsplit."""
+    if len(datagram) < _NLMSGHDR.size:
+        return False
+    length, kind = _LENGTH_TYPE.unpack_from(datagram)
+    return kind != NLMSG_ERROR and len(datagram) - 4 < length <= len(datagram)
+
+
 def split(datagram: bytes) -> Datagram:
     """Take the kernel's answers (NLMSG_ERROR) out of a datagram.
 
@@ -106,8 +116,6 @@ def split(datagram: bytes) -> Datagram:
             answers.append(Answer(seq, -error))
         else:  # with its padding, as it came
             packets.append(datagram[start:end + (-(end - start) % 4)])
-    if len(packets) == 1 and not answers and len(packets[0]) == len(datagram):
-        return Datagram(datagram, (), cut)  # the usual case: one packet, no copy
     return Datagram(b"".join(packets), tuple(answers), cut)
 
 

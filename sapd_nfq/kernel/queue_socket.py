@@ -27,7 +27,7 @@ from netfilterqueue import NetfilterQueue
 
 from ..engine.errors import SapdError
 from ..wiring.logsetup import LOGGER
-from .nfq_config import MAX_COPY_RANGE, Datagram, config_message, split
+from .nfq_config import MAX_COPY_RANGE, Datagram, config_message, lone_packet, split
 
 log = logging.getLogger(LOGGER)
 
@@ -93,9 +93,12 @@ class QueueSocket:
         if self._pending:
             return self._pending.popleft()
         while True:
-            parts = self._read()
-            if parts is None:
+            datagram = self._receive()
+            if datagram is None:
                 raise BlockingIOError(errno.EAGAIN, "no datagram waiting")
+            if lone_packet(datagram):
+                return datagram
+            parts = self._split(datagram)
             for answer in parts.answers:  # none is awaited here
                 if answer.errno:
                     log.error("queue %d: the kernel answered request %d with %s",
@@ -103,10 +106,10 @@ class QueueSocket:
             if parts.packets:
                 return parts.packets
 
-    def _read(self) -> Datagram | None:
-        """One datagram, its answers taken out; None if none waits."""
+    def _receive(self) -> bytes | None:
+        """One datagram (empty after an overrun); None if none waits."""
         try:
-            datagram = self.sock.recv(DATAGRAM_SIZE, socket.MSG_DONTWAIT)
+            return self.sock.recv(DATAGRAM_SIZE, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return None
         except OSError as exc:
@@ -116,7 +119,10 @@ class QueueSocket:
             # inspection they are gaps, like any other loss.
             self.overruns += 1
             log.warning("queue %d: receive buffer full; the kernel dropped packets", self.queue)
-            return Datagram(b"", (), False)
+            return b""
+
+    def _split(self, datagram: bytes) -> Datagram:
+        """The datagram's packets and the kernel's answers, apart."""
         parts = split(datagram)
         if parts.cut:
             self.cut += 1
@@ -134,9 +140,10 @@ class QueueSocket:
         poll.register(self.sock, select.POLLIN)
         deadline = time.monotonic() + ANSWER_TIMEOUT
         while poll.poll(max(0.0, deadline - time.monotonic()) * 1000):
-            parts = self._read()
-            if parts is None:
+            datagram = self._receive()
+            if datagram is None:
                 continue
+            parts = self._split(datagram)
             if parts.packets:
                 self._pending.append(parts.packets)
             for answer in parts.answers:
