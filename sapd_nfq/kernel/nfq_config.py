@@ -94,7 +94,7 @@ def lone_packet(datagram: bytes) -> bool:
     if len(datagram) < _NLMSGHDR.size:
         return False
     length, kind = _LENGTH_TYPE.unpack_from(datagram)
-    return kind != NLMSG_ERROR and len(datagram) - 4 < length <= len(datagram)
+    return bool(kind != NLMSG_ERROR and len(datagram) - 4 < length <= len(datagram))
 
 
 def split(datagram: bytes) -> Datagram:
