@@ -658,9 +658,18 @@ def test_a_stream_near_its_limit_asks_the_receiver_for_an_ack():
             assert probe.seq == sent_from - 1 and probe.payload == b"\n" and probe.flags == ACK
             asked.append(sent_from)
     assert len(asked) == 4 and conn.engine.counters["ack_requests"] == 4  # 2 MiB on, every 512 KiB
-    # the answer frees what the server has: no more asking
+    # no answer came: the segment over the limit is dropped, and each resend asks again
+    while conn.client(SUPER).verdict is ACCEPT:
+        pass
+    for _ in range(3):
+        dropped = conn.client(SUPER)
+        assert dropped.verdict is DROP and conn.engine.counters["held_back"] >= 1
+        [probe] = map(parse, dropped.inject)
+        assert probe.seq == conn.cseq - 1 and len(probe.payload) == 1
+    # the answer frees what the server has: the resend passes, and no more asking
     conn.feed(conn.packet(False, flags="A", ack=conn.cseq, options=[("SAck", (0, 1))]))
-    assert not conn.client(SUPER).inject
+    passed = conn.client(SUPER)
+    assert passed.verdict is ACCEPT and not passed.inject
 
 
 def test_never_asks_with_a_byte_the_gate_rewrote():
