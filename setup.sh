@@ -31,6 +31,13 @@ packages=(
     postfix dovecot-core dovecot-pop3d dovecot-imapd openssl redis-server
     swaks libnet-ssleay-perl libio-socket-ssl-perl curl tcpdump
 )
+# The Debian package's build (packaging/build-deb.sh, tests/test_debian_package.py) and lintian
+[ -z "$with_vagrant" ] || packages+=(
+    dpkg-dev build-essential debhelper dh-python pybuild-plugin-pyproject python3-all-dev
+    python3-setuptools python3-wheel python3-pip cython3 lintian
+)
+# The VMs' gateway installs that package: its dependencies from Debian, in the box
+[ -n "$with_vagrant" ] || packages+=(python3-pyroute2 python3-prometheus-client)
 # vagrant/build-box.sh and the VM tests: libvirt with QEMU, a box debootstrapped here
 [ -z "$with_vagrant" ] || packages+=(
     vagrant vagrant-libvirt libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils

@@ -43,11 +43,13 @@ class Gate:
 
     `sapd_nfq` is the command that runs sapd-nfq on the gw (default: this one).
     Its words are joined with spaces for gateway.sh, so none may contain one.
+    With `unit` (a systemd unit that `gateway.sh unit` set up), systemd starts and
+    stops the daemon.
     """
 
     def __init__(self, lab: Any, *, auth_ttl: int, state_dir: PurePosixPath | None = None,
                  sapd_nfq: Sequence[str] | None = None, script: PurePosixPath | None = None,
-                 login_log: PurePosixPath | None = None) -> None:
+                 login_log: PurePosixPath | None = None, unit: str | None = None) -> None:
         self.lab = lab
         self.auth_ttl = auth_ttl
         #: the mail server's log the gate learns encrypted logins from, where it can read it
@@ -55,6 +57,7 @@ class Gate:
         self.state_dir = PurePosixPath(state_dir or PurePosixPath(lab.state_dir) / "gate")
         self.sapd_nfq = tuple(sapd_nfq or local_command())
         self.script = PurePosixPath(script or SCRIPT)
+        self.unit = unit
         self._log = HostLog(lab, lab.gw, self.log_path)
         if any(" " in word for word in self.sapd_nfq):
             raise LabError(f"gateway.sh cannot run {shlex.join(self.sapd_nfq)}: "
@@ -127,5 +130,6 @@ class Gate:
             since, timeout, f"sapd-nfq logged no {event}")
 
     def _script(self, *args: str) -> None:
+        unit = [f"SAPD_NFQ_UNIT={self.unit}"] if self.unit else []
         run_script(self.lab, self.lab.gw, self.script, args,
-                   env=[f"SAPD_NFQ={' '.join(self.sapd_nfq)}"])
+                   env=[f"SAPD_NFQ={' '.join(self.sapd_nfq)}", *unit])

@@ -2,8 +2,9 @@
 
 `vagrant up` in vagrant/ builds client, gw and server with the lab's
 addresses and provisions them with the same provision/ scripts the namespace
-lab uses: Postfix and Dovecot on server, sapd-nfq (gateway.sh) on gw, the
-client MTA on client. `VagrantLab` only talks to them: it offers what `Gate`,
+lab uses: Postfix and Dovecot on server, sapd-nfq on gw (the Debian package,
+its systemd unit running gateway.sh's config), the client MTA on client.
+`VagrantLab` only talks to them: it offers what `Gate`,
 `ClientMTA` and the demo's story use of a `Lab` (the hosts, `state_dir`,
 `command`, `run`), so they run unchanged against the VMs:
 
@@ -31,7 +32,8 @@ from sapd_nfq.lab.topology import Host, Lab, LabError
 REPOSITORY = PurePosixPath("/sapd-nfq")
 STATE_DIR = PurePosixPath("/var/lib/sapd-lab")
 PROVISION = REPOSITORY / "sapd_nfq" / "lab" / "provision"
-SAPD_NFQ = (str(REPOSITORY / ".venv" / "bin" / "sapd-nfq"),)
+SAPD_NFQ = ("/usr/sbin/sapd-nfq",)  # the Debian package's
+UNIT = "sapd-nfq.service"
 SSH_TIMEOUT = 10  # seconds for an ssh connection to a VM
 
 
@@ -99,11 +101,12 @@ class VagrantLab:
         return subprocess.run(self.command(host, argv), check=check, **kw)
 
     def gate(self) -> Gate:
-        """The sapd-nfq the gw VM was provisioned with (already running)."""
+        """The sapd-nfq the gw VM was provisioned with (already running, under systemd)."""
         state_dir = STATE_DIR / "gate"
         config = self.run(self.gw, ["cat", str(state_dir / "sapd-nfq.toml")], capture_output=True)
         return Gate(self, auth_ttl=tomllib.loads(config.stdout.decode())["auth_ttl"],
-                    state_dir=state_dir, sapd_nfq=SAPD_NFQ, script=PROVISION / "gateway.sh")
+                    state_dir=state_dir, sapd_nfq=SAPD_NFQ, script=PROVISION / "gateway.sh",
+                    unit=UNIT)
 
     def client_mta(self) -> ClientMTA:
         """The client VM's MTA (already running)."""

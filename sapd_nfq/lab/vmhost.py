@@ -1,7 +1,8 @@
 """The VMs of vagrant/ on this machine: libvirt with QEMU, in a network namespace of its own.
 
-`VMHost` builds the box (vagrant/build-box.sh) when the tree's box key has changed, starts a
-libvirtd inside the namespace `sapd-vms`, runs `vagrant up` there, and on `destroy` removes
+`VMHost` builds the box (vagrant/build-box.sh) when the tree's box key has changed, builds the
+Debian package the gw VM installs (packaging/build-deb.sh, into dist/), starts a libvirtd
+inside the namespace `sapd-vms`, runs `vagrant up` there, and on `destroy` removes
 the VMs, whatever vagrant-libvirt leaves in libvirt (the box's base volume, the storage pool it
 made), stops every process in the namespace and deletes it. Inside the namespace, libvirt's
 bridges, dnsmasq and firewall rules never touch the host's network; `leftovers()` compares
@@ -40,6 +41,7 @@ REQUIRED = ("vagrant", "virsh", "libvirtd", "virtlogd", "qemu-system-x86_64", "d
             "mke2fs", "qemu-img", "rsync", "ssh", "ip", "iptables-save")
 START_WAIT = 30.0  # seconds for libvirtd to answer
 UP_TIMEOUT = 3600  # seconds for `vagrant up`: three emulated VMs, first boot and provisioning
+DEB_TIMEOUT = 900  # seconds for the Debian package's build (its build dependencies at the first)
 DESTROY_TIMEOUT = 600
 BOX_ADD_TIMEOUT = 600
 
@@ -108,6 +110,7 @@ class VMHost:
         self.log.write_text("")
         self._found = self.host_state()
         self.box()
+        self.package()
         self.start_libvirt()
         self._libvirt_before.write_text(json.dumps(sorted(self._libvirt_objects())))
         started = time.monotonic()
@@ -135,6 +138,18 @@ class VMHost:
                          timeout=BOX_ADD_TIMEOUT, inside=False)
             added.write_text(key + "\n")
             self._timed("box add", started)
+
+    def package(self) -> None:
+        """Build the Debian package into dist/, where the Vagrantfile's gw installs it from."""
+        repository = self.vagrant_dir.parent
+        started = time.monotonic()
+        with open(self.log, "a") as out:
+            done = subprocess.run([str(repository / "packaging" / "build-deb.sh"),
+                                   str(repository / "dist")], stdout=out, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, timeout=DEB_TIMEOUT)
+        if done.returncode:
+            raise LabError(f"build-deb.sh exited {done.returncode}:\n{self.log_tail()}")
+        self._timed("deb build", started)
 
     def start_libvirt(self) -> None:
         """The namespace, and a libvirtd in it (virtlogd beside it) unless ours runs already."""

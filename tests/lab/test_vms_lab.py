@@ -1,17 +1,20 @@
 """The lab as three VMs that really boot: vagrant/ under libvirt and QEMU's emulation.
 
 The module builds the box if the tree's box key has changed (vagrant/build-box.sh; the box
-is cached in /var/cache/sapd-nfq-vms for the next run), starts libvirtd in a network
-namespace of its own, brings the three VMs up with `vagrant up`, runs the end-to-end lab
-tests inside them (the demo's story and the relay table through a sending Postfix, which
-read SAPD_LAB_VAGRANT) and one hostile case, then destroys them and checks that the host
-is as it was: its firewall, links, namespaces, libvirt's definitions and images, no QEMU.
+is cached in /var/cache/sapd-nfq-vms for the next run) and the Debian package, starts
+libvirtd in a network namespace of its own, brings the three VMs up with `vagrant up` (gw
+installs the package and systemd runs its unit), runs the end-to-end lab tests inside them
+(the demo's story and the relay table through a sending Postfix, which read
+SAPD_LAB_VAGRANT) and one hostile case, purges the package from gw and checks gw's firewall
+is as it was before the install, then destroys the VMs and checks that the host is as it
+was: its firewall, links, namespaces, libvirt's definitions and images, no QEMU.
 Each step's time is printed. `-m 'not vms'` leaves the module out (about 15 minutes here).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -26,6 +29,8 @@ pytestmark = [pytest.mark.lab, pytest.mark.vms]
 ROOT = Path(__file__).resolve().parents[2]
 VAGRANT_DIR = ROOT / "vagrant"
 INNER_TIMEOUT = 1800  # seconds for the lab tests inside the VMs
+#: gw's iptables-save and ip6tables-save before the package went in (vagrant/Vagrantfile)
+FIREWALL_BEFORE = "/var/lib/sapd-lab/firewall-before-package"
 SENDER = "alice@lab.example"
 OUTSIDE = "dave@external.example"
 
@@ -97,7 +102,14 @@ def test_the_vms_run_the_lab(vms, report):
         assert forwarding == "1"
         status = lab.gate().cli("status", check=False)
         assert status.returncode == 0, status.stdout + status.stderr
-    report(f"kernels {kernels}")
+        unit = [lab.run("gw", ["systemctl", query, "sapd-nfq.service"], check=False,
+                        capture_output=True, text=True).stdout.strip() for query in ("is-enabled", "is-active")]
+        assert unit == ["enabled", "active"]
+        package = lab.run("gw", ["dpkg-query", "-W", "-f", "${Version} ${Status}", "sapd-nfq"],
+                          capture_output=True, text=True).stdout
+        security = lab.run("gw", ["systemd-analyze", "security", "--no-pager", "sapd-nfq.service"],
+                           check=False, capture_output=True, text=True).stdout.strip().splitlines()
+    report(f"kernels {kernels}; gw runs sapd-nfq {package} under systemd; {security[-1] if security else ''}")
 
 
 def test_the_demo_on_the_vms(vms, report):
@@ -161,6 +173,40 @@ def test_a_relay_in_one_byte_segments_is_refused_on_the_vms(vms):
         assert attempt() in ("550", "reset")
         fails = [line for line in gate.wait_for_log("FAIL", offset) if " FAIL " in line]
         assert f"client={lab.client.ipv4} sender='{SENDER}' recipient='{OUTSIDE}'" in fails[0]
+
+
+def _firewall(saved: str) -> set[str]:
+    """iptables-save's rules and chains, as "table line"; a table of empty built-in chains
+    that accept (what merely listing a table leaves) counts as no table."""
+    found, table = set(), ""
+    for line in saved.splitlines():
+        line = re.sub(r" \[\d+:\d+\]$", "", line)  # the counters
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith("-A ") or line.startswith(":") and not re.fullmatch(
+                r":(INPUT|FORWARD|OUTPUT|PREROUTING|POSTROUTING) ACCEPT", line):
+            found.add(f"{table} {line}")
+    return found
+
+
+def test_purging_the_package_leaves_the_gateway_firewall_as_it_was(vms, report):
+    from sapd_nfq.lab.vagrant import VagrantLab
+
+    with VagrantLab(VAGRANT_DIR, via=vms.command([]), env=vms.env) as lab:
+        def firewall() -> str:
+            return "".join(lab.run("gw", [save], capture_output=True, text=True).stdout
+                           for save in ("iptables-save", "ip6tables-save"))
+
+        assert "SAPD_NFQ" in firewall()
+        lab.run("gw", ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "purge", "-y", "-q", "sapd-nfq"],
+                capture_output=True)
+        before = lab.run("gw", ["cat", FIREWALL_BEFORE], capture_output=True, text=True).stdout
+        after = firewall()
+        assert _firewall(after) == _firewall(before), after
+        left = lab.run("gw", ["ls", "-d", "/etc/sapd-nfq", "/var/lib/sapd-nfq", "/usr/sbin/sapd-nfq"],
+                       check=False, capture_output=True, text=True).stdout
+        assert left == ""
+    report(f"purged: gw's firewall as before the package ({len(_firewall(before))} rules and chains)")
 
 
 def test_destroy_leaves_the_host_as_it_was(vms, report):
