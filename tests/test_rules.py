@@ -601,3 +601,43 @@ def test_smtp_openings_are_read_from_the_saved_counters():
         f"[3:180] -A {MAILBOX_CHAIN} -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN\n"
         "COMMIT\n")
     assert saved.smtp_opens() == {"host": 12, "queued": 5}
+
+
+class _Message(dict):
+    """A netlink message as Debian 12's pyroute2 (0.7.2) gives it: header fields as keys,
+    attributes by get_attr alone."""
+
+    def __init__(self, attrs: dict, **header: object) -> None:
+        super().__init__(header)
+        self.attrs = attrs
+
+    def get_attr(self, name: str, default: object = None) -> object:
+        return self.attrs.get(name, default)
+
+
+class _IPRoute:
+    """pyroute2.IPRoute as 0.7.2 has it: no `netns` argument."""
+
+    def __init__(self) -> None:
+        pass
+
+    def __enter__(self) -> _IPRoute:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def get_links(self) -> list[_Message]:
+        return [_Message({"IFLA_IFNAME": "eth0"}, index=2), _Message({"IFLA_IFNAME": "lo"}, index=1)]
+
+    def route(self, command: str, family: int) -> list[_Message]:
+        return [_Message({"RTA_OIF": 2}, dst_len=0, type=1, table=254)]
+
+
+def test_interfaces_are_read_as_debian_12s_pyroute2_gives_them(monkeypatch):
+    import pyroute2
+
+    monkeypatch.setattr(pyroute2, "IPRoute", _IPRoute)
+    assert interfaces.list_interfaces() == ["lo", "eth0"]
+    assert interfaces.default_route_interfaces() == ["eth0"]
+    interfaces.validate(["eth0"])

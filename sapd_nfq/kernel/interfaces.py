@@ -60,12 +60,19 @@ def check_name(name: str) -> None:
         )
 
 
+def _iproute(netns: str | None) -> Any:
+    """An IPRoute here, or in the named network namespace. Debian 12's pyroute2 (0.7.2)
+    takes no `netns` argument, so it is given only for a namespace (the lab's), and
+    its messages give attributes by get_attr alone, as read here."""
+    from pyroute2 import IPRoute  # netlink only where it is used
+    return IPRoute() if netns is None else IPRoute(netns=netns)
+
+
 def list_interfaces(netns: str | None = None) -> list[str]:
     """Names of the interfaces present (in the named network namespace), by index."""
-    from pyroute2 import IPRoute  # netlink only where it is used
-    with IPRoute(netns=netns) as ipr:
+    with _iproute(netns) as ipr:
         links = sorted(ipr.get_links(), key=lambda link: link["index"])
-        return [link.get("ifname") for link in links]
+        return [link.get_attr("IFLA_IFNAME") for link in links]
 
 
 def default_route_interfaces(netns: str | None = None) -> list[str]:
@@ -74,9 +81,8 @@ def default_route_interfaces(netns: str | None = None) -> list[str]:
     A gateway's outside interface, or a server's only uplink: the usual answer
     for `interfaces` when the administrator has not named one.
     """
-    from pyroute2 import IPRoute  # netlink only where it is used
-    with IPRoute(netns=netns) as ipr:
-        names = {link["index"]: link.get("ifname") for link in ipr.get_links()}
+    with _iproute(netns) as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
         found: list[str] = []
         for family in (socket.AF_INET, socket.AF_INET6):
             for route in ipr.route("dump", family=family):
@@ -92,10 +98,10 @@ def default_route_interfaces(netns: str | None = None) -> list[str]:
 
 def _out_interfaces(route: Any) -> list[int]:
     """The output interface indexes of a route, single-path or multipath."""
-    oif = route.get("oif")
+    oif = route.get_attr("RTA_OIF")
     if oif is not None:
         return [oif]
-    return [hop["oif"] for hop in route.get("multipath") or () if hop.get("oif")]
+    return [hop["oif"] for hop in route.get_attr("RTA_MULTIPATH") or () if hop.get("oif")]
 
 
 def validate(names: Iterable[str], available: Collection[str] | None = None,
