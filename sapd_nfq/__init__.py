@@ -17,4 +17,30 @@
               command table (`python -m sapd_nfq.docgen`)
 
 The import rules between them are tests (tests/test_architecture.py).
+
+The version has one source, pyproject.toml: an installed package reads it
+from its metadata, a source checkout from the file itself.
 """
+
+from __future__ import annotations
+
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+_PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def version() -> str:
+    """The package's version: installed metadata, else the checkout's
+    pyproject.toml, else "unknown" (never an exception)."""
+    try:
+        return metadata.version("sapd-nfq")
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        with _PYPROJECT.open("rb") as file:
+            found = tomllib.load(file)["project"]["version"]
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError):
+        return "unknown"
+    return found if isinstance(found, str) else "unknown"

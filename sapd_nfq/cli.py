@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import version
 from .engine import counters as count
 from .engine.errors import SapdError
 from .engine.logins import MemoryLoginStore
@@ -317,6 +318,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sapd-nfq", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=DEFAULT_CONFIG_PATH, metavar="FILE",
                         help=f"TOML config file (default {DEFAULT_CONFIG_PATH}; built-in defaults if absent)")

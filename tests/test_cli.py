@@ -129,3 +129,28 @@ def test_auth_add_and_del_return_once_a_running_daemon_has_read_them(capsys, tmp
         thread.join(5)
         server.close()
         replica.close()
+
+
+def test_version_names_the_package_version(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"sapd-nfq {metadata.version('sapd-nfq')}\n"
+
+
+def test_version_of_a_source_checkout_reads_pyproject(monkeypatch):
+    import tomllib
+    from importlib import metadata
+
+    import sapd_nfq
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", missing)
+    with open(sapd_nfq._PYPROJECT, "rb") as file:
+        assert sapd_nfq.version() == tomllib.load(file)["project"]["version"]
+    monkeypatch.setattr(sapd_nfq, "_PYPROJECT", sapd_nfq._PYPROJECT.with_name("absent.toml"))
+    assert sapd_nfq.version() == "unknown"
