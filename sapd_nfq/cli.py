@@ -79,6 +79,7 @@ def gather_why(config: Config, address: str) -> dict[str, Any]:
     if replies:
         login = next((r["login"] for r in replies if r["login"]), None)
         return {"client": address, "daemon": True, "login": login,
+                "enforce": all(r.get("enforce", True) for r in replies),
                 "logins": sorted((x for r in replies for x in r["logins"]), key=lambda x: x["time"]),
                 "decisions": sorted((x for r in replies for x in r["decisions"]), key=lambda x: x["time"])}
     logins = open_logins(config)
@@ -86,7 +87,8 @@ def gather_why(config: Config, address: str) -> dict[str, Any]:
         found = logins.get(address, time.time())
     finally:
         logins.close()
-    return {"client": address, "daemon": False, "logins": [], "decisions": [],
+    return {"client": address, "daemon": False, "enforce": config.enforce,
+            "logins": [], "decisions": [],
             "login": None if found is None else {"user": found.user, "expires": found.expires,
                                                  "source": found.source}}
 
@@ -104,6 +106,8 @@ def cmd_why(args: argparse.Namespace) -> int:
     now, client, login = time.time(), why["client"], why["login"]
     if not why["daemon"]:
         print("no daemon running: from the login store alone (no decisions, no lapsed logins)")
+    if not why["enforce"]:
+        print("monitor mode (enforce = false): WOULD-FAIL is a refusal not carried out")
     if login:
         print(f"{client}: logged in as {login['user'] or '-'} via {login['source']} until "
               f"{_when(login['expires'])} ({int(login['expires'] - now)} s left)")
@@ -291,20 +295,27 @@ def cmd_status(args: argparse.Namespace) -> int:
             if worker is not None:
                 up = int(time.time() - worker.started)
                 print(f"daemon:   queue {queue.queue} running, pid {worker.pid}, up {up} s, "
-                      f"{worker.virtusertable_entries} virtusertable entries")
+                      f"{worker.virtusertable_entries} virtusertable entries, "
+                      + ("enforcing" if worker.enforce else "MONITOR MODE (enforce = false)"))
                 print(f"          flows tracked {worker.flows_tracked}, "
-                      f"decisions pass {worker.decisions['pass']} fail {worker.decisions['fail']}, "
+                      f"decisions pass {worker.decisions['pass']} fail {worker.decisions['fail']} "
+                      f"would-fail {worker.decisions.get('would_fail', 0)}, "
                       f"packets {worker.counters.get(count.PACKETS, 0)}")
                 if worker.receive is not None:
                     print(f"          GSO {'on' if worker.receive.gso else 'off'}, "
                           f"truncated {worker.counters.get(count.TRUNCATED, 0)}, "
                           f"receive buffer full {worker.receive.overruns} times")
+                if worker.would_refuse:
+                    print("          would refuse: " + ", ".join(
+                        f"{reason} {n}" for reason, n in sorted(worker.would_refuse.items())))
                 if worker.last_reload_error:
                     print(f"          last reload FAILED: {worker.last_reload_error}")
                 print("store:    " + _store_line(worker.store))
             else:
+                closed = " (SMTP is blocked: the rules fail closed)" if config.enforce else \
+                    " (monitor mode: the rules let SMTP by)"
                 print(f"daemon:   queue {queue.queue} NOT running"
-                      + (" (SMTP is blocked: the rules fail closed)" if all(families.values()) and families else ""))
+                      + (closed if all(families.values()) and families else ""))
             kernel = queue.kernel
             if kernel:
                 print(f"kernel:   queue {queue.queue} waiting {kernel['waiting']}, "

@@ -76,6 +76,12 @@ def render(status: GateStatus) -> Iterator[Any]:
     for queue in status.queues:
         up.add_metric([str(queue.queue)], 1 if queue.running else 0)
     yield up
+    enforcing = GaugeMetricFamily("sapd_nfq_enforcing",
+                                  "1 if the worker refuses, 0 in monitor mode (enforce = false)",
+                                  labels=["queue"])
+    for worker in workers:
+        enforcing.add_metric([str(worker.queue)], 1 if worker.enforce else 0)
+    yield enforcing
 
     def counter(name: str, doc: str, label: str, values: dict[str, float]) -> CounterMetricFamily:
         family = CounterMetricFamily(name, doc, labels=[label])
@@ -92,6 +98,9 @@ def render(status: GateStatus) -> Iterator[Any]:
     yield rows
     yield counter("sapd_nfq_logins", "logins learned, by source", "source", _total(w.logins for w in workers))
     counters = _total(w.counters for w in workers)
+    yield counter("sapd_nfq_would_refuse", "packets monitor mode let by unchanged that enforcing "
+                  "would have dropped, rewritten or answered, by reason", "reason",
+                  _total(w.would_refuse for w in workers))
     yield counter("sapd_nfq_refusals", "packets dropped or sessions refused, by reason", "reason",
                   {reason: counters.get(key, 0) for key, reason in REFUSALS.items()})
     stores = [w.store for w in workers]

@@ -69,7 +69,7 @@ class WorkerStatus:
     #: the login store's own report (logins/replica.py, `stats()`): backend,
     #: connected, pending_writes, and for a replica its errors and last sync
     store: dict[str, Any]
-    decisions: dict[str, int]  # "pass", "fail"
+    decisions: dict[str, int]  # "pass", "fail", "would_fail" (monitor mode's fail)
     counters: dict[str, int]  # the engine's, and the failures the worker caught
     retained_bytes: int
     reloads: int
@@ -81,6 +81,9 @@ class WorkerStatus:
     logins: dict[str, int]  # logins learned on the wire, by source
     engine_seconds: EngineSeconds
     receive: ReceiveStatus | None = None  # None until the queue is bound
+    enforce: bool = True  # false: monitor mode, nothing refused
+    #: decisions monitor mode let by that would have refused, by reason (stats.py)
+    would_refuse: dict[str, int] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {"ok": True, **asdict(self)}

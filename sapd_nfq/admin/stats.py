@@ -1,7 +1,8 @@
 """A worker's tallies beyond the engine's counters, for `status` and the
 metrics endpoint: packets by verdict, decisions by table row, logins by
-source, a histogram of the engine's time a packet, and what the worker
-counts itself (the engine's counters are the engine's to write)."""
+source, refusals monitor mode did not carry out by reason, a histogram of
+the engine's time a packet, and what the worker counts itself (the engine's
+counters are the engine's to write)."""
 
 from __future__ import annotations
 
@@ -16,20 +17,26 @@ ENGINE_BUCKETS = (5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2, 0.1)
 
 
 class Stats:
-    __slots__ = ("verdicts", "rows", "logins", "buckets", "engine_seconds", "counted")
+    __slots__ = ("verdicts", "rows", "logins", "would_refuse", "buckets", "engine_seconds", "counted")
 
     def __init__(self) -> None:
         self.verdicts: Counter[str] = Counter()
         self.rows: Counter[str] = Counter()
         self.logins: Counter[str] = Counter()
+        #: decisions monitor mode let by that would have dropped, rewritten or
+        #: answered, by reason (a WOULD-FAIL's row is in `rows`)
+        self.would_refuse: Counter[str] = Counter()
         self.buckets = [0] * (len(ENGINE_BUCKETS) + 1)
         self.engine_seconds = 0.0
         #: counted by the worker under the engine's counter names (engine/counters.py):
         #: ENGINE_ERRORS (a failure it caught), LOGINS (learned from a log or the hook)
         self.counted: Counter[str] = Counter()
 
-    def record(self, decision: Decision, seconds: float) -> None:
+    def record(self, decision: Decision, seconds: float, enforce: bool = True) -> None:
+        """Count a decision as carried out (verdicts.carried)."""
         self.verdicts[decision.verdict.value] += 1
+        if not enforce and decision.reason is not None:
+            self.would_refuse[decision.reason] += 1
         self.buckets[bisect_left(ENGINE_BUCKETS, seconds)] += 1
         self.engine_seconds += seconds
         for notice in decision.notices:

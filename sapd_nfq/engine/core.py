@@ -30,6 +30,13 @@ Safe verdicts, in one place:
   from the other side (a client forging the server's replies on its own
   link): DROP, counted as `wrong_direction`. Where the binding tells where a
   packet came in, that decides its direction, never its ports.
+
+Every decision that does more than pass the packet as it came names its
+reason (`Decision.reason`). Monitor mode (`enforce = false`) is not decided
+here: the worker passes every packet unchanged (verdicts.carried). The
+engine only keeps its view of the streams true to the wire: in monitor mode
+a refused recipient is not rewritten, so it is judged and logged, and the
+session followed on, as the MTA sees it.
 """
 
 from __future__ import annotations
@@ -79,7 +86,7 @@ from .policy import Fail, RelayPolicy
 from .refusal import FORMS, MTA, Form, Refusals
 from .session import Fate, Session
 from .stream import Outcome
-from .verdicts import ACCEPT, ACCEPTED, BYPASS, BYPASSED, DROP, DROPPED, Decision, Notice, Verdict
+from .verdicts import ACCEPT, ACCEPTED, BYPASS, BYPASSED, DROP, Decision, Notice, Verdict
 
 SMTP_RELAY_DENIED = b"550 5.7.1 Relaying denied: log in by POP3 first\r\n"
 SMTP_REFUSED = b"554 5.7.1 Session refused by the relay gate\r\n"
@@ -100,6 +107,8 @@ class _Refusal:
 
     #: the reason noticed (as `event`); None where an earlier notice says it
     hint: str | None
+    #: the refusal's name in the decision and the metrics (Decision.reason)
+    cause: str
     #: the reply to the client; None: the protocol's "session refused"
     reply: bytes | None = None
     event: str = "reset"
@@ -115,6 +124,13 @@ class _Reading:
     #: nothing more to learn: the rest of the flow leaves the queue
     settled: bool = False
 
+
+_TRUNCATED = Decision(DROP, reason="truncated")
+_MALFORMED = Decision(DROP, reason="malformed")
+_WRONG_DIRECTION = Decision(DROP, reason="wrong_direction")
+_HELD_BACK = Decision(DROP, reason="held_back")
+_REFUSED_SESSION = Decision(DROP, reason="refused_session")
+_UNTRACKED = Decision(DROP, reason="untracked_connection")
 
 _NOTHING_NEW = _Reading()
 _SETTLED = _Reading(settled=True)
@@ -146,6 +162,8 @@ class Settings(Protocol):
     def imap_ports(self) -> Sequence[int]: ...
     @property
     def imap_starttls(self) -> str: ...
+    @property
+    def enforce(self) -> bool: ...
 
 
 class Engine:
@@ -194,11 +212,11 @@ class Engine:
         except Truncated as exc:
             counters[TRUNCATED] += 1
             if exc.segment is None:
-                return DROPPED
+                return _TRUNCATED
             seg, whole = exc.segment, False
         except MalformedPacket:
             counters[MALFORMED] += 1
-            return DROPPED
+            return _MALFORMED
         route = self._route(seg, from_client_side)
         if isinstance(route, Decision):
             return route
@@ -237,7 +255,7 @@ class Engine:
             if (seg.sport if from_client else seg.dport) in self._mail_ports:
                 # e.g. "from the server" by its ports, but it came in on a client interface
                 self.counters[WRONG_DIRECTION] += 1
-                return DROPPED
+                return _WRONG_DIRECTION
             self.counters[FOREIGN] += 1
             return ACCEPTED
         return protocol, from_client
@@ -278,14 +296,15 @@ class Engine:
         if outcome is Outcome.CONFLICT:
             self.counters[CONFLICTS] += 1
             return self._refuse(flow, seg, from_client, now,
-                                _Refusal("retransmission differs from the inspected bytes"))
+                                _Refusal("retransmission differs from the inspected bytes",
+                                         "retransmission_differs"))
         session = flow.app
         if outcome is Outcome.GAP or outcome is Outcome.OVERFLOW:
             self.counters[HELD_BACK] += 1
             if outcome is Outcome.OVERFLOW:  # only an ACK frees the kept bytes: ask for one
                 return Decision(DROP, inject=self._ask_for_ack(flow, session, 0, seg, from_client,
-                                                               full=True))
-            return DROPPED
+                                                               full=True), reason=_HELD_BACK.reason)
+            return _HELD_BACK
         reading = self._read(flow, session, data, from_client, now) if data else _NOTHING_NEW
         if reading.refusal is not None:
             return self._refuse(flow, seg, from_client, now, reading.refusal, reading.notices)
@@ -300,7 +319,8 @@ class Engine:
             flow.release()  # what follows is no longer compared
         if passed is None and not reading.notices and not asking:
             return ACCEPTED if verdict is ACCEPT else BYPASSED
-        return Decision(verdict, passed, inject=asking, notices=reading.notices)
+        return Decision(verdict, passed, inject=asking, notices=reading.notices,
+                        reason=self._reason(session, reading, passed, cleared))
 
     def _ask_for_ack(self, flow: Flow[Session], session: Session, new: int, seg: Segment,
                      from_client: bool, full: bool = False) -> tuple[bytes, ...]:
@@ -327,6 +347,18 @@ class Engine:
         self.counters[ACK_REQUESTS] += 1
         return (craft.duplicate_to_receiver(seg, *before),)
 
+    @staticmethod
+    def _reason(session: Session, reading: _Reading, passed: bytes | None,
+                cleared: bytes | None) -> str | None:
+        """What a decision that passes the packet refuses or rewrites, if anything."""
+        if any(notice.event == "fail" for notice in reading.notices):
+            return "relay_denied"  # refused in place
+        if passed is None:
+            return None
+        if passed is cleared:
+            return "urgent_cleared"
+        return "relay_denied" if session.refusals is not None else "starttls_hidden"
+
     # -- protocol events ----------------------------------------------------
 
     def _read(self, flow: Flow[Session], session: Session, data: bytes, from_client: bool,
@@ -340,7 +372,7 @@ class Engine:
         except ProtocolError as exc:
             self.counters[PROTOCOL_ERRORS] += 1
             if session.smtp is not None:
-                return _Reading(refusal=_Refusal(exc.hint))
+                return _Reading(refusal=_Refusal(exc.hint, "protocol_error"))
             return _Reading((Notice("error", flow.key[0], flow.key[2], time=now,
                                     reason=f"{session.protocol.upper()}: {exc.hint}; "
                                            "not followed further"),), settled=True)
@@ -365,7 +397,7 @@ class Engine:
                     sender=session.sender or "", recipient=event.recipient,
                     row=ruling.row, reason=ruling.reason, time=now))
                 if failed and not self._refuse_in_place(session, flow, event, data):
-                    return _Reading(tuple(notices), _Refusal(None, SMTP_RELAY_DENIED))
+                    return _Reading(tuple(notices), _Refusal(None, "relay_denied", SMTP_RELAY_DENIED))
             elif isinstance(event, MailFrom):
                 session.sender = event.sender
             elif isinstance(event, SessionReset):
@@ -382,7 +414,8 @@ class Engine:
                 if not self._tls_allowed(session, client, now):
                     self.counters[TLS_REFUSED] += 1
                     return _Reading(tuple(notices), _Refusal(
-                        "STARTTLS not allowed by policy", _NO_TLS[session.protocol], "tls"))
+                        "STARTTLS not allowed by policy", "starttls_not_allowed",
+                        _NO_TLS[session.protocol], "tls"))
             elif isinstance(event, TLSStarted):
                 notices.append(Notice("tls", client, server,
                                       reason="TLS started; session no longer inspected", time=now))
@@ -393,7 +426,7 @@ class Engine:
             if not session.refusals.replies(data, flow.server.offset - len(data), answered,
                                             smtp.reply_under_way):
                 return _Reading(tuple(notices), _Refusal(
-                    "the MTA accepted the command a refused RCPT became"))
+                    "the MTA accepted the command a refused RCPT became", "refusal_accepted"))
         return _Reading(tuple(notices), settled=session.machine.settled)
 
     def _login(self, session: Session, client: str, server: str, event: LoginSucceeded,
@@ -454,14 +487,14 @@ class Engine:
         if refusal.hint is not None:
             notices = (*notices, Notice(refusal.event, flow.key[0], flow.key[2],
                                         reason=refusal.hint, time=now))
-        return Decision(DROP, inject=tuple(inject), notices=tuple(notices))
+        return Decision(DROP, inject=tuple(inject), notices=tuple(notices), reason=refusal.cause)
 
     @staticmethod
     def _refused_flow(seg: Segment, from_client: bool) -> Decision:
         """A refused session's stragglers: drop, and reset the client again."""
         if from_client and not seg.flags & RST:
-            return Decision(DROP, inject=(craft.reset_sender(seg),))
-        return DROPPED
+            return Decision(DROP, inject=(craft.reset_sender(seg),), reason=_REFUSED_SESSION.reason)
+        return _REFUSED_SESSION
 
     def _truncated(self, seg: Segment, protocol: str, from_client: bool, now: float) -> Decision:
         """A packet we hold only part of: never inspected, rewritten or taken as seen.
@@ -479,7 +512,7 @@ class Engine:
         if fate is Fate.BYPASSED:
             return BYPASSED
         if protocol == "smtp":
-            return DROPPED
+            return _TRUNCATED
         if flow is None:
             return BYPASSED
         flow.app.fate = Fate.BYPASSED
@@ -493,7 +526,7 @@ class Engine:
         if not smtp:
             return BYPASSED
         if seg.flags & (RST | SYN):
-            return DROPPED
+            return _UNTRACKED
         inject = [craft.reset_sender(seg)]
         if seg.flags & ACK:
             # Its answer, if the receiver is ahead of seg (say, a client
@@ -501,18 +534,24 @@ class Engine:
             # untracked too and brings it a RST that lands.
             inject.append(craft.probe_receiver(seg))
         inject.append(craft.reset_receiver(seg))
-        return Decision(DROP, inject=tuple(inject))
+        return Decision(DROP, inject=tuple(inject), reason=_UNTRACKED.reason)
 
     # -- refusing one recipient in place (refusal.py) --------------------------
 
     def _refuse_in_place(self, session: Session, flow: Flow[Session], event: RcptTo,
                          data: bytes) -> bool:
         """Refuse only this recipient, if the whole command line is in the
-        new bytes: what went on to the MTA before cannot be rewritten."""
+        new bytes: what went on to the MTA before cannot be rewritten.
+
+        In monitor mode nothing is rewritten: the MTA reads the RCPT as sent
+        and the session goes on, so there is no rewrite to keep and no reply
+        to watch."""
         if self.config.refusal != "recipient" or flow.client is None or session.smtp is None:
             return False
         if event.offset < flow.client.offset - len(data):
             return False
+        if not self.config.enforce:
+            return True
         if session.refusals is None:
             session.refusals = Refusals()
         session.refusals.refuse(event, self._form(session))

@@ -2,13 +2,23 @@
 and notices (the things an administrator reads in the log or in `replay`).
 
 A Decision is a value, built once when the engine is done with a packet; the
-common ones (accept, drop, bypass with nothing else to do) are shared.
+common ones (accept, bypass with nothing else to do) are shared, and each
+kind of drop names its reason (core.py).
+
+`carried` is the one place the `enforce` switch acts. Monitor mode
+(`enforce = false`) is a function over the Decision, applied where the worker
+carries decisions out: whatever the engine decided, the packet goes on as it
+came (ACCEPT, or BYPASS, which also passes it), no replacement packet,
+nothing injected. So no path of the engine, present or future, can drop,
+rewrite, reset or answer past the switch: a path that adds one adds it to the
+Decision, and the switch takes it out. The refusal notices become would-be
+ones (`FAIL` -> `WOULD-FAIL`), with the same fields and row.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 
 class Verdict(enum.Enum):
@@ -23,7 +33,8 @@ class Verdict(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class Notice:
     """One loggable fact. `event` is one of: login, login-failed, pass,
-    fail, tls, reset, error. Never carries a password."""
+    fail, tls, reset, error, and in monitor mode would-fail, would-tls,
+    would-reset. Never carries a password."""
 
     event: str
     client: str
@@ -56,6 +67,14 @@ class Decision:
     #: raw IP packets to send (a refusal to the client, resets)
     inject: tuple[bytes, ...] = ()
     notices: tuple[Notice, ...] = ()
+    #: why the decision does more than pass the packet as it came (a drop, a
+    #: rewrite, an injection), as the metrics name it; None when it does not
+    reason: str | None = None
+
+    @property
+    def refuses(self) -> bool:
+        """Whether carrying it out drops, rewrites, resets or answers anything."""
+        return self.verdict is DROP or self.packet is not None or bool(self.inject)
 
 
 ACCEPT = Verdict.ACCEPT
@@ -63,5 +82,28 @@ DROP = Verdict.DROP
 BYPASS = Verdict.BYPASS
 
 ACCEPTED = Decision(ACCEPT)
-DROPPED = Decision(DROP)
 BYPASSED = Decision(BYPASS)
+
+
+#: notices that stand for a refusal when the decision refuses: monitor mode
+#: logs them as would-be ones. "tls" is also the notice of a TLS session
+#: starting, which comes with a decision that refuses nothing.
+REFUSING_EVENTS = ("fail", "tls", "reset")
+WOULD = "would-"
+
+
+def watched(decision: Decision) -> Decision:
+    """What monitor mode carries out of `decision`: the packet as it came,
+    and the refusals it stood for as would-be notices."""
+    notices = decision.notices
+    if decision.refuses or any(n.event == "fail" for n in notices):
+        notices = tuple(replace(n, event=WOULD + n.event) if n.event in REFUSING_EVENTS else n
+                        for n in notices)
+    return Decision(BYPASS if decision.verdict is BYPASS else ACCEPT, notices=notices,
+                    reason=decision.reason)
+
+
+def carried(decision: Decision, enforce: bool) -> Decision:
+    """The decision the worker carries out: the engine's when enforcing,
+    else `watched(decision)`. The only place the switch is read."""
+    return decision if enforce else watched(decision)

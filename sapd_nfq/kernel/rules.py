@@ -122,6 +122,8 @@ class RuleSpec:
     workers: int = 1
     pop3_fail_open: bool = True
     bridge_ports: tuple[str, ...] = ()
+    #: false (monitor mode): SMTP fails open too, as nothing is refused anyway
+    enforce: bool = True
 
     def __post_init__(self) -> None:
         # The keys are checked where they are read (wiring/config.py); what is
@@ -332,6 +334,10 @@ def render(spec: RuleSpec, family: Family = IPV4, present: Sequence[Hook] = ()) 
     pop3_policy = ("and IMAP fail open: with no daemon bound to the queue the kernel accepts "
                    "the packet (--queue-bypass)." if spec.pop3_fail_open else
                    "and IMAP fail closed, as configured: with no daemon the kernel drops the packet.")
+    smtp_policy = ("fails closed: with no daemon bound to the queue the kernel drops the packet."
+                   if spec.enforce else
+                   "fails open in monitor mode (enforce = false): with no daemon bound to the "
+                   "queue the kernel accepts the packet (--queue-bypass).")
     text = _template("sapd-nfq.rules.in").substitute(
         family=family.name, restore=family.restore,
         to_server=TO_SERVER, from_server=FROM_SERVER, smtp=SMTP_CHAIN, pop3=MAILBOX_CHAIN,
@@ -339,7 +345,8 @@ def render(spec: RuleSpec, family: Family = IPV4, present: Sequence[Hook] = ()) 
         from_server_rules=_dispatch(FROM_SERVER, "sports", spec, skip="-i"),
         guard=GUARD, guard_rules=_guard(spec),
         port_guard=PORT_GUARD, port_guard_rules=_port_guard(spec), seen=SEEN,
-        smtp_rules=_queue_chain(SMTP_CHAIN, _queue_target(spec, bypass=False), family),
+        smtp_policy=smtp_policy,
+        smtp_rules=_queue_chain(SMTP_CHAIN, _queue_target(spec, bypass=not spec.enforce), family),
         pop3_policy=pop3_policy,
         pop3_rules=_queue_chain(MAILBOX_CHAIN, _queue_target(spec, bypass=spec.pop3_fail_open),
                                 family),
@@ -490,6 +497,20 @@ def install(spec: RuleSpec, runner: Runner = run_local,
     """Install or update the rules, one atomic transaction per family; idempotent."""
     for family in families:
         _restore(runner, family, render(spec, family, _saved(runner, family).hooks()))
+
+
+def update(spec: RuleSpec, runner: Runner = run_local,
+           families: Sequence[Family] = FAMILIES) -> list[str]:
+    """Install `spec` in the families where our chains are already installed
+    (a reload switching `enforce`); returns their names. A family without our
+    rules is left alone: the daemon does not install what `up` did not."""
+    updated = []
+    for family in families:
+        table = _saved(runner, family)
+        if SMTP_CHAIN in table.chains:
+            _restore(runner, family, render(spec, family, table.hooks()))
+            updated.append(family.name)
+    return updated
 
 
 def remove(runner: Runner = run_local, families: Sequence[Family] = FAMILIES) -> None:

@@ -18,7 +18,7 @@ import signal
 import socket
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -32,7 +32,7 @@ from ..admin.stats import Stats
 from ..engine.core import Engine
 from ..engine.counters import ENGINE_ERRORS, FAIL, LOGINS, PASS
 from ..engine.errors import SapdError
-from ..engine.verdicts import ACCEPT, BYPASS, Notice
+from ..engine.verdicts import ACCEPT, BYPASS, DROP, Decision, Notice, carried
 from ..learners.hook import HookServer
 from ..learners.logs import LogLearner
 from ..logins.replica import ReplicaLoginStore
@@ -41,9 +41,10 @@ from ..wiring.config import Config, load_config
 from ..wiring.filewatch import WATCH_INTERVAL, FileWatch, Stamps, stamp
 from ..wiring.logsetup import LOGGER
 from .inject import Injector
-from .interfaces import ClientSide
+from .interfaces import ClientSide, read_host
 from .marks import BYPASS_MARK
 from .queue_socket import QueueSocket, receive_buffer
+from .rules import RuleSpec, Runner, run_local, update
 
 #: a reload that would make local addresses non-local waits until the file
 #: has held still this long. A file caught half-written reads as a shorter but
@@ -86,23 +87,28 @@ class Worker:
         self.learner = self._learner(config)
         self._next_learn = 0.0
         self.reader: QueueSocket | None = None
+        #: runs iptables when a reload switches `enforce` (tests give their own)
+        self.rules_runner: Runner = run_local
 
     # -- packets -----------------------------------------------------------
 
     def on_packet(self, pkt: Packet) -> None:
         started = time.perf_counter()
+        enforce = self.config.enforce
         try:
             # Where the packet came in (its bridge port, if bridged) decides its
             # direction, never its ports.
             decision = self.engine.handle(
                 pkt.get_payload(), time.time(),
                 from_client_side=self.client_side(pkt.indev, pkt.physindev))
-            self.stats.record(decision, time.perf_counter() - started)
         except Exception:  # a bug must not hold the packet or open a relay
-            log.exception("engine failure; packet dropped")
+            log.exception("engine failure; packet %s", "dropped" if enforce else "passed (monitor mode)")
             self.stats.counted[ENGINE_ERRORS] += 1
-            pkt.drop()
-            return
+            decision = Decision(DROP, reason="engine_error")
+        # Monitor mode acts here, and only here: what is carried out below
+        # passes the packet as it came.
+        decision = carried(decision, enforce)
+        self.stats.record(decision, time.perf_counter() - started, enforce)
         for raw in decision.inject:
             try:
                 self.injector.send(raw)
@@ -166,6 +172,20 @@ class Worker:
                         why, len(lost), ", ".join(sorted(lost)[:5]), REMOVAL_SETTLE)
             return {"ok": False, "deferred": sorted(lost)}
         self._watch.seen = watched
+        if config.enforce != self.config.enforce:
+            try:
+                # the rules that run now, with the new switch: a reload changes no other rule key
+                spec = RuleSpec.from_config(replace(self.config, enforce=config.enforce),
+                                            read_host().bridge_ports(self.config.interfaces))
+                families = update(spec, self.rules_runner)
+            except (SapdError, OSError) as exc:
+                self.last_reload_error = str(exc)
+                self.reload_errors += 1
+                log.error("reload (%s) failed, keeping the running mode: %s", why, exc)
+                return {"ok": False, "error": str(exc)}
+            log.warning("reload: %s; SMTP fails %s with no daemon (rules updated: %s)",
+                        "enforcing" if config.enforce else "monitor mode, nothing is refused",
+                        "closed" if config.enforce else "open", ", ".join(families) or "none installed")
         if config.state != self.config.state:
             log.warning("reload: 'state' changed; restart the daemon to switch login stores")
         if changed:
@@ -192,11 +212,13 @@ class Worker:
         now = time.time()
         counters = self.stats.counters(self.engine.counters)
         logins = self.logins.entries(now)
+        would_fail = sum(n for row, n in self.stats.rows.items() if row.startswith("would-fail|"))
         return WorkerStatus(
             pid=os.getpid(),
             started=self.started,
             queue=self.queue,
             mode=self.config.mode,
+            enforce=self.config.enforce,
             config=str(self.config_path) if self.config_path else None,
             virtusertable=str(self.config.virtusertable or ""),
             postfix_maps=self.config.postfix_maps,
@@ -206,7 +228,9 @@ class Worker:
             logins_held=len(logins),
             logins_by_source=dict(Counter(login.source for login in logins)),
             store=self.store_status(),
-            decisions={"pass": counters.get(PASS, 0), "fail": counters.get(FAIL, 0)},
+            # the engine counts a refusal the same in both modes; the rows say which was carried out
+            decisions={"pass": counters.get(PASS, 0), "fail": counters.get(FAIL, 0) - would_fail,
+                       "would_fail": would_fail},
             counters=counters,
             retained_bytes=self.engine.flows.budget.used,
             reloads=self.reloads,
@@ -219,6 +243,7 @@ class Worker:
             verdicts=dict(self.stats.verdicts),
             rows=dict(self.stats.rows),
             logins=dict(self.stats.logins),
+            would_refuse=dict(self.stats.would_refuse),
             engine_seconds=self.stats.histogram(),
             receive=None if self.reader is None else ReceiveStatus(
                 gso=self.reader.gso, overruns=self.reader.overruns, cut=self.reader.cut),
@@ -237,7 +262,8 @@ class Worker:
             return {"ok": False, "error": f"not an IP address: {address!r}"}
         except SapdError as exc:
             return {"ok": False, "error": str(exc)}
-        return {"ok": True, "queue": self.queue, "login": None if login is None else asdict(login),
+        return {"ok": True, "queue": self.queue, "enforce": self.config.enforce,
+                "login": None if login is None else asdict(login),
                 **self.recent.about(address)}
 
     def control(self, command: str) -> dict[str, Any]:

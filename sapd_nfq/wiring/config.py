@@ -272,6 +272,15 @@ class Config:
         (), _networks, "list of CIDRs",
         "shared addresses (NAT, cloud mail fetchers): never trusted, their logins never count; "
         "SMTP AUTH on the connection still does")
+    ipv4_login_prefix: int = _key(
+        32, _int(16, 32), "integer 16..32",
+        "the IPv4 network one login opens: 32 is the address alone (a wider one opens the "
+        "neighbours behind the same provider or NAT; see docs/first-day.md)")
+    ipv6_login_prefix: int = _key(
+        64, _int(48, 128), "integer 48..128",
+        "the IPv6 network one login opens: 64 is a client's link, where its privacy addresses "
+        "change (RFC 8981); 128 is the address alone. One login opens the whole network: list "
+        "shared ones in `never_relay_networks`")
     smtp_starttls: str = _key(
         "strip", _choice("strip", "relay-clients"), '`"strip"` or `"relay-clients"`',
         "hide STARTTLS from clients so every envelope can be read, or offer it only to clients "
@@ -297,6 +306,11 @@ class Config:
         "it spends none of the MTA's error budget (docs/mta-error-budgets.md): `\"auto\"` "
         "tells it from its greeting and EHLO reply; `\"other\"` sends an unknown verb, which "
         "every MTA counts as an error")
+    enforce: bool = _key(
+        True, _bool, "`true` or `false`",
+        "`false` is monitor mode, the way to start (docs/first-day.md): every decision is made "
+        "and logged (`WOULD-FAIL` for a refusal), every packet passes unchanged, and with no "
+        "daemon the rules let SMTP by; a reload switches, no restart needed")
     max_flows: int = _key(
         65536, _int(16), "integer >= 16", "flows tracked at once")
     queue: int = _key(
@@ -316,7 +330,7 @@ class Config:
     pop3_fail_open: bool = _key(
         True, _bool, "`true` or `false`",
         "with no daemon bound, POP3 and IMAP packets pass (learning stops, mail still flows); "
-        "SMTP always fails closed")
+        "SMTP fails closed (open in monitor mode, `enforce = false`)")
     login_logs: tuple[Path | str, ...] = _key(  # str: a journal source, "journal[:DIR]"
         (), _login_sources, 'list of paths, `"journal"` or `"journal:DIR"`',
         "mail server log files whose success lines are logins (Dovecot 2.3/2.4, Courier), or "
