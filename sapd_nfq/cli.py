@@ -18,7 +18,7 @@ from .engine.logins import MemoryLoginStore
 from .engine.policy import Fail
 from .lab.cli import add_commands as add_lab_commands
 from .wiring.access import config_warnings
-from .wiring.build import load_policy, open_logins
+from .wiring.build import load_policy, login_scope, open_logins
 from .wiring.config import DEFAULT_CONFIG_PATH, Config, load_config
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -89,8 +89,8 @@ def gather_why(config: Config, address: str) -> dict[str, Any]:
         logins.close()
     return {"client": address, "daemon": False, "enforce": config.enforce,
             "logins": [], "decisions": [],
-            "login": None if found is None else {"user": found.user, "expires": found.expires,
-                                                 "source": found.source}}
+            "login": None if found is None else {"address": found.address, "user": found.user,
+                                                 "expires": found.expires, "source": found.source}}
 
 
 def _when(epoch: float) -> str:
@@ -109,8 +109,9 @@ def cmd_why(args: argparse.Namespace) -> int:
     if not why["enforce"]:
         print("monitor mode (enforce = false): WOULD-FAIL is a refusal not carried out")
     if login:
+        network = f" (the login of {login['address']})" if login["address"] != client else ""
         print(f"{client}: logged in as {login['user'] or '-'} via {login['source']} until "
-              f"{_when(login['expires'])} ({int(login['expires'] - now)} s left)")
+              f"{_when(login['expires'])} ({int(login['expires'] - now)} s left){network}")
     elif why["logins"]:
         last = why["logins"][-1]
         print(f"{client}: not logged in; the last login, {last['user'] or '-'} via {last['source']} "
@@ -138,13 +139,14 @@ def cmd_auth(args: argparse.Namespace) -> int:
                 print("no logins held")
         elif args.action == "add":
             ttl = args.ttl if args.ttl is not None else config.auth_ttl
-            logins.add(args.address, args.user, now, ttl, source="manual")
-            print(f"added {args.address} for {ttl} s")
+            login = logins.add(args.address, args.user, now, ttl, source="manual")
+            print(f"added {login.address} for {ttl} s")
         else:
+            key = login_scope(config).key(args.address)
             if not logins.remove(args.address):
-                print(f"no login held for {args.address}", file=sys.stderr)
+                print(f"no login held for {key}", file=sys.stderr)
                 return EXIT_FAIL
-            print(f"removed {args.address}")
+            print(f"removed {key}")
     finally:
         logins.close()
     if args.action != "list":
@@ -182,7 +184,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from .engine.core import Engine
 
     config = _config(args)
-    logins = MemoryLoginStore()
+    logins = MemoryLoginStore(login_scope(config))
     engine = Engine(config, load_policy(config, logins), logins)
     seeded = False
     with open(args.capture, "rb") as capture:

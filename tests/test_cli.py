@@ -71,11 +71,14 @@ def test_replay_text_output(capsys, config):
     code, out, err = run(capsys, "replay", str(CAPTURES / "smtp_pipelining.pcap"), "--config", config)
     assert code == 0
     lines = out.splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 3
     assert "PASS client=198.18.1.2" in lines[0] and "'alice@lab.example'" in lines[0]
     # the capture's MTA is Postfix: erin is refused in place with a NOOP, so
     # its 250 (to the RCPT as captured) reads as Postfix's answer to that
     assert "FAIL client=198.18.1.2" in lines[1] and "row 4" in lines[1]
+    # the message went on to alice: Postfix's queue id, on the session's ports
+    assert "QUEUED client=198.18.1.2 client_port=58622 " in lines[2]
+    assert lines[2].endswith(" queue_id=4C9F1162625")
     assert "pass=1 fail=1" in err
 
 
@@ -154,3 +157,27 @@ def test_version_of_a_source_checkout_reads_pyproject(monkeypatch):
         assert sapd_nfq.version() == tomllib.load(file)["project"]["version"]
     monkeypatch.setattr(sapd_nfq, "_PYPROJECT", sapd_nfq._PYPROJECT.with_name("absent.toml"))
     assert sapd_nfq.version() == "unknown"
+
+
+def test_auth_why_and_check_take_the_login_prefixes(capsys, tmp_path):
+    path = tmp_path / "sapd-nfq.toml"
+    path.write_text(f'virtusertable = "{VIRTUSERTABLE}"\nstate = "logins.sqlite"\n'
+                    f'run_dir = "{tmp_path / "run"}"\n')
+    config = str(path)
+    relay = ("--from", "alice@lab.example", "--to", "dave@external.example", "--config", config)
+    code, out, _ = run(capsys, "auth", "add", "2001:db8:1:2::a", "--user", "alice", "--config", config)
+    assert code == 0 and out == "added 2001:db8:1:2::/64 for 1800 s\n"  # /64 by default
+    assert run(capsys, "check", "--client", "2001:db8:1:2:ffff::b", *relay)[0] == 0
+    assert run(capsys, "check", "--client", "2001:db8:1:3::a", *relay)[0] == 1
+    code, out, _ = run(capsys, "why", "2001:db8:1:2::b", "--config", config)
+    assert "logged in as alice" in out and "(the login of 2001:db8:1:2::/64)" in out
+    code, out, _ = run(capsys, "auth", "del", "2001:db8:1:2::ffff", "--config", config)
+    assert code == 0 and out == "removed 2001:db8:1:2::/64\n"
+    assert run(capsys, "check", "--client", "2001:db8:1:2::a", *relay)[0] == 1
+    # the address alone: IPv4 by default, IPv6 at 128
+    path.write_text(path.read_text() + "ipv6_login_prefix = 128\n")
+    assert run(capsys, "auth", "add", "2001:db8:1:2::a", "--config", config)[1].startswith(
+        "added 2001:db8:1:2::a ")
+    assert run(capsys, "check", "--client", "2001:db8:1:2::b", *relay)[0] == 1
+    assert run(capsys, "auth", "add", "198.18.1.2", "--config", config)[1].startswith("added 198.18.1.2 ")
+    assert run(capsys, "check", "--client", "198.18.1.3", *relay)[0] == 1

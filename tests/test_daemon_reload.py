@@ -6,7 +6,9 @@ with a clock of the test's own.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import subprocess
 
 import pytest
 
@@ -143,3 +145,73 @@ def test_a_broken_table_is_read_once_and_kept_out(daemon, table):
     daemon.watch(100.0 + 2 * SETTLE_INTERVAL)
     assert daemon.last_reload_error is None  # not retried until the file changes again
     assert local(daemon, "alice@lab.example", "bob@lab.example") and daemon.reloads == 0
+
+
+# --- monitor mode: the switch in the worker, and a reload that flips it ------------
+
+class Packet:
+    """What the worker calls on a queued packet, recorded."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload, self.indev, self.calls = payload, 0, []
+
+    def get_payload(self) -> bytes:
+        return self.payload
+
+    def get_mark(self) -> int:
+        return 0
+
+    def __getattr__(self, name):  # accept, drop, repeat, set_payload, set_mark
+        return lambda *args: self.calls.append(name)
+
+
+def write_config(daemon: Worker, extra: str) -> None:
+    text = daemon.config_path.read_text().split("enforce")[0]
+    rewrite(daemon.config_path, text + extra)
+
+
+def test_an_engine_failure_drops_when_enforcing_and_passes_in_monitor_mode(daemon, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(daemon.engine, "handle", broken)
+    enforcing = Packet(b"x")
+    daemon.on_packet(enforcing)
+    daemon.config = daemon.engine.config = dataclasses.replace(daemon.config, enforce=False)
+    watching = Packet(b"x")
+    daemon.on_packet(watching)
+    assert enforcing.calls == ["drop"] and watching.calls == ["accept"]
+    assert daemon.stats.counted["engine_errors"] == 2
+    assert daemon.stats.would_refuse == {"engine_error": 1}
+
+
+def test_a_reload_switches_the_mode_and_the_installed_smtp_rule(daemon):
+    commands = []
+
+    def runner(argv, stdin=None):
+        commands.append((argv[0], stdin))
+        saved = "*mangle\n:SAPD_NFQ_SMTP - [0:0]\nCOMMIT\n" if argv[0] == "iptables-save" else ""
+        return subprocess.CompletedProcess(argv, 0, saved, "")
+
+    daemon.rules_runner = runner
+    write_config(daemon, "enforce = false\n")
+    assert daemon.reload("test")["ok"] and not daemon.config.enforce and not daemon.engine.config.enforce
+    [(_, restored)] = [c for c in commands if c[0] == "iptables-restore"]  # IPv6 has no rules here
+    assert "-A SAPD_NFQ_SMTP -j NFQUEUE --queue-num 0 --queue-bypass" in restored
+    assert daemon.status().enforce is False
+    commands.clear()
+    write_config(daemon, "enforce = true\n")
+    assert daemon.reload("test")["ok"] and daemon.config.enforce
+    [(_, restored)] = [c for c in commands if c[0] == "iptables-restore"]
+    assert "-A SAPD_NFQ_SMTP -j NFQUEUE --queue-num 0\n" in restored
+
+
+def test_a_switch_the_rules_cannot_follow_keeps_the_running_mode(daemon):
+    def runner(argv, stdin=None):
+        return subprocess.CompletedProcess(argv, 1, "", "iptables: no such table")
+
+    daemon.rules_runner = runner
+    write_config(daemon, "enforce = false\n")
+    answer = daemon.reload("test")
+    assert not answer["ok"] and "no such table" in answer["error"]
+    assert daemon.config.enforce and daemon.engine.config.enforce

@@ -16,7 +16,7 @@ from sapd_nfq.admin import metrics
 from sapd_nfq.admin.recent import DECISIONS_KEPT, Recent
 from sapd_nfq.admin.report import GateStatus, QueueStatus, ReceiveStatus, WorkerStatus, load
 from sapd_nfq.admin.stats import ENGINE_BUCKETS, Stats
-from sapd_nfq.engine.verdicts import ACCEPT, DROP, Decision, Notice
+from sapd_nfq.engine.verdicts import ACCEPT, DROP, Decision, Notice, carried
 from sapd_nfq.kernel.rules import GUARD, PORT_GUARD
 
 PASS = Notice("pass", "198.18.3.10", sender="alice@lab.example", recipient="dave@external.example",
@@ -57,8 +57,8 @@ def test_an_smtp_auth_login_is_no_window_for_the_address():
 
 def test_stats_tally_verdicts_rows_sources_and_time():
     stats = Stats()
-    stats.record(Decision(ACCEPT, notices=[PASS, LOGIN]), 3e-6)
-    stats.record(Decision(DROP, notices=[FAIL]), 2e-3)
+    stats.record(Decision(ACCEPT, notices=(PASS, LOGIN,)), 3e-6)
+    stats.record(Decision(DROP, notices=(FAIL,)), 2e-3)
     assert stats.verdicts == {"accept": 1, "drop": 1}
     assert stats.rows == {"pass|row 2: ...": 1, "fail|row 3: ...": 1}
     assert stats.logins == {"pop3": 1}
@@ -140,7 +140,7 @@ def scrape(status) -> dict[tuple[str, tuple], float]:
 def queue_status(queue: int, accepted: int) -> QueueStatus:
     stats = Stats()
     for _ in range(accepted):
-        stats.record(Decision(ACCEPT, notices=[PASS]), 1e-5)
+        stats.record(Decision(ACCEPT, notices=(PASS,)), 1e-5)
     worker = replace(WORKER, queue=queue, counters={"fail": 2, "wrong_direction": 1},
                      flows_tracked=3, retained_bytes=10, reloads=1,
                      verdicts=dict(stats.verdicts), rows=dict(stats.rows), logins=dict(stats.logins),
@@ -179,3 +179,28 @@ def test_metrics_sum_the_workers():
     assert got["sapd_nfq_queue_gso", (("queue", "0"),)] == 1
     assert got["sapd_nfq_queue_gso", (("queue", "1"),)] == 0
     assert got["sapd_nfq_engine_seconds_bucket", (("le", "1e-05"),)] == 5
+
+
+def test_monitor_mode_counts_would_be_refusals_by_row_and_reason():
+    stats = Stats()
+    refused = Decision(DROP, inject=(b"550",), notices=(FAIL,), reason="relay_denied")
+    stats.record(carried(refused, False), 1e-5, enforce=False)
+    stats.record(carried(Decision(DROP, reason="held_back"), False), 1e-5, enforce=False)
+    stats.record(refused, 1e-5)  # enforcing: a refusal carried out is no would-be one
+    watching = replace(queue_status(0, 0).worker, enforce=False, rows=dict(stats.rows),
+                       would_refuse=dict(stats.would_refuse))
+    status = GateStatus({}, (QueueStatus(0, watching, None), queue_status(1, 0)), logins_held=0)
+    got = scrape(status)
+    assert got["sapd_nfq_enforcing", (("queue", "0"),)] == 0
+    assert got["sapd_nfq_enforcing", (("queue", "1"),)] == 1
+    assert got["sapd_nfq_decisions_total", (("row", "row 3: ..."), ("verdict", "WOULD-FAIL"))] == 1
+    assert got["sapd_nfq_decisions_total", (("row", "row 3: ..."), ("verdict", "FAIL"))] == 1
+    assert got["sapd_nfq_would_refuse_total", (("reason", "relay_denied"),)] == 1
+    assert got["sapd_nfq_would_refuse_total", (("reason", "held_back"),)] == 1
+    assert stats.verdicts == {"accept": 2, "drop": 1}
+
+
+def test_why_keeps_would_be_refusals_beside_decisions():
+    recent = Recent()
+    recent.note(replace(FAIL, event="would-fail"), 1800)
+    assert [d["verdict"] for d in recent.about(FAIL.client)["decisions"]] == ["WOULD-FAIL"]

@@ -191,9 +191,14 @@ def test_replay_command_prints_json_lines(tmp_path, capsys):
                      "--config", str(config)])
     assert code == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [(line["event"], line["client"]) for line in lines] == [("login", CLIENT4), ("pass", CLIENT4)]
+    assert [(line["event"], line["client"]) for line in lines] == [
+        ("login", CLIENT4), ("pass", CLIENT4), ("queued", CLIENT4)]
     assert lines[0]["user"] == "alice"
     assert (lines[1]["sender"], lines[1]["recipient"]) == ("alice@lab.example", "dave@external.example")
+    # the session's decision and the MTA's queue id, tied by both ends' addresses and ports
+    ends = ("client", "client_port", "server", "server_port")
+    assert [lines[1][k] for k in ends] == [lines[2][k] for k in ends] == [CLIENT4, 40176, "198.18.2.2", 25]
+    assert lines[2]["queue_id"] == "CD9501626F2"  # Postfix's `250 2.0.0 Ok: queued as CD9501626F2`
 
 
 # --- IMAP ---------------------------------------------------------------------------

@@ -207,10 +207,30 @@ def test_queue_chains_check_marks_then_invalid_then_pure_acks_then_count_then_qu
             assert f"--queue-balance {spec.queue}:{spec.queue + spec.workers - 1}" in body[9]
 
 
-def test_smtp_never_bypasses_the_queue_even_when_pop3_fails_open():
+def test_smtp_never_bypasses_the_queue_when_enforcing_even_when_pop3_fails_open():
     for fail_open in (True, False):
         text = rules.render(RuleSpec(pop3_fail_open=fail_open))
         assert "--queue-bypass" not in chain_rules(text, SMTP_CHAIN)[-1]
+        assert "# SMTP fails closed" in text
+
+
+def test_in_monitor_mode_smtp_fails_open_like_pop3():
+    for fail_open in (True, False):
+        text = rules.render(RuleSpec(pop3_fail_open=fail_open, enforce=False))
+        assert chain_rules(text, SMTP_CHAIN)[-1].endswith(" --queue-bypass")
+        assert "# SMTP fails open in monitor mode" in text
+
+
+def test_update_installs_only_where_the_rules_are():
+    calls = []
+
+    def runner(argv, stdin=None):
+        calls.append(argv[0])
+        saved = "*mangle\n:SAPD_NFQ_SMTP - [0:0]\nCOMMIT\n" if argv[0] == "ip6tables-save" else ""
+        return subprocess.CompletedProcess(argv, 0, saved, "")
+
+    assert rules.update(RuleSpec(enforce=False), runner) == ["ipv6"]
+    assert calls == ["iptables-save", "ip6tables-save", "ip6tables-restore"]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=repr)

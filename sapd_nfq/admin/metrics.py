@@ -101,7 +101,8 @@ def render(status: GateStatus) -> Iterator[Any]:
     yield counter("sapd_nfq_would_refuse", "packets monitor mode let by unchanged that enforcing "
                   "would have dropped, rewritten or answered, by reason", "reason",
                   _total(w.would_refuse for w in workers))
-    yield counter("sapd_nfq_refusals", "packets dropped or sessions refused, by reason", "reason",
+    yield counter("sapd_nfq_refusals", "refusals decided (packets dropped, sessions refused), by reason; "
+                  "carried out where sapd_nfq_enforcing is 1", "reason",
                   {reason: counters.get(key, 0) for key, reason in REFUSALS.items()})
     stores = [w.store for w in workers]
     yield CounterMetricFamily("sapd_nfq_store_errors", "login store operations that failed",

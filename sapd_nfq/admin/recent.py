@@ -46,7 +46,7 @@ class Recent:
 
     def note(self, notice: Notice, auth_ttl: float) -> None:
         """Remember a decision or a login; other notices are not kept."""
-        if notice.event in ("pass", "fail"):
+        if notice.event in ("pass", "fail", "would-fail"):
             self._client(notice.client).decisions.append({
                 "time": notice.time, "verdict": notice.event.upper(), "sender": notice.sender,
                 "recipient": notice.recipient, "row": notice.row, "reason": notice.reason})

@@ -73,6 +73,7 @@ from .events import (
     LoginFailed,
     LoginSucceeded,
     MailFrom,
+    MessageQueued,
     RcptTo,
     SessionReset,
     StartTLSRequested,
@@ -123,6 +124,14 @@ class _Reading:
     refusal: _Refusal | None = None
     #: nothing more to learn: the rest of the flow leaves the queue
     settled: bool = False
+
+
+def _notice(flow: Flow[Session], event: str, now: float, **fields: str | None) -> Notice:
+    """A notice about `flow`: both ends' addresses and ports, so that the line
+    matches the MTA's own for the same session."""
+    client, client_port, server, server_port = flow.key
+    return Notice(event, client, server, client_port=client_port, server_port=server_port,
+                  time=now, **fields)
 
 
 _TRUNCATED = Decision(DROP, reason="truncated")
@@ -373,16 +382,16 @@ class Engine:
             self.counters[PROTOCOL_ERRORS] += 1
             if session.smtp is not None:
                 return _Reading(refusal=_Refusal(exc.hint, "protocol_error"))
-            return _Reading((Notice("error", flow.key[0], flow.key[2], time=now,
-                                    reason=f"{session.protocol.upper()}: {exc.hint}; "
-                                           "not followed further"),), settled=True)
+            return _Reading((_notice(flow, "error", now,
+                                     reason=f"{session.protocol.upper()}: {exc.hint}; "
+                                            "not followed further"),), settled=True)
         if not events and session.refusals is None:
             return _SETTLED if machine.settled else _NOTHING_NEW
         return self._judge(flow, session, events, data, from_client, now)
 
     def _judge(self, flow: Flow[Session], session: Session, events: list[Event], data: bytes,
                from_client: bool, now: float) -> _Reading:
-        client, server = flow.key[0], flow.key[2]
+        client = flow.key[0]
         notices: list[Notice] = []
         for event in events:
             if isinstance(event, RcptTo):
@@ -392,21 +401,24 @@ class Engine:
                 )
                 failed = isinstance(ruling, Fail)
                 self.counters[FAIL if failed else PASS] += 1
-                notices.append(Notice(
-                    "fail" if failed else "pass", client, server, user=ruling.user or session.user,
+                notices.append(_notice(
+                    flow, "fail" if failed else "pass", now, user=ruling.user or session.user,
                     sender=session.sender or "", recipient=event.recipient,
-                    row=ruling.row, reason=ruling.reason, time=now))
+                    row=ruling.row, reason=ruling.reason))
                 if failed and not self._refuse_in_place(session, flow, event, data):
                     return _Reading(tuple(notices), _Refusal(None, "relay_denied", SMTP_RELAY_DENIED))
             elif isinstance(event, MailFrom):
                 session.sender = event.sender
             elif isinstance(event, SessionReset):
                 session.sender = None
+            elif isinstance(event, MessageQueued):
+                notices.append(_notice(flow, "queued", now, user=session.user,
+                                       sender=session.sender or "", queue_id=event.queue_id))
             elif isinstance(event, LoginSucceeded):
-                notices.append(self._login(session, client, server, event, now))
+                notices.append(self._login(session, flow, event, now))
             elif isinstance(event, LoginFailed):
-                notices.append(Notice("login-failed", client, server, user=event.user,
-                                      reason=event.method, time=now))
+                notices.append(_notice(flow, "login-failed", now, user=event.user,
+                                       reason=event.method))
             elif isinstance(event, TLSOffered):
                 if not self._tls_allowed(session, client, now):
                     session.hidden.append((event.offset, event.length))
@@ -417,8 +429,8 @@ class Engine:
                         "STARTTLS not allowed by policy", "starttls_not_allowed",
                         _NO_TLS[session.protocol], "tls"))
             elif isinstance(event, TLSStarted):
-                notices.append(Notice("tls", client, server,
-                                      reason="TLS started; session no longer inspected", time=now))
+                notices.append(_notice(flow, "tls", now,
+                                       reason="TLS started; session no longer inspected"))
         smtp = session.smtp
         if session.refusals is not None and smtp is not None and not from_client \
                 and flow.server is not None:
@@ -429,7 +441,7 @@ class Engine:
                     "the MTA accepted the command a refused RCPT became", "refusal_accepted"))
         return _Reading(tuple(notices), settled=session.machine.settled)
 
-    def _login(self, session: Session, client: str, server: str, event: LoginSucceeded,
+    def _login(self, session: Session, flow: Flow[Session], event: LoginSucceeded,
                now: float) -> Notice:
         if session.smtp is not None:
             session.authenticated = True
@@ -438,14 +450,13 @@ class Engine:
         else:
             source = session.protocol
             try:
-                self.logins.add(client, event.user, now, self.config.auth_ttl, source=source)
+                self.logins.add(flow.key[0], event.user, now, self.config.auth_ttl, source=source)
             except StoreError as exc:  # the session goes on; only the login is lost
                 self.counters[STORE_ERRORS] += 1
-                return Notice("error", client, server, user=event.user,
-                              reason=f"login not recorded: {exc}", time=now)
+                return _notice(flow, "error", now, user=event.user,
+                               reason=f"login not recorded: {exc}")
         self.counters[LOGINS] += 1
-        return Notice("login", client, server, user=event.user, reason=f"{source} {event.method}",
-                      time=now)
+        return _notice(flow, "login", now, user=event.user, reason=f"{source} {event.method}")
 
     def _tls_allowed(self, session: Session, client: str, now: float) -> bool:
         if session.smtp is not None:
@@ -485,8 +496,7 @@ class Engine:
         else:
             inject = [craft.reset_receiver(seg), craft.reset_sender(seg)]
         if refusal.hint is not None:
-            notices = (*notices, Notice(refusal.event, flow.key[0], flow.key[2],
-                                        reason=refusal.hint, time=now))
+            notices = (*notices, _notice(flow, refusal.event, now, reason=refusal.hint))
         return Decision(DROP, inject=tuple(inject), notices=tuple(notices), reason=refusal.cause)
 
     @staticmethod

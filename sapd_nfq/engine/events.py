@@ -66,6 +66,15 @@ class MessageEnded:
     """The client ended the message text (DATA's final dot or BDAT LAST)."""
 
 
+@dataclass(frozen=True, slots=True)
+class MessageQueued:
+    """The server took the message (2xx to the final dot or BDAT LAST);
+    `queue_id` is its queue id as the reply gave it, if it gave one in a
+    form we know (smtp_grammar.queue_id)."""
+
+    queue_id: str | None
+
+
 # --- TLS, for both protocols -------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +125,6 @@ class Quit:
 
 
 Event = (
-    MailFrom | RcptTo | Answered | SessionReset | DataStarted | MessageEnded | TLSOffered
+    MailFrom | RcptTo | Answered | SessionReset | DataStarted | MessageEnded | MessageQueued | TLSOffered
     | StartTLSRequested | TLSStarted | LoginSucceeded | LoginFailed | Quit
 )

@@ -45,6 +45,7 @@ from .events import (
     LoginSucceeded,
     MailFrom,
     MessageEnded,
+    MessageQueued,
     Quit,
     RcptTo,
     SessionReset,
@@ -428,7 +429,7 @@ class SMTPMachine(PinnedMachine):
         self._reply_lines += 1
         if final:
             self._reply_code = None
-            self._final_reply(code.decode(), events)
+            self._final_reply(code.decode(), text, events)
 
     def _capability(self, text: bytes, text_offset: int, events: list[Event]) -> None:
         """One line of a 250 reply to EHLO; the first line names the host."""
@@ -444,7 +445,8 @@ class SMTPMachine(PinnedMachine):
         elif name == b"CHUNKING":
             self._chunking = True
 
-    def _final_reply(self, code: str, events: list[Event]) -> None:
+    def _final_reply(self, code: str, text: bytes, events: list[Event]) -> None:
+        """The last line of a reply: its `code`, and `text` after it."""
         if not self._greeted:
             if _lookup(_Cmd.GREETING, code) is None:
                 raise ProtocolError(f"greeting with reply code {code}")
@@ -471,6 +473,8 @@ class SMTPMachine(PinnedMachine):
         if outcome is _Reply.DATA_GO:
             self._mode, self._scan = _Mode.MESSAGE, _LINE_START
             events.append(DataStarted())
+        elif outcome is _Reply.OK and pending.cmd in (_Cmd.DOT, _Cmd.BDAT_LAST):
+            events.append(MessageQueued(grammar.queue_id(text)))
         elif outcome is _Reply.TLS_GO:
             self._settled = True  # TLS: nothing more is parsed
             events.append(TLSStarted())

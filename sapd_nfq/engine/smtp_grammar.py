@@ -105,6 +105,28 @@ def _path(args: bytes, keyword: re.Pattern[bytes], what: str, allow_null: bool) 
     return address, b" ".join(params).decode("utf-8", "replace")
 
 
+# The queue id in an MTA's reply to a message, so that a log line can name it
+# as the MTA's own log does. Only letters and digits (and Exim's hyphens),
+# 4 to 32 of them: what the reply says goes to a log line, never more.
+_QUEUE_IDS = (
+    re.compile(rb"queued as ([0-9A-Za-z]{4,32})\b"),                        # Postfix
+    re.compile(rb"^(?:[245]\.\d{1,3}\.\d{1,3} )?([0-9A-Za-z]{4,32}) Message accepted"),  # Sendmail
+    re.compile(rb"\bid=([0-9A-Za-z]{4,16}(?:-[0-9A-Za-z]{2,16}){2})\b"),    # Exim
+)
+
+
+def queue_id(text: bytes) -> str | None:
+    """The queue id in the text of a reply that took a message:
+    Postfix `250 2.0.0 Ok: queued as 4XkQ2B1c2Dz9`, Sendmail
+    `250 2.0.0 5B6Gq1Zk012345 Message accepted for delivery`, Exim
+    `250 OK id=1tRbXg-000Ab1-2c`; None for any other."""
+    for pattern in _QUEUE_IDS:
+        found = pattern.search(text)
+        if found is not None:
+            return found[1].decode("ascii")
+    return None
+
+
 def bdat(args: bytes) -> tuple[int, bool]:
     """BDAT arguments -> (chunk size, LAST?)."""
     parts = args.split()

@@ -18,6 +18,7 @@ ones (`FAIL` -> `WOULD-FAIL`), with the same fields and row.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import asdict, dataclass, replace
 
 
@@ -30,11 +31,32 @@ class Verdict(enum.Enum):
     BYPASS = "bypass"
 
 
+#: a value written bare in a log line; any other is quoted (`_shown`)
+_BARE = re.compile(r"[^\s'\"\\=]+")
+#: fields always quoted: the null sender is '' and must show as such
+_QUOTED = ("sender", "recipient")
+#: the fields of a log line, in order, after the event
+_LOGGED = ("client", "client_port", "server", "server_port", "user", "sender", "recipient",
+           "row", "queue_id", "reason")
+
+
+def _shown(name: str, value: object) -> str:
+    """A field's value as a log line shows it: bare, or quoted as a Python
+    string literal, so that a line is always one event and splits exactly
+    into key=value pairs (a newline in a user name stays `\\n`)."""
+    text = str(value)
+    return repr(text) if name in _QUOTED or not _BARE.fullmatch(text) else text
+
+
 @dataclass(frozen=True, slots=True)
 class Notice:
     """One loggable fact. `event` is one of: login, login-failed, pass,
-    fail, tls, reset, error, and in monitor mode would-fail, would-tls,
-    would-reset. Never carries a password."""
+    fail, queued, tls, reset, error, and in monitor mode would-fail,
+    would-tls, would-reset. Never carries a password.
+
+    Its line (`str()`) is the event in upper case, then `key=value` for each
+    field that has a value, in the order of `_LOGGED`; docs/first-day.md
+    documents every field."""
 
     event: str
     client: str
@@ -45,16 +67,20 @@ class Notice:
     row: str | None = None
     reason: str | None = None
     time: float = 0.0
+    client_port: int | None = None
+    server_port: int | None = None
+    #: the MTA's queue id of the message a `queued` notice reports
+    queue_id: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {k: v for k, v in asdict(self).items() if v is not None and v != ""}
 
     def __str__(self) -> str:
-        parts = [self.event.upper(), f"client={self.client}"]
-        for name in ("user", "sender", "recipient", "row", "reason"):
+        parts = [self.event.upper()]
+        for name in _LOGGED:
             value = getattr(self, name)
-            if value is not None:
-                parts.append(f"{name}={value!r}" if name in ("sender", "recipient") else f"{name}={value}")
+            if value is not None and (value != "" or name in _QUOTED):
+                parts.append(f"{name}={_shown(name, value)}")
         return " ".join(parts)
 
 

@@ -36,7 +36,7 @@ from ..engine.verdicts import ACCEPT, BYPASS, DROP, Decision, Notice, carried
 from ..learners.hook import HookServer
 from ..learners.logs import LogLearner
 from ..logins.replica import ReplicaLoginStore
-from ..wiring.build import daemon_logins, load_policy, map_files
+from ..wiring.build import daemon_logins, load_policy, login_scope, map_files
 from ..wiring.config import Config, load_config
 from ..wiring.filewatch import WATCH_INTERVAL, FileWatch, Stamps, stamp
 from ..wiring.logsetup import LOGGER
@@ -188,6 +188,9 @@ class Worker:
                         "closed" if config.enforce else "open", ", ".join(families) or "none installed")
         if config.state != self.config.state:
             log.warning("reload: 'state' changed; restart the daemon to switch login stores")
+        if login_scope(config) != login_scope(self.config):
+            log.warning("reload: the login prefixes changed; restart the daemon to key logins "
+                        "by the new ones (until then the old ones apply)")
         if changed:
             log.warning("reload: %s changed; run `sapd-nfq up` to apply to the rules",
                         ", ".join(changed))

@@ -7,8 +7,8 @@
 | a file path | SQLite (WAL), survives restarts, shared with the CLI | `sqlite_store` |
 | `redis://`, `rediss://`, `unix://` URL | Redis, one table for several gateways | `redis_store` |
 
-`open_store(spec)` opens one, as the CLI uses it. The daemon takes
-`backend(spec)` instead and hands it to a `replica.ReplicaLoginStore`, which
+`open_store(spec, scope)` opens one, as the CLI uses it. The daemon takes
+`backend(spec, scope)` instead and hands it to a `replica.ReplicaLoginStore`, which
 opens it in a thread of its own and keeps its logins in memory. A backend
 module is imported only when a spec names it, so the redis package is
 needed only where Redis is used.
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..engine.logins import LoginStore, MemoryLoginStore, StoreError
+from ..engine.logins import EXACT, LoginScope, LoginStore, MemoryLoginStore, StoreError
 
 if TYPE_CHECKING:
     from .replica import Followed
@@ -57,35 +57,36 @@ class Backend:
     open: Callable[[], Followed]
 
 
-def _sqlite(spec: str) -> Backend:
+def _sqlite(spec: str, scope: LoginScope) -> Backend:
     from .sqlite_store import SQLiteLoginStore
 
-    return Backend(spec, lambda: SQLiteLoginStore(spec))
+    return Backend(spec, lambda: SQLiteLoginStore(spec, scope=scope))
 
 
-def _redis(spec: str) -> Backend:
+def _redis(spec: str, scope: LoginScope) -> Backend:
     try:
         from .redis_store import RedisLoginStore, redacted
     except ImportError:
         raise StoreError("a redis:// store needs the redis package (pip install sapd-nfq[redis])") from None
-    return Backend(redacted(spec), lambda: RedisLoginStore(spec))
+    return Backend(redacted(spec), lambda: RedisLoginStore(spec, scope))
 
 
-_BACKENDS: dict[str, Callable[[str], Backend]] = {"sqlite": _sqlite, "redis": _redis}
+_BACKENDS: dict[str, Callable[[str, LoginScope], Backend]] = {"sqlite": _sqlite, "redis": _redis}
 
 
-def backend(spec: str) -> Backend | None:
+def backend(spec: str, scope: LoginScope = EXACT) -> Backend | None:
     """The backend a config's `state` names, its module imported, not yet
-    opened; None for "memory", which has nothing to open. Raises StoreError
-    for a spec no backend takes or a driver that is not installed."""
+    opened, keying its logins by `scope`; None for "memory", which has
+    nothing to open. Raises StoreError for a spec no backend takes or a
+    driver that is not installed."""
     try:
         kind = store_kind(spec)
     except ValueError as e:
         raise StoreError(f'{spec!r}: {e}; expected "{MEMORY}", a file path or a redis:// URL') from None
-    return None if kind == MEMORY else _BACKENDS[kind](spec)
+    return None if kind == MEMORY else _BACKENDS[kind](spec, scope)
 
 
-def open_store(spec: str) -> LoginStore:
+def open_store(spec: str, scope: LoginScope = EXACT) -> LoginStore:
     """Open the store a config's `state` names; raises StoreError."""
-    found = backend(spec)
-    return MemoryLoginStore() if found is None else found.open()
+    found = backend(spec, scope)
+    return MemoryLoginStore(scope) if found is None else found.open()

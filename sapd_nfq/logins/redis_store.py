@@ -29,8 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from redis.typing import EncodableT, FieldT
 
-from ..engine.addresses import normalize_ip
-from ..engine.logins import Login, LoginStore, StoreError, address_order, new_login, renewed
+from ..engine.logins import EXACT, Login, LoginScope, LoginStore, StoreError, address_order, new_login, renewed
 
 T = TypeVar("T")
 
@@ -57,8 +56,9 @@ def redacted(url: str) -> str:
 
 
 class RedisLoginStore(LoginStore):
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, scope: LoginScope = EXACT) -> None:
         self._shown = redacted(url)
+        self.scope = scope
         try:
             self._redis = redis.Redis.from_url(url, socket_timeout=TIMEOUT,
                                                socket_connect_timeout=TIMEOUT,
@@ -87,7 +87,7 @@ class RedisLoginStore(LoginStore):
 
     def add(self, address: str, user: str | None, now: float, ttl: float,
             source: str = "pop3") -> Login:
-        new = new_login(address, user, now, ttl, source)
+        new = new_login(self.scope, address, user, now, ttl, source)
         key = PREFIX + new.address
         login = renewed(self.get(new.address, now), new)
         fields: dict[FieldT, EncodableT] = {"user": login.user or "", "source": login.source,
@@ -103,13 +103,13 @@ class RedisLoginStore(LoginStore):
         return login
 
     def get(self, address: str, now: float) -> Login | None:
-        address = normalize_ip(address)
+        address = self.scope.key(address)
         fields = self._call("get", self._redis.hgetall, PREFIX + address)
         login = self._login(address, fields) if fields else None
         return login if login is not None and login.expires > now else None
 
     def remove(self, address: str) -> bool:
-        return bool(self._call("remove", self._redis.delete, PREFIX + normalize_ip(address)))
+        return bool(self._call("remove", self._redis.delete, PREFIX + self.scope.key(address)))
 
     def _all(self) -> list[Login]:
         def scan() -> list[Login]:

@@ -31,8 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from ..engine.addresses import normalize_ip
-from ..engine.logins import Login, LoginStore, MemoryLoginStore, StoreError, address_order, renewed
+from ..engine.logins import EXACT, Login, LoginScope, LoginStore, MemoryLoginStore, StoreError, address_order, renewed
 
 #: changes not yet written; beyond it the oldest is dropped (and counted)
 MAX_PENDING = 10_000
@@ -84,8 +83,8 @@ class ReplicaLoginStore(MemoryLoginStore):
     """
 
     def __init__(self, open_backend: Callable[[], Followed], name: str, log: logging.Logger,
-                 max_pending: int = MAX_PENDING) -> None:
-        super().__init__()
+                 max_pending: int = MAX_PENDING, scope: LoginScope = EXACT) -> None:
+        super().__init__(scope)
         self.name = name
         self._open_backend = open_backend
         self._log = log
@@ -122,7 +121,7 @@ class ReplicaLoginStore(MemoryLoginStore):
         return login
 
     def remove(self, address: str) -> bool:
-        key = normalize_ip(address)
+        key = self.scope.key(address)
         with self._lock:
             held = super().remove(key)
             self._queue(key, None)

@@ -16,8 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..engine.addresses import normalize_ip
-from ..engine.logins import Login, LoginStore, StoreError, address_order, new_login, renewed
+from ..engine.logins import EXACT, Login, LoginScope, LoginStore, StoreError, address_order, new_login, renewed
 
 _SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -41,11 +40,13 @@ class SQLiteLoginStore(LoginStore):
     `synchronous=NORMAL`: a crash of the process loses nothing, a power cut
     may lose the last logins, which users regain by logging in again.
     The file is created mode 0600 (its -wal/-shm files inherit the mode),
-    its directory 0700 if missing.
+    its directory 0700 if missing. Entries are keyed by `scope` (LoginScope).
     """
 
-    def __init__(self, path: str | os.PathLike[str], busy_timeout: float = 5.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], busy_timeout: float = 5.0,
+                 scope: LoginScope = EXACT) -> None:
         self.path = Path(path)
+        self.scope = scope
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
@@ -99,7 +100,7 @@ class SQLiteLoginStore(LoginStore):
 
     def add(self, address: str, user: str | None, now: float, ttl: float,
             source: str = "pop3") -> Login:
-        new = new_login(address, user, now, ttl, source)
+        new = new_login(self.scope, address, user, now, ttl, source)
         with self._errors("cannot add login"), self._transaction():
             old = self._select("address = ?", new.address)
             login = renewed(old[0] if old else None, new)
@@ -108,13 +109,13 @@ class SQLiteLoginStore(LoginStore):
         return login
 
     def get(self, address: str, now: float) -> Login | None:
-        key = normalize_ip(address)
+        key = self.scope.key(address)
         with self._errors("cannot read logins"):
             found = self._select("address = ? AND expires > ?", key, now)
         return found[0] if found else None
 
     def remove(self, address: str) -> bool:
-        key = normalize_ip(address)
+        key = self.scope.key(address)
         with self._errors("cannot remove login"), self._transaction():
             return self._db.execute("DELETE FROM logins WHERE address = ?", (key,)).rowcount > 0
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..engine.logins import LoginStore, MemoryLoginStore, StoreError
+from ..engine.logins import LoginScope, LoginStore, MemoryLoginStore, StoreError
 from ..engine.policy import AnyOf, LocalAddresses, RelayPolicy
 from ..engine.virtusertable import VirtUserTable
 from ..logins import backend, open_store
@@ -48,13 +48,18 @@ def load_policy(config: Config, logins: LoginStore) -> RelayPolicy:
     )
 
 
+def login_scope(config: Config) -> LoginScope:
+    """What one login opens, as the config's prefixes say."""
+    return LoginScope(config.ipv4_login_prefix, config.ipv6_login_prefix)
+
+
 def open_logins(config: Config) -> LoginStore:
     """The login store itself, for the commands: each call does its I/O.
     Refuses an SQLite file a local user could reach (AccessError), since
     writing it would open the relay."""
     check_state(config.state)
     try:
-        return open_store(config.state)
+        return open_store(config.state, login_scope(config))
     except StoreError as e:
         if isinstance(e.__cause__, PermissionError):
             raise denied("login store", Path(config.state)) from None
@@ -67,7 +72,8 @@ def daemon_logins(config: Config, log: logging.Logger) -> ReplicaLoginStore | Me
     what open_logins refuses, and a spec no backend takes; a store that cannot
     be reached is the replica's to retry."""
     check_state(config.state)
-    found = backend(config.state)
+    scope = login_scope(config)
+    found = backend(config.state, scope)
     if found is None:
-        return MemoryLoginStore()
-    return ReplicaLoginStore(found.open, found.name, log)
+        return MemoryLoginStore(scope)
+    return ReplicaLoginStore(found.open, found.name, log, scope=scope)

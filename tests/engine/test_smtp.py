@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from streams import conversation_splits, random_chunks, split_at, splits
 
+from sapd_nfq.engine import smtp_grammar as grammar
 from sapd_nfq.engine.errors import ProtocolError
 from sapd_nfq.engine.events import (
     DataStarted,
@@ -18,6 +19,7 @@ from sapd_nfq.engine.events import (
     LoginSucceeded,
     MailFrom,
     MessageEnded,
+    MessageQueued,
     Quit,
     RcptTo,
     SessionReset,
@@ -200,11 +202,11 @@ def test_pipelined_burst_with_replies():
             b"XYZZY\r\nDATA\r\n"),
         (S, b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.1.1 no\r\n502 5.5.2 what\r\n354 go\r\n"),
         (C, b"Subject: hi\r\n\r\nbody\r\n.\r\nQUIT\r\n"),
-        (S, b"250 2.0.0 queued\r\n221 2.0.0 Bye\r\n"),
+        (S, b"250 2.0.0 Ok: queued as 4XkQ2B1c2Dz9\r\n221 2.0.0 Bye\r\n"),
     ]
     check(steps, HELLO_EVENTS + [
         MailFrom("a@b.example"), RcptTo("x@y.example"), RcptTo("z@y.example"),
-        DataStarted(), MessageEnded(), Quit(),
+        DataStarted(), MessageEnded(), Quit(), MessageQueued("4XkQ2B1c2Dz9"),
     ])
 
 
@@ -286,7 +288,7 @@ def pipelined_transaction(recipients, params=b"", rcpt_replies=None):
                      (S, b"250 2.0.0 queued\r\n221 2.0.0 Bye\r\n")]
     events = HELLO_EVENTS + [MailFrom("sender@example.net", "BODY=8BITMIME"),
                              *(RcptTo(r, params.decode().strip()) for r in recipients),
-                             DataStarted(), MessageEnded(), Quit()]
+                             DataStarted(), MessageEnded(), Quit(), MessageQueued(None)]
     return steps, events
 
 
@@ -311,7 +313,7 @@ def test_a_thousand_recipients_then_one_reply_short_or_over():
     for bad in (short, over):
         _, seen, error = feed([*steps[:4], (S, bad)])
         assert error is not None and error[0] == S
-        assert [e for e, *_ in seen] == events[:-3]
+        assert [e for e, *_ in seen] == events[:-4]
 
 
 def test_a_burst_over_the_byte_budget_is_refused_at_the_line_that_crosses_it():
@@ -457,7 +459,8 @@ def test_every_end_of_data_postfix_accepts(end):
 
 def test_empty_message_ends_at_once():
     steps = HELLO + ENVELOPE + [(C, b".\r\nRSET\r\n"), (S, b"250 queued\r\n250 ok\r\n")]
-    check(steps, HELLO_EVENTS + ENVELOPE_EVENTS + [MessageEnded(), SessionReset("RSET")])
+    check(steps, HELLO_EVENTS + ENVELOPE_EVENTS + [MessageEnded(), SessionReset("RSET"),
+                                                   MessageQueued(None)])
 
 
 @pytest.mark.parametrize("fake_end", [
@@ -475,7 +478,7 @@ def test_end_of_data_reply_is_matched():
         (C, b"DATA\r\n"), (S, b"354 go\r\n"),
     ]
     check(steps, HELLO_EVENTS + ENVELOPE_EVENTS + [MessageEnded(), MailFrom("b@us.example"),
-                                                   DataStarted()])
+                                                   MessageQueued(None), DataStarted()])
 
 
 def test_each_message_starts_at_a_line_start():
@@ -485,8 +488,8 @@ def test_each_message_starts_at_a_line_start():
         (C, b".\r\nQUIT\r\n"),
     ]
     check(steps, HELLO_EVENTS + ENVELOPE_EVENTS + [
-        MessageEnded(), MailFrom("b@us.example"), RcptTo("y@us.example"), DataStarted(),
-        MessageEnded(), Quit()])
+        MessageEnded(), MailFrom("b@us.example"), RcptTo("y@us.example"), MessageQueued(None),
+        DataStarted(), MessageEnded(), Quit()])
 
 
 @pytest.mark.parametrize("early", [b"DATA\r\nSubject: x\r\n", b"DATA\r\nR", b"DATA\nRCPT TO:<a@b>\n"])
@@ -521,7 +524,7 @@ def test_bdat_chunks_are_skipped_by_count():
         (S, b"250 ok\r\n250 ok\r\n250 chunk\r\n250 queued\r\n250 ok\r\n"),
     ]
     check(steps, HELLO_EVENTS + [MailFrom("a@us.example"), RcptTo("x@us.example"),
-                                 MessageEnded(), RcptTo("y@us.example")])
+                                 MessageEnded(), RcptTo("y@us.example"), MessageQueued(None)])
 
 
 def test_bdat_zero_last():
@@ -823,12 +826,12 @@ def sessions(draw):
                      for line in (s.encode() for s in draw(body_lines))]
             steps += [(C, b"".join(line + eol for line in lines) + b"." + eol),
                       (S, b"250 2.0.0 queued\r\n")]
-            events += [DataStarted(), MessageEnded()]
+            events += [DataStarted(), MessageEnded(), MessageQueued(None)]
         else:
             body = draw(st.binary(max_size=30))
             client.append(b"BDAT %d LAST\r\n" % len(body) + body)
             steps += [(C, b"".join(client)), (S, b"".join(replies) + b"250 2.0.0 queued\r\n")]
-            events.append(MessageEnded())
+            events += [MessageEnded(), MessageQueued(None)]
     steps.append((C, b"QUIT\r\n"))
     events.append(Quit())
     return steps, events
@@ -866,3 +869,17 @@ def test_a_line_of_exactly_max_line_with_crlf_split_before_the_lf():
     machine.receive_client(b"\n")
     with pytest.raises(ProtocolError):
         machine.receive_client(b"NOOP " + b"x" * 16 + b"\r\n")
+
+
+@pytest.mark.parametrize(("text", "queue_id"), [
+    (b"2.0.0 Ok: queued as 4XkQ2B1c2Dz9", "4XkQ2B1c2Dz9"),                        # Postfix
+    (b"Ok: queued as 3F1A2B4C5D", "3F1A2B4C5D"),                                  # Postfix, no ESC
+    (b"2.0.0 5B6Gq1Zk012345 Message accepted for delivery", "5B6Gq1Zk012345"),    # Sendmail
+    (b"5B6Gq1Zk012345 Message accepted for delivery", "5B6Gq1Zk012345"),
+    (b"OK id=1tRbXg-000Ab1-2c", "1tRbXg-000Ab1-2c"),                              # Exim 4.9x
+    (b"OK id=1tRbXg-000000000Ab1-0002", "1tRbXg-000000000Ab1-0002"),              # Exim 4.97+
+    (b"2.0.0 queued", None), (b"ok", None), (b"Ok: queued as \x1b[31mX", None),
+    (b"Ok: queued as " + b"A" * 200, None),
+])
+def test_the_queue_id_in_a_reply_that_took_a_message(text, queue_id):
+    assert grammar.queue_id(text) == queue_id

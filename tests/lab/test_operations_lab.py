@@ -34,7 +34,7 @@ def traffic(lab, mail_server, make_gate, fresh):
     assert send_mail(lab, inbound, server, "ext@external.example", "bob@lab.example", "row 1") is None
     refused = try_rcpt(lab, stranger, server, LOCAL, EXTERNAL)
     assert refused is not None and refused.code == 550
-    gate.wait_for_log(r"FAIL client=.* row=row 3")
+    gate.wait_for_log(r"FAIL client=.* row='row 3")
     return gate, logged, stranger
 
 

@@ -82,7 +82,7 @@ def assert_gate_passed(gate: Gate | None, offset: int, wanted: set[str]) -> None
         return
     lines = gate.log_since(offset)
     passed = {m.group(1) for line in lines if " PASS " in line
-              and (m := re.search(r"recipient='([^']+)' row=row 1", line))}
+              and (m := re.search(r"recipient='([^']+)' row='row 1", line))}
     assert passed >= wanted, f"{len(wanted - passed)} recipients not passed by the gate"
     assert not [line for line in lines if " FAIL " in line or " RESET " in line], lines[-20:]
 

@@ -61,8 +61,8 @@ INBOUND_TO = ("alice@lab.example", "bob@lab.example", "alice+soak@lab.example",
               "postmaster@lab.example")
 INBOUND_FROM = (EXTERNAL, LOCAL, "")  # any sender, the null sender too
 RELAY_TO = ("dave@external.example", "erin+list@external.example", "frank@other.example")
-DECISION = re.compile(r" (PASS|FAIL) client=(\S+) (?:user=\S+ )?sender=('[^']*') recipient=('[^']*') "
-                      r"row=(.+?) reason=")
+DECISION = re.compile(r" (PASS|FAIL) client=(\S+) .*?sender=('[^']*') recipient=('[^']*') "
+                      r"row='([^']*)' ")
 
 
 def rss_kib(pid: int) -> int:

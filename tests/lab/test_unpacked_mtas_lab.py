@@ -12,6 +12,8 @@ from its greeting. Shown against each:
 - the relay table's rows through the gate;
 - one recipient refused in place, pipelined in one segment and by the
   lab's sending Postfix: the local copies arrive in the MTA's mailboxes;
+- the queue id of a message the MTA took on the gate's QUEUED line, with the
+  client's port of the recipient's PASS line;
 - hostile grammar: a bare LF, a source route, odd case and whitespace,
   each refused in place while the session goes on; `%` and `!` routing and
   a second address, which the gate's grammar will not guess at, end
@@ -171,3 +173,21 @@ def test_addresses_the_gate_cannot_read_as_the_mta_does_refuse_the_session(
     replies = converse(lab, "client", fresh(), mta.address, [
         b"MAIL FROM:<dave@external.example>\r\n", line, b"RCPT TO:<alice@lab.example>\r\n"])
     assert replies[1].startswith(b"554 5.7.1 ") and replies[2] == b"", replies
+
+
+#: each MTA's reply to a message it took, and the queue id in it
+QUEUED_AS = {"sendmail": rb"250 2\.0\.0 (\w+) Message accepted for delivery",
+             "exim": rb"250 OK id=([\w-]+)"}
+
+
+def test_the_decision_log_names_the_mtas_queue_id(lab, mta, gate, fresh, request):
+    source = fresh()
+    replies = raw_transaction(lab, AF_INET, source, mta.address, "carol@external.example",
+                              ["bob@lab.example"], f"queue-id {uuid.uuid4().hex[:8]}")
+    queued = re.match(QUEUED_AS[request.node.callspec.params["mta"]], replies[-2])
+    assert queued, replies
+    line = gate.wait_for_log(rf"QUEUED client={re.escape(source)} ")
+    port = re.search(r" client_port=(\d+) ", line)[1]
+    assert f" server={mta.address} server_port=25 " in line
+    assert line.endswith(f" queue_id={queued[1].decode()}")
+    gate.wait_for_log(rf"PASS client={re.escape(source)} client_port={port} .*recipient='bob@lab.example'")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from sapd_nfq.engine.logins import Login, MemoryLoginStore, StoreError
+from sapd_nfq.engine.logins import EXACT, Login, LoginScope, MemoryLoginStore, StoreError
 from sapd_nfq.logins import open_store, store_kind
 from sapd_nfq.logins.sqlite_store import SQLiteLoginStore
 
@@ -15,22 +15,33 @@ NOW = 1_700_000_000.0
 TTL = 1800
 
 
-def _redis_store(url):
+def _redis_store(url, scope=EXACT):
     from sapd_nfq.logins.redis_store import RedisLoginStore
 
-    s = RedisLoginStore(url)
+    s = RedisLoginStore(url, scope)
     s._redis.flushdb()
     return s
 
 
+def _open(kind, request, tmp_path, scope=EXACT):
+    if kind == "memory":
+        return MemoryLoginStore(scope)
+    if kind == "sqlite":
+        return SQLiteLoginStore(tmp_path / "l.sqlite", scope=scope)
+    return _redis_store(request.getfixturevalue("redis_url"), scope)
+
+
 @pytest.fixture(params=["memory", "sqlite", "redis"])
 def store(request, tmp_path):
-    if request.param == "memory":
-        s = MemoryLoginStore()
-    elif request.param == "sqlite":
-        s = SQLiteLoginStore(tmp_path / "l.sqlite")
-    else:
-        s = _redis_store(request.getfixturevalue("redis_url"))
+    s = _open(request.param, request, tmp_path)
+    yield s
+    s.close()
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def by_network(request, tmp_path):
+    """A store whose logins open /24 (IPv4) and /64 (IPv6)."""
+    s = _open(request.param, request, tmp_path, LoginScope(24, 64))
     yield s
     s.close()
 
@@ -283,3 +294,37 @@ def test_redis_reads_a_table_larger_than_one_batch(redis_url):
                       mapping={"user": "", "source": "pop3", "expires": repr(NOW + TTL)})
         pipe.execute()
         assert len(s.entries(NOW)) == 1200
+
+
+# --- logins by network ------------------------------------------------------------------
+
+def test_a_login_opens_its_network_wherever_it_is_used(by_network):
+    login = by_network.add("2001:db8:1:2::a", "alice", NOW, TTL)
+    assert login.address == "2001:db8:1:2::/64"
+    assert by_network.get("2001:db8:1:2:ffff::b", NOW) == login   # another privacy address
+    assert not by_network.is_logged_in("2001:db8:1:3::a", NOW)   # another /64
+    assert by_network.add("198.18.7.9", None, NOW, TTL).address == "198.18.7.0/24"
+    assert by_network.is_logged_in("::ffff:198.18.7.200", NOW)
+    assert not by_network.is_logged_in("198.18.8.9", NOW)
+    assert [x.address for x in by_network.entries(NOW)] == ["198.18.7.0/24", "2001:db8:1:2::/64"]
+    # one entry per network: a second address renews it
+    assert by_network.add("2001:db8:1:2::c", "bob", NOW + 10, TTL).expires == NOW + 10 + TTL
+    assert len(by_network.entries(NOW)) == 2
+    assert by_network.remove("2001:db8:1:2::dead")
+    assert not by_network.is_logged_in("2001:db8:1:2::a", NOW)
+    assert by_network.purge(NOW + TTL) == 1 and by_network.entries(NOW) == []
+
+
+def test_a_key_is_its_own_key():
+    # the replica writes and reads its backend by key
+    scope = LoginScope(24, 64)
+    for address in ("2001:db8:1:2::a", "198.18.7.9"):
+        assert scope.key(scope.key(address)) == scope.key(address)
+    assert LoginScope(32, 128).key("2001:db8::5") == "2001:db8::5"
+
+
+def test_prefixes_out_of_range_are_refused():
+    with pytest.raises(ValueError):
+        LoginScope(33, 64)
+    with pytest.raises(ValueError):
+        LoginScope(32, 129)

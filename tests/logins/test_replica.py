@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from sapd_nfq.engine.logins import Login
+from sapd_nfq.engine.logins import EXACT, Login, LoginScope
 from sapd_nfq.logins import backend
 from sapd_nfq.logins.replica import WAIT, ReplicaLoginStore
 from sapd_nfq.logins.sqlite_store import SQLiteLoginStore
@@ -41,7 +41,7 @@ def make_replica():
     replicas: list[ReplicaLoginStore] = []
 
     def make(spec: str, **kw) -> ReplicaLoginStore:
-        found = backend(spec)
+        found = backend(spec, kw.get("scope", EXACT))
         replica = ReplicaLoginStore(found.open, found.name, logging.getLogger(LOG), **kw)
         replica.start()
         replicas.append(replica)
@@ -260,3 +260,16 @@ def test_pending_writes_are_bounded_and_a_newer_change_replaces_an_older(tmp_pat
     # memory still answers for every login learned, written or not
     assert replica.get("198.18.0.5", now) == Login("198.18.0.5", "alice", now + 1 + TTL, "pop3")
     assert replica.is_logged_in("198.18.0.6", now)
+
+
+def test_the_replica_and_its_backend_key_logins_by_network(make_replica, tmp_path):
+    spec = str(tmp_path / "l.sqlite")
+    scope = LoginScope(32, 64)
+    replica = make_replica(spec, scope=scope)
+    replica.add("2001:db8:1:2::a", "alice", time.time(), 600)
+    other = backend(spec, scope).open()
+    wait_until(lambda: other.is_logged_in("2001:db8:1:2::b", time.time()), 5.0, "the write")
+    other.add("2001:db8:9:9::1", "bob", time.time(), 600)
+    wait_until(lambda: replica.is_logged_in("2001:db8:9:9::2", time.time()), 5.0, "the read")
+    assert held(replica) == {"2001:db8:1:2::/64", "2001:db8:9:9::/64"}
+    other.close()
