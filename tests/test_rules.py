@@ -219,6 +219,12 @@ def test_in_monitor_mode_smtp_fails_open_like_pop3():
         text = rules.render(RuleSpec(pop3_fail_open=fail_open, enforce=False))
         assert chain_rules(text, SMTP_CHAIN)[-1].endswith(" --queue-bypass")
         assert "# SMTP fails open in monitor mode" in text
+        # nothing our rules meet is dropped: INVALID goes on to the host's own rules
+        assert all(rule.endswith("--ctstate INVALID -j RETURN")
+                   for rule in text.splitlines() if "INVALID" in rule and rule.startswith("-A"))
+        assert " -j DROP" not in text
+    forward = rules.render(RuleSpec(mode="forward", interfaces=("eth1",), enforce=False))
+    assert "-m rpfilter --invert -j RETURN" in forward and " -j DROP" not in forward
 
 
 def test_update_installs_only_where_the_rules_are():

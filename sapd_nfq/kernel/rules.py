@@ -259,9 +259,16 @@ def max_segment(family: Family) -> int:
     return MAX_COPY_RANGE - (20 if family is IPV4 else 40) - 20
 
 
-def _queue_chain(chain: str, target: str, family: Family) -> str:
+def _drop(spec: RuleSpec) -> str:
+    """What our rules do with a packet they refuse: DROP, or in monitor mode
+    RETURN (it goes on to the host's rules, as with no gate; the counters
+    still count it)."""
+    return "DROP" if spec.enforce else "RETURN"
+
+
+def _queue_chain(chain: str, target: str, family: Family, spec: RuleSpec) -> str:
     return _template("queue-chain.rules.in").substitute(
-        chain=chain, queue=target, inject_mark=hex(INJECT_MARK),
+        chain=chain, queue=target, drop=_drop(spec), inject_mark=hex(INJECT_MARK),
         inject_mask=hex(INJECT_MASK), bypass=hex(BYPASS_MARK),
         mss=max_segment(family), pure_acks=_pure_acks(chain, family))
 
@@ -291,8 +298,8 @@ def _guard(spec: RuleSpec) -> str:
     routed client interface, from an address not routed back through it, is a spoof."""
     if spec.mode != "forward" or not set(spec.interfaces) - set(spec.bridge_ports):
         return ""
-    return "\n".join(f"-A {GUARD} -p tcp -m multiport --sports {listed} -m rpfilter --invert -j DROP"
-                     for listed in _mail_ports(spec))
+    return "\n".join(f"-A {GUARD} -p tcp -m multiport --sports {listed} -m rpfilter --invert "
+                     f"-j {_drop(spec)}" for listed in _mail_ports(spec))
 
 
 def _port_guard(spec: RuleSpec) -> str:
@@ -308,7 +315,7 @@ def _port_guard(spec: RuleSpec) -> str:
         [f"-A {PORT_GUARD} -p tcp -m multiport --dports {listed} -m conntrack --ctstate NEW "
          f"-j CONNMARK --set-xmark {mark}/{mark}" for listed in _mail_ports(spec)]
         + [f"-A {PORT_GUARD} -p tcp -m multiport --sports {listed} -m conntrack --ctdir REPLY "
-           f"-m connmark --mark {mark}/{mark} -j DROP" for listed in _mail_ports(spec)])
+           f"-m connmark --mark {mark}/{mark} -j {_drop(spec)}" for listed in _mail_ports(spec)])
 
 
 def _hook_changes(wanted: Sequence[Hook], present: Sequence[Hook]) -> list[str]:
@@ -346,10 +353,11 @@ def render(spec: RuleSpec, family: Family = IPV4, present: Sequence[Hook] = ()) 
         guard=GUARD, guard_rules=_guard(spec),
         port_guard=PORT_GUARD, port_guard_rules=_port_guard(spec), seen=SEEN,
         smtp_policy=smtp_policy,
-        smtp_rules=_queue_chain(SMTP_CHAIN, _queue_target(spec, bypass=not spec.enforce), family),
+        smtp_rules=_queue_chain(SMTP_CHAIN, _queue_target(spec, bypass=not spec.enforce), family,
+                                spec),
         pop3_policy=pop3_policy,
         pop3_rules=_queue_chain(MAILBOX_CHAIN, _queue_target(spec, bypass=spec.pop3_fail_open),
-                                family),
+                                family, spec),
         hooks="\n".join(_hook_changes(hooks(spec), present)),
     )
     return "".join(line + "\n" for line in text.splitlines() if line)

@@ -127,10 +127,11 @@ SPECS = [
     RuleSpec(mode="input", smtp_ports=(25, 465, 587), pop3_ports=(110, 995),
              interfaces=("eth0", "ppp+"), queue=3, workers=2, pop3_fail_open=False),
     RuleSpec(mode="forward", interfaces=("wan0",), smtp_ports=tuple(range(2000, 2020)), workers=3),
+    RuleSpec(mode="forward", interfaces=("wan0",), enforce=False),
 ]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=["default", "input-ifaces-balance", "forward"])
+@pytest.mark.parametrize("spec", SPECS, ids=["default", "input-ifaces-balance", "forward", "monitor"])
 def test_install_is_idempotent_and_remove_restores_the_host(ns, spec):
     runner = rules.netns_runner(ns)
     add_foreign_rules(ns)
