@@ -117,6 +117,9 @@ class Gate:
             "virtusertable": str(self.virtusertable),
             "state": str(workdir / "logins.sqlite"),
             "run_dir": str(workdir / "run"),
+            # The client pool is one IPv6 /64 standing for many clients: a login
+            # covers its own address (test_first_day_lab.py shows the /64 default).
+            "ipv6_login_prefix": 128,
         }
         if mode == "forward":
             values["interfaces"] = ["to-client"]

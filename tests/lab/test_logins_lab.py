@@ -34,9 +34,6 @@ FAMILIES = [pytest.param(AF_INET, id="ipv4"), pytest.param(AF_INET6, id="ipv6")]
 LOCAL = "alice@lab.example"
 LEARN_TIMEOUT = 10.0  # seconds from a client's login to the gate's log line, on a busy machine
 LOGIN_TIMEOUT = 30  # seconds a client waits for a login: Dovecot's failure delay is up to 15 s
-#: every gate here keys logins by the address alone: these tests tell what is learned from
-#: which address, and the lab's client pool is one IPv6 /64 (test_first_day_lab.py: by network)
-BY_ADDRESS = {"ipv6_login_prefix": 128}
 
 
 def external() -> str:
@@ -163,7 +160,7 @@ TLS_CLIENTS = ["curl-imaps", "curl-pop3s", "curl-imap-starttls", "curl-pop3-stls
 @pytest.fixture
 def log_gate(make_gate, mail_server, request):
     mode = getattr(request, "param", "forward")
-    return make_gate(mode, login_logs=[str(mail_server.dovecot_log)], **BY_ADDRESS)
+    return make_gate(mode, login_logs=[str(mail_server.dovecot_log)])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -230,7 +227,7 @@ def test_a_wrong_password_over_tls_learns_nothing(lab, mail_server, log_gate, fr
 
 
 def test_with_the_log_source_off_nothing_is_learned(lab, mail_server, make_gate, fresh):
-    gate = make_gate("forward", **BY_ADDRESS)
+    gate = make_gate("forward")
     source, server = fresh(), lab.server.ipv4
     assert login_over_tls("curl-imaps", lab, mail_server, source, server)
     time.sleep(1.0)  # several polls of a learner, were there one
@@ -286,7 +283,7 @@ def test_failed_logins_whose_names_look_like_success_learn_nothing(lab, mail_ser
 
 def test_an_idle_session_keeps_its_window_until_it_ends(lab, mail_server, make_gate, fresh):
     ttl = 6
-    gate = make_gate("forward", auth_ttl=ttl, login_logs=[str(mail_server.dovecot_log)], **BY_ADDRESS)
+    gate = make_gate("forward", auth_ttl=ttl, login_logs=[str(mail_server.dovecot_log)])
     source, server = fresh(), lab.server.ipv4
     with lab.inside("client"):
         imap = SourceIMAP4_SSL(server, source, tls(mail_server))
@@ -325,7 +322,7 @@ def imap_plain_login(lab, mail_server, source: str, server: str, password: str |
 @pytest.mark.parametrize("mode", ["forward", "input"])
 def test_an_inline_imap_login_lets_the_relay_pass(lab, mail_server, make_gate, fresh, family,
                                                   mode):
-    gate = make_gate(mode, **BY_ADDRESS)
+    gate = make_gate(mode)
     server = lab.server.address(family)
     source = fresh(family)
     assert_refused(lab, source, server)
@@ -346,7 +343,7 @@ def test_an_inline_imap_login_lets_the_relay_pass(lab, mail_server, make_gate, f
 
 def test_an_inline_imap_login_with_a_wrong_password_learns_nothing(lab, mail_server, make_gate,
                                                                    fresh):
-    gate = make_gate("forward", **BY_ADDRESS)
+    gate = make_gate("forward")
     source, server = fresh(), lab.server.ipv4
     assert not imap_plain_login(lab, mail_server, source, server, password="wrong")
     gate.wait_for_log(rf"LOGIN-FAILED client={re.escape(source)} .*user=alice")
@@ -355,7 +352,7 @@ def test_an_inline_imap_login_with_a_wrong_password_learns_nothing(lab, mail_ser
 
 
 def test_with_imap_ports_empty_an_imap_login_is_not_learned(lab, mail_server, make_gate, fresh):
-    gate = make_gate("forward", imap_ports=[], **BY_ADDRESS)
+    gate = make_gate("forward", imap_ports=[])
     source, server = fresh(), lab.server.ipv4
     assert imap_plain_login(lab, mail_server, source, server)
     time.sleep(0.5)
@@ -372,7 +369,7 @@ HOOK_GROUP = "dovecot"  # the lab's post-login user is dovecot; a real host uses
 def hook_gate(make_gate, mail_server, request):
     mode = getattr(request, "param", "forward")
     return make_gate(mode, login_hook=str(mail_server.state_dir / "hook" / "login.sock"),
-                     login_hook_group=HOOK_GROUP, **BY_ADDRESS)
+                     login_hook_group=HOOK_GROUP)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -400,7 +397,7 @@ def test_a_wrong_password_runs_no_hook(lab, mail_server, hook_gate, fresh):
 
 
 def test_with_the_hook_off_nothing_is_learned(lab, mail_server, make_gate, fresh):
-    gate = make_gate("forward", **BY_ADDRESS)
+    gate = make_gate("forward")
     source, server = fresh(), lab.server.ipv4
     assert login_over_tls("curl-imaps", lab, mail_server, source, server)  # the login still works
     time.sleep(1.0)

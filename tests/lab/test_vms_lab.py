@@ -172,7 +172,8 @@ def test_a_relay_in_one_byte_segments_is_refused_on_the_vms(vms):
         offset = gate.log_size()
         assert attempt() in ("550", "reset")
         fails = [line for line in gate.wait_for_log("FAIL", offset) if " FAIL " in line]
-        assert f"client={lab.client.ipv4} sender='{SENDER}' recipient='{OUTSIDE}'" in fails[0]
+        assert f" client={lab.client.ipv4} " in fails[0]
+        assert f" sender='{SENDER}' recipient='{OUTSIDE}'" in fails[0]
 
 
 def _firewall(saved: str) -> set[str]:
