@@ -528,7 +528,7 @@ class Engine:
         flow.app.fate = Fate.BYPASSED
         flow.release()
         return Decision(BYPASS, notices=(Notice(
-            "error", key[0], key[2], time=now,
+            "error", key[0], key[2], client_port=key[1], server_port=key[3], time=now,
             reason=f"{protocol.upper()}: a packet longer than the queue copies; not followed further"),))
 
     def _untracked(self, seg: Segment, smtp: bool) -> Decision:
