@@ -33,6 +33,7 @@ from lab_gate import (
     assert_relayed,
     external,
     pop3_login,
+    relay_denied,
     send_mail,
     stop_and_check,
 )
@@ -201,7 +202,7 @@ def test_the_port_guard_drops_a_forged_354(lab, mail_server, bridge_gate, fresh,
     source, server = fresh(family), lab.server.address(family)
     after_data, after_rcpt = forged.forge_smtp_354(lab, family, source, server)
     assert after_data.startswith(b"554"), after_data  # the server's own answer
-    assert after_rcpt.startswith(b"550 5.7.1"), after_rcpt
+    assert relay_denied(after_rcpt), after_rcpt
 
 
 def test_status_counts_smtp_openings_through_the_bridge_and_into_the_queue(lab, bridge_gate, fresh):
