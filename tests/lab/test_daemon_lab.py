@@ -261,7 +261,7 @@ def test_status_while_running_and_after_a_kill(lab, mail_server, gate, fresh):
     assert status["rules"]["ipv4"]["installed"] and status["rules"]["ipv6"]["installed"]
     (worker,) = status["workers"]
     assert worker["running"] and worker["mode"] == "forward"
-    assert worker["decisions"] == {"pass": 1, "fail": 1}
+    assert worker["decisions"] == {"pass": 1, "fail": 1, "would_fail": 0}
     assert worker["counters"]["logins"] == 1 and worker["counters"]["packets"] > 0
     assert worker["logins_held"] == 1 and status["logins_held"] == 1
     assert worker["logins_by_source"] == status["logins_by_source"] == {"pop3": 1}
