@@ -7,22 +7,17 @@ a missing capability fails them instead, so CI never passes by skipping.
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
 import itertools
 import os
-import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 from socket import AF_INET, AF_INET6
 
 import pytest
-from lab_gate import Gate, stop_and_check
+from lab_gate import Gate, require_lab, stop_and_check
 
-REQUIRED_BINARIES = ("ip", "iptables-restore", "ip6tables-restore", "tcpdump", "postfix",
-                     "dovecot", "openssl", "swaks", "curl")
-REQUIRED_MODULES = ("pyroute2",)
 _HERE = Path(__file__).resolve().parent
 
 
@@ -30,26 +25,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _HERE in Path(item.path).resolve().parents:
             item.add_marker(pytest.mark.lab)
-
-
-def missing_capability() -> str | None:
-    """Why the lab cannot run here, or None if it can."""
-    if os.geteuid() != 0:
-        return "lab tests need root (network namespaces, tcpdump, Postfix, Dovecot)"
-    missing = [b for b in REQUIRED_BINARIES if shutil.which(b) is None]
-    missing += [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
-    if missing:
-        return f"lab tests need {', '.join(missing)}, not found"
-    return None
-
-
-def require_lab() -> None:
-    reason = missing_capability()
-    if reason is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI=true: a missing capability is a failure)", pytrace=False)
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session", autouse=True)

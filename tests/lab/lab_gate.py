@@ -15,6 +15,7 @@ drive the command line directly.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import os
@@ -32,6 +33,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from sapd_nfq.admin.control import DaemonNotRunning, request
 from sapd_nfq.admin.status import kernel_queues
@@ -58,6 +61,32 @@ def relay_denied(reply: str | bytes) -> bool:
     """Whether `reply` (a reply, or a line quoting one) is the gate's refusal of a relay."""
     text = reply.decode(errors="replace") if isinstance(reply, bytes) else reply
     return RELAY_DENIED.search(text) is not None
+
+
+# What every lab test needs; imported from here, not from conftest: several
+# conftest modules share that name, and the last one imported holds it.
+REQUIRED_BINARIES = ("ip", "iptables-restore", "ip6tables-restore", "tcpdump", "postfix",
+                     "dovecot", "openssl", "swaks", "curl")
+REQUIRED_MODULES = ("pyroute2",)
+
+def missing_capability() -> str | None:
+    """Why the lab cannot run here, or None if it can."""
+    if os.geteuid() != 0:
+        return "lab tests need root (network namespaces, tcpdump, Postfix, Dovecot)"
+    missing = [b for b in REQUIRED_BINARIES if shutil.which(b) is None]
+    missing += [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"lab tests need {', '.join(missing)}, not found"
+    return None
+
+
+def require_lab() -> None:
+    reason = missing_capability()
+    if reason is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: a missing capability is a failure)", pytrace=False)
+    pytest.skip(reason)
 
 
 EXTERNAL = "ext@external.example"

@@ -34,6 +34,7 @@ from lab_gate import (
     external,
     pop3_login,
     relay_denied,
+    require_lab,
     send_mail,
     stop_and_check,
 )
@@ -53,8 +54,6 @@ TRICKS = [t for t in EVERYWHERE if t.id in ("data-ahead-of-a-gap", "overlap-with
 
 @pytest.fixture(scope="module")
 def _bridge_session() -> Iterator[tuple]:
-    from conftest import require_lab
-
     require_lab()
     from sapd_nfq.lab import BRIDGED, Lab, MailServer
 
