@@ -13,14 +13,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+# `capture` is bound here, not looked up: the name is its module's too, and the
+# package attribute of a loaded submodule would hide a lookup
+from sapd_nfq.lab.capture import capture
+
 if TYPE_CHECKING:
-    from sapd_nfq.lab.capture import capture
     from sapd_nfq.lab.mail import MailServer, lab_users
     from sapd_nfq.lab.topology import BRIDGED, ROUTED, Host, Lab, LabError, Layout
 
 #: each exported name and the module that holds it
 _HOME = {
-    "capture": "capture", "MailServer": "mail", "lab_users": "mail",
+    "MailServer": "mail", "lab_users": "mail",
     **dict.fromkeys(("BRIDGED", "ROUTED", "Host", "Lab", "LabError", "Layout"), "topology"),
 }
 

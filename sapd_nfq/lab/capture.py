@@ -10,9 +10,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from sapd_nfq.lab.topology import Host, Lab, LabError
+if TYPE_CHECKING:  # the lab's topology needs pyroute2: loaded by whoever builds a lab
+    from sapd_nfq.lab.topology import Host, Lab
 
 MAIL_FILTER = "tcp port 25 or tcp port 110 or tcp port 143"
 START_TIMEOUT = 5.0  # seconds for tcpdump to open the interface
@@ -55,6 +56,8 @@ def _wait_listening(proc: subprocess.Popen[Any]) -> None:
     while b"listening on" not in seen:
         remaining = deadline - time.monotonic()
         if remaining <= 0 or proc.poll() is not None:
+            from sapd_nfq.lab.topology import LabError
+
             raise LabError(f"tcpdump did not start: {seen.decode(errors='replace').strip()}")
         if select.select([_stderr(proc)], [], [], remaining)[0]:
             chunk = _stderr(proc).read1(4096)
