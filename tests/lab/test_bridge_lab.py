@@ -19,7 +19,6 @@ import itertools
 import os
 import re
 from collections.abc import Iterator
-from contextlib import ExitStack
 from socket import AF_INET, AF_INET6
 
 import pytest
@@ -38,8 +37,9 @@ from lab_gate import (
     send_mail,
     stop_and_check,
 )
-from rawtcp import silence_kernel
-from test_hostile_lab import EVERYWHERE, FAMILIES, RAW, Target, pool, run_trick
+
+# raw_quiet: the hostile suite's fixture, here over this module's bridged lab
+from test_hostile_lab import EVERYWHERE, FAMILIES, RAW, Target, pool, raw_quiet, run_trick  # noqa: F401
 
 from sapd_nfq.kernel import rules
 from sapd_nfq.kernel.rules import FROM_SERVER, PORT_GUARD
@@ -155,20 +155,11 @@ def test_without_the_gate_a_forged_pop3_ok_reaches_the_client(lab, mail_server, 
     assert forged.forge_pop3_login(lab, family, source, server) == b"+OK Logged in.\r\n"
 
 
+@pytest.mark.usefixtures("raw_quiet")
 @pytest.mark.parametrize("family", FAMILY)
 @pytest.mark.parametrize("trick", TRICKS)
-def test_without_the_gate_a_trick_relays(lab, mail_server, raw_quiet, trick, family):
+def test_without_the_gate_a_trick_relays(lab, mail_server, trick, family):
     run_trick(lab, mail_server, Target("bare", None), trick, family)
-
-
-@pytest.fixture(scope="module")
-def raw_quiet(lab) -> Iterator[None]:
-    """The client's kernel sends no RSTs from the raw-TCP addresses (module-wide)."""
-    with ExitStack() as stack:
-        for family in FAMILIES:
-            for src in pool(lab, family, RAW):
-                stack.enter_context(silence_kernel(lab, "client", src))
-        yield
 
 
 # --- through the gate ----------------------------------------------------------------
@@ -235,9 +226,10 @@ def test_the_daemon_drops_a_forgery_by_its_bridge_port(lab, mail_server, gate_al
     forged.no_login(gate, source)
 
 
+@pytest.mark.usefixtures("raw_quiet")
 @pytest.mark.parametrize("family", FAMILY)
 @pytest.mark.parametrize("trick", TRICKS)
-def test_a_trick_relays_nothing_through_the_bridge(lab, mail_server, raw_quiet, bridge_gate, trick,
+def test_a_trick_relays_nothing_through_the_bridge(lab, mail_server, bridge_gate, trick,
                                                    family):
     run_trick(lab, mail_server, Target("forward", bridge_gate), trick, family)
 
