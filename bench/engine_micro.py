@@ -1,10 +1,16 @@
-"""`python -m bench.engine_micro [-p]`: the pure engine's CPU per packet in a message's DATA phase.
+"""`python -m bench.engine_micro [-p]`: the pure engine's CPU per packet.
 
-An SMTP session is recorded once (tests/engine_helpers.py builds its packets:
-2,000 full-sized segments of message text, a pure ACK from the server for
-every two), then replayed into fresh engines; the best of 25 replays is
-reported, in microseconds per packet of the DATA phase. `-p` profiles one
-replay. No kernel and no queue: this is what the engine adds to the callback.
+Two workloads, each recorded once (tests/engine_helpers.py builds the
+packets) and replayed into fresh engines; the best of 25 replays is reported,
+in microseconds per packet:
+- a message's DATA phase: 2,000 full-sized segments of message text, a pure
+  ACK from the server for every two;
+- short sessions as the benchmark's load runs them (bench/load.py): 64
+  clients each open, read the greeting, send EHLO, MAIL, RCPT and QUIT, and
+  close, every packet as the queue sees it, the handshake and the closing
+  FINs included.
+`-p` profiles one replay of each. No kernel and no queue: this is what the
+engine adds to the callback.
 """
 
 from __future__ import annotations
@@ -54,6 +60,31 @@ def record() -> tuple[list[Packet], int, int]:
     return packets, start, end
 
 
+def record_sessions(clients: int = 64) -> list[Packet]:
+    """The packets of `clients` short sessions, one after the other."""
+    engine = make_engine(refusal="recipient")
+    packets: list[Packet] = []
+    for n in range(clients):
+        conn = Conn(engine, client=f"198.18.1.{n + 2}", cport=40000 + n)
+        feed = conn.feed
+
+        def recording(packet: bytes, from_client_side: bool | None = None, feed=feed, conn=conn):
+            packets.append((packet, conn.now + 0.01, from_client_side))
+            return feed(packet, from_client_side)
+
+        conn.feed = recording
+        conn.smtp_greeting()
+        for command, reply in ((b"MAIL FROM:<carol@external.example>", b"250 2.1.0 Ok"),
+                               (b"RCPT TO:<alice@lab.example>", b"250 2.1.5 Ok"),
+                               (b"QUIT", b"221 2.0.0 Bye")):
+            conn.client(command + b"\r\n")
+            conn.server(reply + b"\r\n")
+        conn.server(b"", flags="FA")
+        conn.client(b"", flags="FA")
+        conn.server(b"", flags="A")
+    return packets
+
+
 def replay(packets: list[Packet], start: int, end: int, profile: cProfile.Profile | None = None
            ) -> float:
     engine = make_engine(refusal="recipient")
@@ -71,13 +102,16 @@ def replay(packets: list[Packet], start: int, end: int, profile: cProfile.Profil
 
 
 def main() -> None:
-    packets, start, end = record()
-    best = min(replay(packets, start, end) for _ in range(REPLAYS))
-    print(f"DATA phase: {best * 1e6:.2f} us per packet over {end - start} packets")
-    if "-p" in sys.argv:
-        profile = cProfile.Profile()
-        replay(packets, start, end, profile)
-        pstats.Stats(profile).sort_stats("tottime").print_stats(18)
+    data, start, end = record()
+    sessions = record_sessions()
+    for what, (packets, first, last) in (("DATA phase", (data, start, end)),
+                                         ("short sessions", (sessions, 0, len(sessions)))):
+        best = min(replay(packets, first, last) for _ in range(REPLAYS))
+        print(f"{what}: {best * 1e6:.2f} us per packet over {last - first} packets")
+        if "-p" in sys.argv:
+            profile = cProfile.Profile()
+            replay(packets, first, last, profile)
+            pstats.Stats(profile).sort_stats("tottime").print_stats(18)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import pyspy
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 PREFIX = os.environ.get("SAPD_LAB_PREFIX", "sapd") + "b"
@@ -135,12 +137,13 @@ class Progress:
         print(" ".join(said) or "done", flush=True)
 
 
-def _ticks(pid: int) -> int:
+def _ticks(pid: int) -> tuple[int, int]:
+    """(utime, stime) of a process, in clock ticks."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
     except (FileNotFoundError, IndexError):
-        return 0
-    return int(fields[11]) + int(fields[12])  # utime + stime
+        return 0, 0
+    return int(fields[11]), int(fields[12])
 
 
 def _descendants(pid: int) -> list[int]:
@@ -156,9 +159,13 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pids: list[int]) -> float:
+def cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds of the processes and their descendants. The
+    system time of a queue's reader includes the kernel's work on each packet
+    it gives a verdict (the rest of its path, often the receiver's TCP too)."""
     ticks = os.sysconf("SC_CLK_TCK")
-    return sum(_ticks(p) for root in pids for p in _descendants(root)) / ticks
+    times = [_ticks(p) for root in pids for p in _descendants(root)]
+    return sum(u for u, _ in times) / ticks, sum(s for _, s in times) / ticks
 
 
 def machine_cpu() -> tuple[int, int, int]:
@@ -220,7 +227,8 @@ class PathRun:
 
 
 class Bench:
-    def __init__(self, plan: Plan, tmp: Path, sapd_source: Path = REPO) -> None:
+    def __init__(self, plan: Plan, tmp: Path, sapd_source: Path = REPO,
+                 profile_dir: Path | None = None) -> None:
         from sapd_nfq.lab import Lab, MailServer
 
         self.plan = plan
@@ -234,6 +242,9 @@ class Bench:
         self.server = self.lab.server.ipv4
         self.failures: list[str] = []
         self.sources = list(self.lab.client.pool_ipv4)
+        self.offloads_on = False
+        #: where --profile puts the daemon's profiles (None: not profiled)
+        self.profile_dir = profile_dir
 
     # -- running things in the lab --
 
@@ -346,6 +357,7 @@ class Bench:
         """Segmentation and GRO on every lab link, as real NICs have them, or off
         (the lab's default: MTU-sized segments with complete checksums)."""
         self.lab.set_links(offloads=on)
+        self.offloads_on = on
 
     # -- the paths --
 
@@ -471,14 +483,16 @@ class Bench:
 
     # -- one measurement --
 
-    def measure(self, run: PathRun, argv: list[str]) -> dict:
-        """Run a load subcommand in the client; add CPU use and queue counters."""
+    def measure(self, run: PathRun, argv: list[str], workload: str) -> dict:
+        """Run a load subcommand in the client; add CPU use and queue counters
+        (and sapd-nfq's profile with --profile)."""
         busy_before = wait_quiet(limit=self.plan.quiet_wait)
-        cpu0, (busy0, steal0, total0) = cpu_seconds(run.pids), machine_cpu()
+        (user0, sys0), (busy0, steal0, total0) = cpu_seconds(run.pids), machine_cpu()
         queued0 = self.queue_counters() if run.queues else (0, 0)
         wall0 = time.monotonic()
-        done = subprocess.run(self.lab.command("client", self.python("-m", "bench.load", *argv)),
-                              cwd=REPO, env=self.env, capture_output=True, text=True, timeout=600)
+        with self.profiled(run, workload):
+            done = subprocess.run(self.lab.command("client", self.python("-m", "bench.load", *argv)),
+                                  cwd=REPO, env=self.env, capture_output=True, text=True, timeout=600)
         wall = time.monotonic() - wall0
         try:
             result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -487,7 +501,9 @@ class Bench:
         if "error" in result:
             raise WorkloadFailed(result["error"])
         busy1, steal1, total1 = machine_cpu()
-        result["path_cpu_s"] = round(cpu_seconds(run.pids) - cpu0, 4)
+        user1, sys1 = cpu_seconds(run.pids)
+        result["path_cpu_s"] = round(user1 + sys1 - user0 - sys0, 4)
+        result["path_user_s"] = round(user1 - user0, 4)
         result["path_cpu_pct"] = round(100 * result["path_cpu_s"] / wall, 1)
         result["machine_busy_pct"] = round(100 * (busy1 - busy0) / max(1, total1 - total0), 1)
         result["steal_pct"] = round(100 * (steal1 - steal0) / max(1, total1 - total0), 1)
@@ -505,17 +521,34 @@ class Bench:
             result["path_cpu_ms_per_mb"] = round(cpu * 1e3 / (result["bytes"] / 1e6), 3)
         if result.get("queued_packets"):
             result["path_cpu_us_per_packet"] = round(cpu * 1e6 / result["queued_packets"], 2)
+            result["path_user_us_per_packet"] = round(result["path_user_s"] * 1e6
+                                                      / result["queued_packets"], 2)
         return result
+
+    @contextmanager
+    def profiled(self, run: PathRun, workload: str) -> Iterator[None]:
+        """The daemon's profile over the body, into --profile's directory (bench/pyspy.py)."""
+        if self.profile_dir is None or run.name != "sapd":
+            yield
+            return
+        stem = workload + ("-offloads" if self.offloads_on else "")
+        out = self.profile_dir / f"{stem}.txt"
+        rep = 1
+        while out.exists():
+            rep += 1
+            out = self.profile_dir / f"{stem}-{rep}.txt"
+        with pyspy.recording(run.pids[0], out):
+            yield
 
     def pop3(self, run: PathRun) -> dict:
         return self.measure(run, ["pop3", "--server", self.server, "--port", str(POP3_PORT),
-                                  "--user", MAILBOX_USER])
+                                  "--user", MAILBOX_USER], "pop3")
 
     def upload(self, run: PathRun) -> dict:
         return self.measure(run, ["upload", "--server", self.server, "--port", str(SMTP_PORT),
                                   "--pop3-port", str(POP3_PORT), "--user", UPLOAD_USER,
                                   "--count", str(self.plan.upload_count),
-                                  "--size", str(self.plan.upload_size)])
+                                  "--size", str(self.plan.upload_size)], "upload")
 
     def _sessions_argv(self, concurrency: int, seconds: float, relay: bool = False) -> list[str]:
         return ["sessions", "--server", self.server, "--port", str(FAST_SMTP),
@@ -524,12 +557,13 @@ class Bench:
                 *(["--relay-attempts"] if relay else [])]
 
     def sessions(self, run: PathRun, concurrency: int) -> dict:
-        return self.measure(run, self._sessions_argv(concurrency, self.plan.session_seconds))
+        return self.measure(run, self._sessions_argv(concurrency, self.plan.session_seconds),
+                            f"sessions-{concurrency}")
 
     def refusals(self, run: PathRun, concurrency: int) -> dict:
         """Relay attempts from addresses that never logged in, all refused at RCPT."""
         return self.measure(run, self._sessions_argv(concurrency, self.plan.session_seconds,
-                                                     relay=True))
+                                                     relay=True), f"refusals-{concurrency}")
 
     def under_flood(self, run: PathRun, concurrency: int) -> dict:
         """Inbound sessions while `flood_concurrency` relay attempts run beside them."""
@@ -539,7 +573,8 @@ class Bench:
             "flood.log", stdout=True)  # its figures are read below
         try:
             time.sleep(plan.warmup_seconds)  # the flood is under way before the measurement
-            result = self.measure(run, self._sessions_argv(concurrency, plan.session_seconds))
+            result = self.measure(run, self._sessions_argv(concurrency, plan.session_seconds),
+                                  f"flood-{concurrency}")
             out, _ = flood.communicate(timeout=plan.session_seconds + 60)
         finally:
             self.lab.stop(flood)
@@ -991,6 +1026,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, default=BENCH / "results.png")
     parser.add_argument("--no-alternatives", action="store_true",
                         help="skip the fnfqueue/GSO alternatives section")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="record sapd-nfq's profile under each workload with py-spy, into "
+                             "DIR/<workload>.txt (python -m bench.pyspy FILE prints its top)")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the daemon's config and logs")
     parser.add_argument("--show", type=Path, metavar="RESULTS",
                         help="print the table of an earlier results.json and redraw its plot "
@@ -1055,7 +1093,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sapd_source = args.sapd_source.resolve()
         source = source_state(sapd_source)
-    bench = Bench(plan, tmp, sapd_source)
+    if args.profile:
+        pyspy.binary()  # before the lab is up, not at the first profiled step
+    bench = Bench(plan, tmp, sapd_source, args.profile)
     progress = Progress(total_steps(plan) + 1)
     started = time.time()
     finished = False
