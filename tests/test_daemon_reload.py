@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 
+from sapd_nfq.engine.verdicts import ACCEPT, ACCEPTED, BYPASS, Decision
 from sapd_nfq.kernel import worker as worker_module
 from sapd_nfq.kernel.worker import REMOVAL_SETTLE, Worker
 from sapd_nfq.wiring.config import load_config
@@ -152,8 +153,9 @@ def test_a_broken_table_is_read_once_and_kept_out(daemon, table):
 class Packet:
     """What the worker calls on a queued packet, recorded."""
 
-    def __init__(self, payload: bytes) -> None:
-        self.payload, self.indev, self.calls = payload, 0, []
+    def __init__(self, payload: bytes, calls: list[str] | None = None) -> None:
+        self.payload, self.indev, self.physindev, self.id = payload, 0, 0, 1
+        self.calls = [] if calls is None else calls
 
     def get_payload(self) -> bytes:
         return self.payload
@@ -163,6 +165,19 @@ class Packet:
 
     def __getattr__(self, name):  # accept, drop, repeat, set_payload, set_mark
         return lambda *args: self.calls.append(name)
+
+
+class Reader:
+    """The queue socket's verdicts, recorded in the packets' own list."""
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def accept_later(self, packet_id: int) -> None:
+        self.calls.append("accept later")
+
+    def flush(self) -> None:
+        self.calls.append("flush")
 
 
 def write_config(daemon: Worker, extra: str) -> None:
@@ -176,11 +191,14 @@ def test_an_engine_failure_drops_when_enforcing_and_passes_in_monitor_mode(daemo
 
     monkeypatch.setattr(daemon.engine, "handle", broken)
     enforcing = Packet(b"x")
+    daemon.reader = Reader(enforcing.calls)
     daemon.on_packet(enforcing)
     daemon.config = daemon.engine.config = dataclasses.replace(daemon.config, enforce=False)
     watching = Packet(b"x")
+    daemon.reader = Reader(watching.calls)
     daemon.on_packet(watching)
-    assert enforcing.calls == ["drop"] and watching.calls == ["accept"]
+    # the accepts before a drop leave first; a plain accept waits for the batch verdict
+    assert enforcing.calls == ["flush", "drop"] and watching.calls == ["accept later"]
     assert daemon.stats.counted["engine_errors"] == 2
     assert daemon.stats.would_refuse == {"engine_error": 1}
 
@@ -215,3 +233,15 @@ def test_a_switch_the_rules_cannot_follow_keeps_the_running_mode(daemon):
     answer = daemon.reload("test")
     assert not answer["ok"] and "no such table" in answer["error"]
     assert daemon.config.enforce and daemon.engine.config.enforce
+
+
+def test_only_plain_accepts_wait_for_the_batch_verdict(daemon, monkeypatch):
+    decisions = iter([ACCEPTED, Decision(ACCEPT, packet=b"rewritten"), Decision(BYPASS)])
+    monkeypatch.setattr(daemon.engine, "handle", lambda *args, **kwargs: next(decisions))
+    calls: list[str] = []
+    daemon.reader = Reader(calls)
+    for _ in range(3):
+        daemon.on_packet(Packet(b"x", calls))
+    assert calls == ["accept later",
+                     "flush", "set_payload", "accept",
+                     "flush", "set_mark", "repeat"]

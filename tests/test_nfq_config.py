@@ -1,5 +1,6 @@
-"""The queue's configuration message against the kernel's struct layouts, and the
-reader that hands netfilterqueue whole datagrams and keeps the kernel's answers."""
+"""The queue's configuration and verdict messages against the kernel's struct
+layouts, and the reader that hands netfilterqueue whole datagrams, keeps the
+kernel's answers, and gives plain accepts in batches."""
 
 from __future__ import annotations
 
@@ -11,8 +12,17 @@ import sys
 
 import pytest
 
-from sapd_nfq.kernel.nfq_config import MAX_COPY_RANGE, Answer, config_message, lone_packet, split
-from sapd_nfq.kernel.queue_socket import DATAGRAM_SIZE, QueueConfigError, QueueSocket, receive_buffer
+from sapd_nfq.kernel.nfq_config import (
+    MAX_COPY_RANGE,
+    NF_ACCEPT,
+    NF_DROP,
+    Answer,
+    config_message,
+    lone_packet,
+    split,
+    verdict_message,
+)
+from sapd_nfq.kernel.queue_socket import BATCH, DATAGRAM_SIZE, QueueConfigError, QueueSocket, receive_buffer
 
 little_endian = pytest.mark.skipif(sys.byteorder != "little", reason="netlink headers are in host order")
 
@@ -39,6 +49,23 @@ def test_config_message_matches_the_kernel_layout():
     assert config_message(300, 9, gso=False) == CONFIG_PLAIN_QUEUE_300_SEQ_9
 
 
+# struct nfqnl_msg_verdict_hdr {be32 verdict; be32 id}, as NFQA_VERDICT_HDR (2)
+BATCH_ACCEPT_QUEUE_7_SEQ_3_TO_ID_0x01020304 = bytes.fromhex(
+    "20000000" "0303" "0100" "03000000" "00000000"  # 32 bytes, (QUEUE << 8) | VERDICT_BATCH, REQUEST
+    "00" "00" "0007"
+    "0c00" "0200" "00000001" "01020304")              # NF_ACCEPT, up to id 0x01020304
+DROP_QUEUE_1_SEQ_4_ID_77 = bytes.fromhex(
+    "20000000" "0103" "0100" "04000000" "00000000"   # (QUEUE << 8) | VERDICT
+    "00" "00" "0001"
+    "0c00" "0200" "00000000" "0000004d")
+
+
+@little_endian
+def test_verdict_messages_match_the_kernel_layout():
+    assert verdict_message(7, 3, 0x01020304, NF_ACCEPT, batch=True) == BATCH_ACCEPT_QUEUE_7_SEQ_3_TO_ID_0x01020304
+    assert verdict_message(1, 4, 77, NF_DROP, batch=False) == DROP_QUEUE_1_SEQ_4_ID_77
+
+
 @pytest.mark.parametrize("queue, copy_range", [(-1, 100), (65536, 100), (0, 0), (0, 65532)])
 def test_config_message_refuses_what_the_kernel_cannot_take(queue, copy_range):
     with pytest.raises(ValueError):
@@ -59,6 +86,14 @@ def answer(seq: int, error: int) -> bytes:
 def packet_message(size: int, seq: int = 0) -> bytes:
     """An NFQNL_MSG_PACKET-shaped message (type (QUEUE << 8) | PACKET) of `size` body bytes."""
     return nlmsg(0x300, seq, bytes(range(256)) * (size // 256) + b"p" * (size % 256))
+
+
+def queued_packet(packet_id: int, payload: int) -> bytes:
+    """A packet message as the kernel builds it: nfgenmsg, NFQA_PACKET_HDR
+    {be32 id; be16 hw protocol; u8 hook} first, then NFQA_PAYLOAD (10)."""
+    header = struct.pack("!IHB", packet_id, 0x0800, 2) + b"\0"
+    body = struct.pack("=BB", 2, 0) + struct.pack("!H", 7) + struct.pack("=HH", 4 + 7, 1) + header
+    return nlmsg(0x300, 0, body + struct.pack("=HH", min(4 + payload, 0xFFFF), 10) + b"x" * payload)
 
 
 def test_split_keeps_packets_whole_and_takes_the_answers_out():
@@ -82,6 +117,12 @@ def test_split_says_when_a_message_was_cut():
     whole = packet_message(5000)
     parts = split(whole[:4096])  # what a 4,096-byte receive leaves of it
     assert parts.cut and parts.packets == whole[:4096] and parts.answers == ()
+
+
+def test_a_cut_packet_message_keeps_its_id():
+    assert split(queued_packet(0xDEADBEEF, 5000)[:4096]).cut_id == 0xDEADBEEF
+    assert split(queued_packet(9, 10)).cut_id is None  # not cut
+    assert split(packet_message(5000)[:4096]).cut_id is None  # no packet header in it
 
 
 @pytest.mark.parametrize("garbage", [b"", b"\x01\x02", struct.pack("=IHHII", 3, 2, 0, 1, 0) + b"x" * 8])
@@ -168,3 +209,80 @@ def test_a_refused_configuration_is_an_error(kernel):
     theirs.send(answer(1, errno.EPERM))
     with pytest.raises(QueueConfigError, match="Operation not permitted"):
         reader.configure()
+
+
+def sent(theirs: socket.socket) -> list[bytes]:
+    """What the reader sent the kernel, with the sequence numbers left out."""
+    theirs.setblocking(False)
+    out = []
+    while True:
+        try:
+            message = theirs.recv(1000)
+        except BlockingIOError:
+            return out
+        out.append(message[:8] + message[12:])
+
+
+def verdict(packet_id: int, kind: int, batch: bool) -> bytes:
+    message = verdict_message(7, 0, packet_id, kind, batch=batch)
+    return message[:8] + message[12:]
+
+
+def test_plain_accepts_wait_for_one_batch_verdict(kernel):
+    reader, theirs = kernel
+    for packet_id in (5, 6, 9):
+        reader.accept_later(packet_id)
+    assert sent(theirs) == []
+    reader.flush()
+    reader.flush()  # nothing waits: nothing sent
+    assert sent(theirs) == [verdict(9, NF_ACCEPT, batch=True)]
+    assert reader.batches == 1
+
+
+def test_a_batch_goes_when_it_is_full(kernel):
+    reader, theirs = kernel
+    for packet_id in range(1, BATCH + 3):
+        reader.accept_later(packet_id)
+    assert sent(theirs) == [verdict(BATCH, NF_ACCEPT, batch=True)]
+
+
+def test_feeding_ends_with_the_batch_verdict(kernel):
+    reader, theirs = kernel
+
+    class Binding:  # netfilterqueue's run_socket: reads until the socket is empty
+        def run_socket(self, sock):
+            drain(sock)
+            reader.accept_later(41)
+            reader.accept_later(42)
+
+    theirs.send(packet_message(10))
+    reader.feed(Binding())
+    assert sent(theirs) == [verdict(42, NF_ACCEPT, batch=True)]
+
+
+def test_a_verdict_the_socket_refuses_is_sent_again_at_the_next_flush(kernel, caplog):
+    reader, theirs = kernel
+    reader.accept_later(3)
+
+    class Full:
+        def send(self, _message):
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+
+    real, reader.sock = reader.sock, Full()
+    with caplog.at_level(logging.ERROR):
+        reader.flush()
+    reader.sock = real
+    assert reader.verdict_errors == 1 and "cannot send a verdict" in caplog.text
+    reader.accept_later(4)
+    reader.flush()
+    assert sent(theirs) == [verdict(4, NF_ACCEPT, batch=True)]
+
+
+def test_a_cut_packet_is_dropped_by_its_own_verdict(kernel, caplog):
+    # A later batch would accept every packet before it still in the queue:
+    # the one the binding cannot read must be given its verdict first.
+    reader, theirs = kernel
+    theirs.send(queued_packet(77, DATAGRAM_SIZE + 100))
+    with caplog.at_level(logging.ERROR):
+        drain(reader)
+    assert reader.cut == 1 and sent(theirs) == [verdict(77, NF_DROP, batch=False)]

@@ -1,4 +1,5 @@
-"""The queue binding's netlink socket, read by the daemon a whole datagram at a time.
+"""The queue binding's netlink socket: read by the daemon a whole datagram at
+a time, and the plain accepts' verdicts given in batches.
 
 netfilterqueue's `run()` receives into a 4,096-byte buffer, so a longer
 packet's message is cut and never gets a verdict. `run_socket(reader)` asks
@@ -7,6 +8,15 @@ the library: this reader returns each datagram whole (its buffer holds a
 64 KB packet and its attributes), keeps the kernel's answers to the daemon's
 own requests (NLMSG_ERROR) away from the library, and counts what the kernel
 could not deliver.
+
+Most packets are plain accepts. Their verdicts wait, and one batch verdict
+(NFQNL_MSG_VERDICT_BATCH) gives them all, as Suricata's NFQ mode does: it
+goes when BATCH of them wait, before any other verdict (a drop, a rewrite, a
+mark) and before anything is injected, and whenever the socket has nothing
+more to read. So packets leave in the order they came, and none waits for a
+packet that has not arrived. A batch accepts every packet before it still
+in the queue: one whose message was cut, which the binding cannot read, is
+dropped by its own verdict first.
 
 It works on a duplicate of the binding's descriptor and never changes the
 descriptor's mode (the library's own requests wait on it): its reads pass
@@ -27,7 +37,16 @@ from netfilterqueue import NetfilterQueue
 
 from ..engine.errors import SapdError
 from ..wiring.logsetup import LOGGER
-from .nfq_config import MAX_COPY_RANGE, Datagram, config_message, lone_packet, split
+from .nfq_config import (
+    MAX_COPY_RANGE,
+    NF_ACCEPT,
+    NF_DROP,
+    Datagram,
+    config_message,
+    lone_packet,
+    split,
+    verdict_message,
+)
 
 log = logging.getLogger(LOGGER)
 
@@ -36,6 +55,9 @@ log = logging.getLogger(LOGGER)
 DATAGRAM_SIZE = MAX_COPY_RANGE + 8192
 #: how long the kernel may take to answer the configuration (it answers at once)
 ANSWER_TIMEOUT = 2.0
+#: plain accepts given one batch verdict at most (Suricata's `batchcount`): a
+#: packet waits for at most this many others' judging
+BATCH = 20
 
 
 class QueueConfigError(SapdError):
@@ -60,8 +82,14 @@ class QueueSocket:
         self.gso: bool | None = None
         #: times the kernel found the receive buffer full (it dropped packets then)
         self.overruns = 0
-        #: datagrams longer than DATAGRAM_SIZE (their packets get no verdict from us)
+        #: datagrams longer than DATAGRAM_SIZE (their packets are dropped)
         self.cut = 0
+        #: the last plain accept waiting for the batch verdict, and how many wait
+        self._accept_to: int | None = None
+        self._waiting = 0
+        #: batch verdicts sent, and verdicts the socket would not take
+        self.batches = 0
+        self.verdict_errors = 0
 
     def close(self) -> None:
         self.sock.close()
@@ -83,8 +111,38 @@ class QueueSocket:
                  "on" if self.gso else "off")
 
     def feed(self, nfq: NetfilterQueue) -> None:
-        """Hand the binding every datagram waiting, each whole."""
-        nfq.run_socket(self)  # type: ignore[arg-type]  # it only ever calls recv()
+        """Hand the binding every datagram waiting, each whole; then give the
+        waiting accepts their verdict."""
+        try:
+            nfq.run_socket(self)  # type: ignore[arg-type]  # it only ever calls recv()
+        finally:
+            self.flush()
+
+    def accept_later(self, packet_id: int) -> None:
+        """Accept the packet with the next batch verdict."""
+        self._accept_to = packet_id
+        self._waiting += 1
+        if self._waiting >= BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Give the waiting accepts their verdict now."""
+        if self._accept_to is None:
+            return
+        if self._verdict(self._accept_to, NF_ACCEPT, batch=True):
+            self.batches += 1
+            self._accept_to = None
+            self._waiting = 0
+
+    def _verdict(self, packet_id: int, verdict: int, *, batch: bool) -> bool:
+        self._seq += 1
+        try:
+            self.sock.send(verdict_message(self.queue, self._seq, packet_id, verdict, batch=batch))
+        except OSError as exc:  # the packets wait in the kernel; the next flush tries again
+            self.verdict_errors += 1
+            log.error("queue %d: cannot send a verdict: %s", self.queue, exc)
+            return False
+        return True
 
     def recv(self, _bufsize: int = 0) -> bytes:
         """The next datagram of packets, whole; BlockingIOError when none waits.
@@ -126,8 +184,12 @@ class QueueSocket:
         parts = split(datagram)
         if parts.cut:
             self.cut += 1
-            log.error("queue %d: a datagram longer than %d bytes was cut; its packet is "
-                      "held without a verdict", self.queue, DATAGRAM_SIZE)
+            log.error("queue %d: a datagram longer than %d bytes was cut; its packet is dropped",
+                      self.queue, DATAGRAM_SIZE)
+            # The kernel sends each packet in a datagram of its own, its id in
+            # the first attribute: a cut leaves the id.
+            if parts.cut_id is not None:
+                self._verdict(parts.cut_id, NF_DROP, batch=False)
         return parts
 
     def _ask(self, *, gso: bool) -> int:

@@ -109,14 +109,19 @@ class Worker:
         # passes the packet as it came.
         decision = carried(decision, enforce)
         self.stats.record(decision, time.perf_counter() - started, enforce)
+        if decision.notices:
+            self._note(decision.notices)
+        reader = self.reader
+        assert reader is not None, "bound in run()"
+        if decision.verdict is ACCEPT and decision.packet is None and not decision.inject:
+            reader.accept_later(pkt.id)  # most packets: a batch verdict gives it
+            return
+        reader.flush()  # the packets before it leave first
         for raw in decision.inject:
             try:
                 self.injector.send(raw)
             except OSError as exc:
                 log.error("cannot inject a packet: %s", exc)
-        for notice in decision.notices:
-            (log.error if notice.event == "error" else log.info)("%s", notice)
-            self.recent.note(notice, self.config.auth_ttl)
         if decision.packet is not None:
             pkt.set_payload(decision.packet)
         verdict = decision.verdict
@@ -129,6 +134,12 @@ class Worker:
             pkt.repeat()
         else:
             pkt.drop()
+
+    def _note(self, notices: tuple[Notice, ...]) -> None:
+        """Log what a decision says, and keep it for `why`."""
+        for notice in notices:
+            (log.error if notice.event == "error" else log.info)("%s", notice)
+            self.recent.note(notice, self.config.auth_ttl)
 
     # -- reload ------------------------------------------------------------
 
