@@ -4,9 +4,14 @@ the worker's tallies, and the metric families rendered from a status."""
 from __future__ import annotations
 
 import json
+import logging
+import logging.handlers
+import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, replace
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
@@ -18,6 +23,7 @@ from sapd_nfq.admin.report import GateStatus, QueueStatus, ReceiveStatus, Worker
 from sapd_nfq.admin.stats import ENGINE_BUCKETS, Stats
 from sapd_nfq.engine.verdicts import ACCEPT, DROP, Decision, Notice, carried
 from sapd_nfq.kernel.rules import GUARD, PORT_GUARD
+from sapd_nfq.wiring import logsetup
 
 PASS = Notice("pass", "198.18.3.10", sender="alice@lab.example", recipient="dave@external.example",
               row="row 2: ...", reason="alice at 198.18.3.10 via pop3", time=100.0)
@@ -204,3 +210,39 @@ def test_why_keeps_would_be_refusals_beside_decisions():
     recent = Recent()
     recent.note(replace(FAIL, event="would-fail"), 1800)
     assert [d["verdict"] for d in recent.about(FAIL.client)["decisions"]] == ["WOULD-FAIL"]
+
+
+# --- where the daemon's lines go ---------------------------------------------------
+
+class Syslog(logging.NullHandler):
+    """SysLogHandler without the socket."""
+
+    LOG_MAIL = logging.handlers.SysLogHandler.LOG_MAIL
+
+    def __init__(self, **_kwargs: object) -> None:
+        super().__init__()
+
+
+@pytest.mark.parametrize("syslog, journal, handlers", [
+    (True, "stderr", ["Syslog"]),                        # systemd: the journal gets one copy
+    (True, None, ["Syslog", "StreamHandler"]),           # a terminal, with a syslog
+    (True, "another", ["Syslog", "StreamHandler"]),      # a journal stream, not stderr
+    (False, "stderr", ["StreamHandler"]),                # no syslog: stderr is all there is
+])
+def test_under_systemd_a_line_reaches_the_journal_once(monkeypatch, tmp_path, syslog, journal, handlers):
+    err = (tmp_path / "stderr").open("w")
+    monkeypatch.setattr(sys, "stderr", err)
+    st = os.fstat(err.fileno())
+    named = {"stderr": f"{st.st_dev}:{st.st_ino}", "another": f"{st.st_dev}:{st.st_ino + 1}"}
+    if journal is None:
+        monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    else:
+        monkeypatch.setenv("JOURNAL_STREAM", named[journal])
+    monkeypatch.setattr(logsetup.os.path, "exists", lambda path: syslog and path == "/dev/log")
+    monkeypatch.setattr(logsetup.logging.handlers, "SysLogHandler", Syslog)
+    logger = logging.getLogger(logsetup.LOGGER)
+    monkeypatch.setattr(logger, "handlers", [])  # setup_logging's changes, undone after
+    monkeypatch.setattr(logger, "propagate", logger.propagate)
+    monkeypatch.setattr(logger, "level", logger.level)
+    assert [type(h).__name__ for h in logsetup.setup_logging().handlers] == handlers
+    err.close()

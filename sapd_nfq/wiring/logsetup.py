@@ -1,7 +1,9 @@
 """Logging to syslog (mail facility) and, in the foreground, to stderr.
 
 Normal events (logins, PASS, FAIL) are info; faults are err. Passwords never
-reach a log: the engine's notices do not carry them.
+reach a log: the engine's notices do not carry them. Under systemd, stderr
+is the journal, and so is syslog's socket: a line goes to syslog alone
+there, once, with its facility.
 """
 
 from __future__ import annotations
@@ -14,17 +16,30 @@ import sys
 LOGGER = "sapd-nfq"
 
 
+def stderr_is_journal() -> bool:
+    """Whether stderr is the journal's stream (systemd names it in JOURNAL_STREAM)."""
+    named = os.environ.get("JOURNAL_STREAM")
+    if not named:
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):  # closed, or not a file
+        return False
+    return named == f"{st.st_dev}:{st.st_ino}"
+
+
 def setup_logging(level: str = "info", *, foreground: bool = True) -> logging.Logger:
     logger = logging.getLogger(LOGGER)
     logger.handlers.clear()
     logger.setLevel(level.upper())
     logger.propagate = False
-    if os.path.exists("/dev/log"):
+    syslog_too = os.path.exists("/dev/log")
+    if syslog_too:
         syslog = logging.handlers.SysLogHandler(
             address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
         syslog.setFormatter(logging.Formatter("sapd-nfq[%(process)d]: %(message)s"))
         logger.addHandler(syslog)
-    if foreground:
+    if foreground and not (syslog_too and stderr_is_journal()):
         stderr = logging.StreamHandler(sys.stderr)
         stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(stderr)
