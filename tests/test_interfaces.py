@@ -4,6 +4,8 @@ bridge, on hosts described by hand (no kernel)."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -153,3 +155,30 @@ def test_status_calls_it_blind_when_smtp_crosses_the_host_and_none_is_queued(mon
     # what `up` would refuse shows while running too: the host may have changed since
     monkeypatch.setattr(status, "read_host", lambda: host(*ROUTED, forwarding=(False, False)))
     assert "forwards neither IPv4 nor IPv6" in status.blind(config, seen)[0]
+
+
+# --- reading the host, in a child process ------------------------------------------
+
+def test_the_host_read_by_the_child_is_the_host_read_here(tmp_path):
+    sysctl = tmp_path / "net"
+    (sysctl / "bridge").mkdir(parents=True)
+    (sysctl / "ipv4").mkdir()
+    (sysctl / "bridge" / "bridge-nf-call-iptables").write_text("1\n")
+    (sysctl / "bridge" / "bridge-nf-call-ip6tables").write_text("0\n")
+    (sysctl / "ipv4" / "ip_forward").write_text("1\n")
+    host = interfaces.read_host(sysctl)
+    assert host == interfaces._read_here(sysctl)
+    assert host.bridge_nf == (True, False) and host.forwarding == (True, False) and "lo" in host.links
+
+
+def test_reading_the_host_leaves_pyroute2_out_of_the_process():
+    code = ("import sys; from sapd_nfq.kernel.interfaces import read_host; read_host(); "
+            "print('pyroute2' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_a_child_that_fails_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(interfaces.sys, "executable", "/bin/false")
+    with pytest.raises(ConfigError, match="cannot read the host's interfaces"):
+        interfaces.read_host()

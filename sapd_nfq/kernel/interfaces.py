@@ -12,7 +12,9 @@ meant to judge is worse than none: the gate runs, `status` looks fine, and
 relays pass unjudged. `read_host` reads the host's links and sysctls into a
 `HostNet`, and `blind_spots` names every way the configured `interfaces` and
 `mode` would leave the rules blind, each with its fix; `up` and `run` refuse
-to start on any, and `status` reports them while running.
+to start on any, and `status` reports them while running. A child process
+does the reading, so pyroute2 (about 14 MB once imported) never stays in the
+daemon's memory.
 
 How bridged traffic meets iptables, which the checks follow:
 - A packet bridged between two ports enters iptables only through
@@ -28,8 +30,11 @@ How bridged traffic meets iptables, which the checks follow:
 
 from __future__ import annotations
 
+import json
 import re
 import socket
+import subprocess
+import sys
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,12 +338,34 @@ def _flag(path: Path) -> bool | None:
         return None
 
 
+#: how long the child reading the host may take (it imports pyroute2 on a slow machine)
+READ_TIMEOUT = 60.0
+
+
 def read_host(sysctl: Path = _SYSCTL) -> HostNet:
+    """The links of this network namespace and its sysctls, read by a child
+    process (`_read_here`), which runs in the caller's network namespace."""
+    try:
+        done = subprocess.run([sys.executable, "-m", __name__, str(sysctl)], capture_output=True,
+                              text=True, timeout=READ_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ConfigError(f"cannot read the host's interfaces: {exc}") from None
+    if done.returncode:
+        raise ConfigError(f"cannot read the host's interfaces: {done.stderr.strip()[-500:]}")
+    found = json.loads(done.stdout)
+    return HostNet(
+        links={name: Link(name, kind, master, (nf4, nf6))
+               for name, (kind, master, (nf4, nf6)) in found["links"].items()},
+        forwarding=(found["forwarding"][0], found["forwarding"][1]),
+        bridge_nf=None if found["bridge_nf"] is None else (found["bridge_nf"][0], found["bridge_nf"][1]))
+
+
+def _read_here(sysctl: Path) -> HostNet:
     """The links of this network namespace and its sysctls.
 
     /proc/sys/net answers for the namespace of the task that reads it, which
     is the one whose traffic the rules see."""
-    from pyroute2 import IPRoute  # netlink only where it is used
+    from pyroute2 import IPRoute
     with IPRoute() as ipr:
         found = ipr.get_links()
     by_index = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in found}
@@ -362,3 +389,11 @@ def read_host(sysctl: Path = _SYSCTL) -> HostNet:
                     bool(_flag(sysctl / "ipv6" / "conf" / "all" / "forwarding"))),
         bridge_nf=None if calls[0] is None else (bool(calls[0]), bool(calls[1])),
     )
+
+
+if __name__ == "__main__":  # read_host's child: the host, as JSON on stdout
+    host = _read_here(Path(sys.argv[1]))
+    json.dump({"links": {name: [link.kind, link.master, list(link.nf_call)]
+                         for name, link in host.links.items()},
+               "forwarding": list(host.forwarding),
+               "bridge_nf": None if host.bridge_nf is None else list(host.bridge_nf)}, sys.stdout)
