@@ -421,7 +421,7 @@ class Engine:
                                        reason=event.method))
             elif isinstance(event, TLSOffered):
                 if not self._tls_allowed(session, client, now):
-                    session.hidden.append((event.offset, event.length))
+                    session.hidden += ((event.offset, event.length),)
             elif isinstance(event, StartTLSRequested):
                 if not self._tls_allowed(session, client, now):
                     self.counters[TLS_REFUSED] += 1

@@ -101,6 +101,7 @@ FORMS: dict[MTA, Form] = {
 
 _NAMED = re.compile(rb"\b(postfix|sendmail|exim)\b", re.IGNORECASE)
 SNIFF_LIMIT = 1024  # server octets read for the greeting and the EHLO reply's first line
+_NO_NAMES: frozenset[bytes] = frozenset()  # shared by every Recognizer that has none
 
 
 class Recognizer:
@@ -116,10 +117,12 @@ class Recognizer:
     __slots__ = ("mta", "_line", "_read", "_names", "_greeted")
 
     def __init__(self) -> None:
+        # Immutable while sniffing, so that a told session keeps no buffers of
+        # its own (the empty ones are shared): a flow's memory.
         self.mta: MTA | None = None  # None: not told yet
-        self._line = bytearray()     # the line under way
+        self._line = b""             # the line under way
         self._read = 0
-        self._names: set[bytes] = set()
+        self._names = _NO_NAMES
         self._greeted = False
 
     def feed(self, data: bytes) -> None:
@@ -130,9 +133,8 @@ class Recognizer:
         self._read += len(data)
         *lines, rest = data.split(b"\n")
         for line in lines:
-            self._line += line
-            self._judge(bytes(self._line).rstrip(b"\r"))
-            self._line.clear()
+            self._judge((self._line + line).rstrip(b"\r"))
+            self._line = b""
             if self.mta is not None:
                 return
         self._line += rest
@@ -144,11 +146,11 @@ class Recognizer:
             if not line.startswith(b"220"):
                 self._decide(MTA.OTHER)
                 return
-            self._names.update(name.lower() for name in _NAMED.findall(line))
+            self._names |= {name.lower() for name in _NAMED.findall(line)}
             if line[3:4] != b"-":
                 self._greeted = True
                 if len(self._names) == 1:
-                    self._decide(MTA(self._names.pop().decode()))
+                    self._decide(MTA(next(iter(self._names)).decode()))
             return
         words = line[4:].split() if line[:3] == b"250" else []
         if line.lower().endswith(b"pleased to meet you"):
@@ -162,8 +164,8 @@ class Recognizer:
 
     def _decide(self, mta: MTA) -> None:
         self.mta = mta
-        self._line = bytearray()
-        self._names = set()
+        self._line = b""
+        self._names = _NO_NAMES
 
 
 def reply(original: bytes, column: int, text: bytes) -> tuple[bytes, int]:

@@ -39,8 +39,9 @@ class Session:
         self.authenticated = False
         #: the SMTP AUTH login name, once the server accepted it
         self.user: str | None = None
-        #: server-stream (offset, length) ranges overwritten to hide TLS
-        self.hidden: list[tuple[int, int]] = []
+        #: server-stream (offset, length) ranges overwritten to hide TLS (a
+        #: tuple: the empty one is shared, and most sessions hide nothing)
+        self.hidden: tuple[tuple[int, int], ...] = ()
         #: recipients refused in place (refusal.py), once there is one
         self.refusals: Refusals | None = None
         #: which MTA answers, told from its first lines (SMTP only)
