@@ -244,5 +244,7 @@ def test_under_systemd_a_line_reaches_the_journal_once(monkeypatch, tmp_path, sy
     monkeypatch.setattr(logger, "handlers", [])  # setup_logging's changes, undone after
     monkeypatch.setattr(logger, "propagate", logger.propagate)
     monkeypatch.setattr(logger, "level", logger.level)
+    for switch in ("_srcfile", "logThreads", "logMultiprocessing"):
+        monkeypatch.setattr(logging, switch, getattr(logging, switch))
     assert [type(h).__name__ for h in logsetup.setup_logging().handlers] == handlers
     err.close()

@@ -29,6 +29,12 @@ def stderr_is_journal() -> bool:
 
 
 def setup_logging(level: str = "info", *, foreground: bool = True) -> logging.Logger:
+    # A decision's line is written on the packet path: a record gathers
+    # nothing the formats do not show (the logging HOWTO's "Optimization":
+    # no caller's frame, thread or process name; the process id stays).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     logger = logging.getLogger(LOGGER)
     logger.handlers.clear()
     logger.setLevel(level.upper())
