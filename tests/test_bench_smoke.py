@@ -131,9 +131,10 @@ def test_results_summary_and_plot(tmp_path: Path) -> None:
     def bulk(mb: float) -> dict:
         return {"bytes": int(mb * 1e6), "seconds": 1.0, "path_cpu_ms_per_mb": 1.0}
 
-    def sessions(rate: float) -> dict:
+    def sessions(rate: float, per_packet: float = 10.0) -> dict:
         return {"sessions_per_s": rate, "command": {"p50_ms": 1.0, "p99_ms": 2.0},
-                "path_cpu_us_per_session": 100.0, "errors": {}}
+                "path_cpu_us_per_session": 100.0, "path_cpu_us_per_packet": per_packet,
+                "path_user_us_per_packet": per_packet / 2, "errors": {}}
 
     raw = {"pop3": {p: [bulk(100)] for p in run.PATHS},
            "upload": {p: [bulk(50), {"error": "x"}] for p in run.PATHS},
@@ -144,7 +145,7 @@ def test_results_summary_and_plot(tmp_path: Path) -> None:
            "scaling": {"sapd": {"1": [sessions(100)],
                                 "2": [{**sessions(150), "path_cpu_us_per_session": 120.0}]}}}
     for c in plan.concurrency:
-        raw[f"sessions_{c}"] = {p: [sessions(1000)] for p in run.PATHS}
+        raw[f"sessions_{c}"] = {p: [sessions(1000, 25.0 if p == "sapd" else 10.0)] for p in run.PATHS}
     raw["refusals"] = {p: [sessions(900)] for p in run.REFUSING}
     raw["flood"] = {p: [{**sessions(800), "command": {"p50_ms": 1.0, "p99_ms": 3.0}}]
                     for p in run.REFUSING}
@@ -153,13 +154,14 @@ def test_results_summary_and_plot(tmp_path: Path) -> None:
     ratios = run.headline(summary, raw, plan)
     assert ratios["pop3_retr_ratio_vs_nofilter"] == 1.0
     assert ratios["workers2_cpu_per_session_ratio"] == 1.2
-    assert ratios["session_cpu_ratio_vs_relay"] == 1.0 and ratios["sessions_ratio_vs_floor"] == 1.0
+    assert ratios["session_cpu_ratio_vs_relay"] == 1.0 and ratios["sessions_ratio_vs_relay"] == 1.0
+    assert ratios["packet_cpu_ratio_vs_floor"] == 2.5
     assert ratios["refusal_rate_ratio_vs_pass"] == 0.9
     assert ratios["p99_rtt_ratio_under_refusal_flood"] == 1.5
     assert ratios["smtp_upload_ratio_vs_floor_offloads_on"] == 1.5
     assert summary["upload_offloads_packets_per_mb"]["sapd"]["median"] == 20
     checked = run.targets(ratios)
-    assert checked["rss_mb_10k_flows"] == {"value": 30.0, "target": "<= 48", "met": True}
+    assert checked["rss_mb_10k_flows"] == {"value": 30.0, "target": "<= 44", "met": True}
     assert checked["workers2_cpu_per_session_ratio"]["met"] is False
     results = {"summary": summary, "raw": raw, "targets": checked, "failures": [],
                "plan": {"paths": run.PATHS, "concurrency": plan.concurrency,
