@@ -25,7 +25,6 @@ from its metadata, a source checkout from the file itself.
 from __future__ import annotations
 
 import tomllib
-from importlib import metadata
 from pathlib import Path
 
 _PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -34,6 +33,8 @@ _PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 def version() -> str:
     """The package's version: installed metadata, else the checkout's
     pyproject.toml, else "unknown" (never an exception)."""
+    from importlib import metadata  # on demand: it is large, and a daemon keeps it
+
     try:
         return metadata.version("sapd-nfq")
     except metadata.PackageNotFoundError:

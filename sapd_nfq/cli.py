@@ -329,9 +329,24 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # -- parser --------------------------------------------------------------------
 
+class _Version(argparse.Action):
+    """`--version`, its metadata read only when asked for (importlib.metadata
+    costs the daemon about 4 MB that it keeps for good)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str = "show program's version number and exit"
+                 ) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"{parser.prog} {version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sapd-nfq", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    parser.add_argument("--version", action=_Version)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=DEFAULT_CONFIG_PATH, metavar="FILE",
                         help=f"TOML config file (default {DEFAULT_CONFIG_PATH}; built-in defaults if absent)")
