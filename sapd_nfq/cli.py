@@ -306,7 +306,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                 if worker.receive is not None:
                     print(f"          GSO {'on' if worker.receive.gso else 'off'}, "
                           f"truncated {worker.counters.get(count.TRUNCATED, 0)}, "
-                          f"receive buffer full {worker.receive.overruns} times")
+                          f"receive buffer full {worker.receive.overruns} times, "
+                          f"accepts in {worker.receive.batches} batch verdicts"
+                          + (f", {worker.receive.verdict_errors} verdicts not sent"
+                             if worker.receive.verdict_errors else ""))
                 if worker.would_refuse:
                     print("          would refuse: " + ", ".join(
                         f"{reason} {n}" for reason, n in sorted(worker.would_refuse.items())))

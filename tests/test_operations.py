@@ -96,7 +96,7 @@ def test_a_worker_status_crosses_the_control_socket_whole():
     assert list(sent) == STATUS_KEYS
     assert list(sent["login_logs"]) == ["files", "lines", "logins", "sessions"]
     assert list(sent["engine_seconds"]) == ["buckets", "sum", "bounds"]
-    assert sent["receive"] == {"gso": True, "overruns": 0, "cut": 0}
+    assert sent["receive"] == {"gso": True, "overruns": 0, "cut": 0, "batches": 3, "verdict_errors": 1}
     assert WorkerStatus.from_json(sent) == WORKER
     assert WorkerStatus.from_json({**sent, "login_logs": None}).login_logs is None
 
@@ -153,7 +153,8 @@ def queue_status(queue: int, accepted: int) -> QueueStatus:
                      engine_seconds=stats.histogram(),
                      store={"connected": queue == 0, "pending_writes": queue, "write_errors": 1,
                             "dropped_writes": 0},
-                     receive=ReceiveStatus(gso=queue == 0, overruns=2, cut=0))
+                     receive=ReceiveStatus(gso=queue == 0, overruns=2, cut=0, batches=10 + queue,
+                                           verdict_errors=queue))
     return QueueStatus(queue, worker, {"queue_dropped": 4, "user_dropped": 0})
 
 
@@ -182,6 +183,7 @@ def test_metrics_sum_the_workers():
     assert got["sapd_nfq_store_pending_writes", ()] == 1 and got["sapd_nfq_store_errors_total", ()] == 2
     assert got["sapd_nfq_engine_seconds_count", ()] == 5
     assert got["sapd_nfq_receive_overruns_total", ()] == 4
+    assert got["sapd_nfq_verdict_batches_total", ()] == 21 and got["sapd_nfq_verdict_errors_total", ()] == 1
     assert got["sapd_nfq_queue_gso", (("queue", "0"),)] == 1
     assert got["sapd_nfq_queue_gso", (("queue", "1"),)] == 0
     assert got["sapd_nfq_engine_seconds_bucket", (("le", "1e-05"),)] == 5

@@ -132,6 +132,12 @@ def render(status: GateStatus) -> Iterator[Any]:
     yield CounterMetricFamily("sapd_nfq_receive_overruns", "times a worker's receive buffer was full "
                               "(the kernel dropped packets)",
                               value=sum(w.receive.overruns for w in workers if w.receive))
+    yield CounterMetricFamily("sapd_nfq_verdict_batches", "batch verdicts sent, each accepting "
+                              "the plain accepts waiting", value=sum(w.receive.batches for w in workers
+                                                                      if w.receive))
+    yield CounterMetricFamily("sapd_nfq_verdict_errors", "verdicts the queue's socket would not take "
+                              "(sent again with the next batch)",
+                              value=sum(w.receive.verdict_errors for w in workers if w.receive))
     gso = GaugeMetricFamily("sapd_nfq_queue_gso", "1 if the kernel queues super-packets whole "
                             "(it took the GSO flag)", labels=["queue"])
     for worker in workers:

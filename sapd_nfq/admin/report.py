@@ -48,6 +48,8 @@ class ReceiveStatus:
     gso: bool | None  # the kernel took the GSO flag; None before it answered
     overruns: int  # times the receive buffer was full (the kernel dropped packets)
     cut: int  # datagrams longer than the reader's buffer
+    batches: int = 0  # batch verdicts sent (each accepts the plain accepts waiting)
+    verdict_errors: int = 0  # verdicts the socket would not take (sent again at the next batch)
 
 
 @dataclass(frozen=True, slots=True)

@@ -260,7 +260,8 @@ class Worker:
             would_refuse=dict(self.stats.would_refuse),
             engine_seconds=self.stats.histogram(),
             receive=None if self.reader is None else ReceiveStatus(
-                gso=self.reader.gso, overruns=self.reader.overruns, cut=self.reader.cut),
+                gso=self.reader.gso, overruns=self.reader.overruns, cut=self.reader.cut,
+                batches=self.reader.batches, verdict_errors=self.reader.verdict_errors),
         )
 
     def store_status(self) -> dict[str, object]:
