@@ -171,10 +171,13 @@ def write_config(daemon: Worker, extra: str) -> None:
 
 
 def test_an_engine_failure_drops_when_enforcing_and_passes_in_monitor_mode(daemon, monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("a bug")
+    class Broken:
+        """In the engine's place: a compiled engine's methods cannot be patched."""
 
-    monkeypatch.setattr(daemon.engine, "handle", broken)
+        def handle(self, *args, **kwargs):
+            raise RuntimeError("a bug")
+
+    monkeypatch.setattr(daemon, "engine", Broken())
     enforcing = Packet(b"x")
     daemon.on_packet(enforcing)
     daemon.config = daemon.engine.config = dataclasses.replace(daemon.config, enforce=False)
