@@ -5,6 +5,8 @@ An SMTP session is recorded once (tests/engine_helpers.py builds its packets:
 every two), then replayed into fresh engines; the best of 25 replays is
 reported, in microseconds per packet of the DATA phase. `-p` profiles one
 replay. No kernel and no queue: this is what the engine adds to the callback.
+It measures the engine the import chose (sapd_nfq/compiled.py): compare with
+SAPD_NFQ_ENGINE=python and SAPD_NFQ_ENGINE=compiled.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from engine_helpers import Conn, make_engine
+
+from sapd_nfq import ENGINE
 
 SEGMENTS = 2000
 REPLAYS = 25
@@ -73,7 +77,7 @@ def replay(packets: list[Packet], start: int, end: int, profile: cProfile.Profil
 def main() -> None:
     packets, start, end = record()
     best = min(replay(packets, start, end) for _ in range(REPLAYS))
-    print(f"DATA phase: {best * 1e6:.2f} us per packet over {end - start} packets")
+    print(f"DATA phase: {best * 1e6:.2f} us per packet over {end - start} packets, {ENGINE.engine} engine")
     if "-p" in sys.argv:
         profile = cProfile.Profile()
         replay(packets, start, end, profile)

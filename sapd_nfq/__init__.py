@@ -15,6 +15,8 @@
 - `cli.py`    the `sapd-nfq` command
 - `docgen.py` the pages made from the code: the key table, the example config, the
               command table (`python -m sapd_nfq.docgen`)
+- `compiled.py` the engine compiled with mypyc: its build, and the choice, made here
+              before any engine module loads, between it and the sources (`ENGINE`)
 
 The import rules between them are tests (tests/test_architecture.py).
 
@@ -27,6 +29,11 @@ from __future__ import annotations
 import tomllib
 from importlib import metadata
 from pathlib import Path
+
+from .compiled import Choice, select
+
+#: the engine this process runs, compiled or Python; chosen before any engine module loads
+ENGINE: Choice = select()
 
 _PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
