@@ -85,7 +85,7 @@ extras='[test,dev]'
 # The compiled engine (sapd_nfq/compiled.py), made with the mypy of the dev extra and the
 # compiler netfilterqueue needed; where it does not build, the Python engine runs.
 if [ -n "$with_vagrant" ]; then
-    if .venv/bin/python -m sapd_nfq.compiled > .venv/compiled-engine.log 2>&1; then
+    if .venv/bin/python -m sapd_nfq.build_engine > .venv/compiled-engine.log 2>&1; then
         echo "setup.sh: $(tail -1 .venv/compiled-engine.log)"
     else
         echo "setup.sh: the compiled engine did not build (.venv/compiled-engine.log): the Python engine runs"

@@ -15,8 +15,9 @@
 - `cli.py`    the `sapd-nfq` command
 - `docgen.py` the pages made from the code: the key table, the example config, the
               command table (`python -m sapd_nfq.docgen`)
-- `compiled.py` the engine compiled with mypyc: its build, and the choice, made here
-              before any engine module loads, between it and the sources (`ENGINE`)
+- `compiled.py` the choice, made here before any engine module loads, between the
+              engine compiled with mypyc and its sources (`ENGINE`); `build_engine.py`
+              makes the compiled one (`python -m sapd_nfq.build_engine`)
 
 The import rules between them are tests (tests/test_architecture.py).
 

@@ -16,10 +16,9 @@ SAPD_NFQ_ENGINE=python runs the Python engine whatever was built;
 SAPD_NFQ_ENGINE=compiled fails the import (ImportError) when the build is
 absent, stale or broken. SAPD_NFQ_ENGINE_BUILD names another build directory.
 
-`python -m sapd_nfq.compiled` makes the build (setup.sh runs it), with the
-mypy the `dev` extra pins and the C compiler netfilterqueue's install needs.
-The modules in `INTERPRETED` stay Python: an interpreted class cannot
-subclass a compiled one, and code outside the engine subclasses theirs.
+`python -m sapd_nfq.build_engine` makes the build (setup.sh runs it). The
+modules in `INTERPRETED` stay Python: an interpreted class cannot subclass a
+compiled one, and code outside the engine subclasses theirs.
 """
 
 from __future__ import annotations
@@ -29,9 +28,7 @@ import importlib
 import json
 import logging
 import os
-import shutil
 import sys
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.machinery import EXTENSION_SUFFIXES
@@ -129,65 +126,10 @@ def select(environ: Mapping[str, str] = os.environ, build: Path | None = None) -
             return Choice("compiled", f"mypyc, {build}")
     if wanted == "compiled":
         raise ImportError(f"{ENV_ENGINE}=compiled, but the compiled engine cannot run: {why}; "
-                          f"python -m sapd_nfq.compiled builds it")
+                          f"python -m sapd_nfq.build_engine builds it")
     absent = not (build / MANIFEST).exists()
     choice = Choice("python", why, warn=not absent)
     if choice.warn:
         log.warning("running the Python engine, the compiled one is %s; "
-                    "python -m sapd_nfq.compiled rebuilds it", why)
+                    "python -m sapd_nfq.build_engine rebuilds it", why)
     return choice
-
-
-# --- the build ------------------------------------------------------------------------
-
-def build(target: Path) -> dict[str, object]:
-    """Compile the engine into `target`, replacing what is there only once
-    the new build is whole; returns its manifest."""
-    from mypy.version import __version__ as mypy_version
-    from mypyc.build import mypycify
-    from setuptools import Distribution
-
-    began = time.monotonic()
-    before = sources_hash()
-    staging = target.with_name(target.name + ".new")
-    shutil.rmtree(staging, ignore_errors=True)
-    scratch = staging / "scratch"
-    paths = [str(SOURCES / f"{m}.py") for m in compiled_modules()]
-    extensions = mypycify([*paths, "--cache-dir", str(scratch / "mypy")], group_name=LIBRARY,
-                          target_dir=str(scratch / "c"))
-    dist = Distribution({"name": "sapd-nfq-engine", "ext_modules": extensions})
-    command = dist.get_command_obj("build_ext")
-    command.build_lib = str(staging)
-    command.build_temp = str(scratch / "o")
-    command.parallel = os.cpu_count() or 1
-    dist.run_command("build_ext")
-    shutil.rmtree(scratch)
-    if sources_hash() != before:
-        raise RuntimeError("the engine's sources changed during the build: build again")
-    manifest: dict[str, object] = {
-        "sources": before, "suffix": EXTENSION_SUFFIXES[0], "modules": compiled_modules(),
-        "mypy": mypy_version, "built": time.time(), "seconds": round(time.monotonic() - began, 1),
-    }
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    staging.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-    return manifest
-
-
-def main() -> int:
-    target = default_build()
-    try:
-        manifest = build(target)
-    except (Exception, SystemExit) as e:  # mypyc exits on an error; the Python engine runs
-        print(f"the compiled engine did not build: {e}; the Python engine runs", file=sys.stderr)
-        return 1
-    print(f"compiled engine built in {manifest['seconds']} s (mypyc {manifest['mypy']}): {target}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
