@@ -38,6 +38,7 @@ SOURCES = Path(__file__).resolve().parent / "engine"
 PACKAGE = "sapd_nfq.engine"
 #: the one shared library every compiled module's stub loads (mypyc's group)
 LIBRARY = f"{PACKAGE}.native"
+SHARED = LIBRARY + "__mypyc"  # the name mypyc gives its module
 #: __init__: the package, found before the build is put on its path; errors.py
 #: (SapdError) and logins.py (LoginStore, MemoryLoginStore): subclassed outside
 #: the engine, by the adapters' errors and the login backends
@@ -61,8 +62,8 @@ class Choice:
         return f"{self.engine} engine ({self.why})"
 
 
-def default_build() -> Path:
-    return Path(os.environ.get(ENV_BUILD) or Path(sys.prefix, "lib", "sapd-nfq-engine"))
+def default_build(environ: Mapping[str, str] = os.environ) -> Path:
+    return Path(environ.get(ENV_BUILD) or Path(sys.prefix, "lib", "sapd-nfq-engine"))
 
 
 def sources_hash(sources: Path = SOURCES) -> str:
@@ -94,7 +95,7 @@ def problem(build: Path, sources: Path = SOURCES) -> str | None:
     if manifest.get("suffix") != EXTENSION_SUFFIXES[0]:
         return f"built for another Python ({manifest.get('suffix')}) in {build}"
     where = build / PACKAGE.replace(".", "/")
-    missing = [m for m in [*compiled_modules(sources), "native__mypyc"]
+    missing = [m for m in [*compiled_modules(sources), SHARED.rpartition(".")[2]]
                if not (where / (m + EXTENSION_SUFFIXES[0])).is_file()]
     if missing:
         return f"broken: {', '.join(missing)} missing in {build}"
@@ -110,7 +111,7 @@ def select(environ: Mapping[str, str] = os.environ, build: Path | None = None) -
         raise ImportError(f"{ENV_ENGINE}={wanted!r}: use python or compiled")
     if wanted == "python":
         return Choice("python", f"{ENV_ENGINE}=python")
-    build = build if build is not None else default_build()
+    build = build if build is not None else default_build(environ)
     why = problem(build)
     if why is None:
         import sapd_nfq.engine as engine
@@ -118,7 +119,7 @@ def select(environ: Mapping[str, str] = os.environ, build: Path | None = None) -
         where = str(build / PACKAGE.replace(".", "/"))
         engine.__path__.insert(0, where)
         try:
-            importlib.import_module(LIBRARY + "__mypyc")
+            importlib.import_module(SHARED)
         except ImportError as e:
             engine.__path__.remove(where)
             why = f"broken: its shared library does not load: {e}"

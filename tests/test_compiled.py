@@ -48,7 +48,7 @@ def fake_build(where: Path, **manifest: object) -> Path:
     none of them loadable; `manifest` overrides the manifest's entries."""
     package = where / "sapd_nfq" / "engine"
     package.mkdir(parents=True)
-    for module in [*compiled.compiled_modules(), "native__mypyc"]:
+    for module in [*compiled.compiled_modules(), compiled.SHARED.rpartition(".")[2]]:
         (package / (module + EXTENSION_SUFFIXES[0])).write_bytes(b"not a shared library")
     entries = {"sources": compiled.sources_hash(), "suffix": EXTENSION_SUFFIXES[0], **manifest}
     (where / MANIFEST).write_text(json.dumps(entries))
