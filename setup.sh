@@ -82,4 +82,13 @@ fi
 extras='[test,dev]'
 [ -n "$with_vagrant" ] || extras=''  # the VMs run sapd-nfq; the tests run on the host
 .venv/bin/pip install -q -e ".$extras"
+# The compiled engine (sapd_nfq/compiled.py), made with the mypy of the dev extra and the
+# compiler netfilterqueue needed; where it does not build, the Python engine runs.
+if [ -n "$with_vagrant" ]; then
+    if .venv/bin/python -m sapd_nfq.build_engine > .venv/compiled-engine.log 2>&1; then
+        echo "setup.sh: $(tail -1 .venv/compiled-engine.log)"
+    else
+        echo "setup.sh: the compiled engine did not build (.venv/compiled-engine.log): the Python engine runs"
+    fi
+fi
 echo "setup.sh: ready (.venv/bin/sapd-nfq)"

@@ -10,7 +10,9 @@ in microseconds per packet:
   close, every packet as the queue sees it, the handshake and the closing
   FINs included.
 `-p` profiles one replay of each. No kernel and no queue: this is what the
-engine adds to the callback.
+engine adds to the callback. It measures the engine the import chose
+(sapd_nfq/compiled.py): compare with SAPD_NFQ_ENGINE=python and
+SAPD_NFQ_ENGINE=compiled.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from engine_helpers import Conn, make_engine
+
+from sapd_nfq import ENGINE
 
 SEGMENTS = 2000
 REPLAYS = 25
@@ -104,6 +108,7 @@ def replay(packets: list[Packet], start: int, end: int, profile: cProfile.Profil
 def main() -> None:
     data, start, end = record()
     sessions = record_sessions()
+    print(f"{ENGINE.engine} engine")
     for what, (packets, first, last) in (("DATA phase", (data, start, end)),
                                          ("short sessions", (sessions, 0, len(sessions)))):
         best = min(replay(packets, first, last) for _ in range(REPLAYS))

@@ -15,6 +15,9 @@
 - `cli.py`    the `sapd-nfq` command
 - `docgen.py` the pages made from the code: the key table, the example config, the
               command table (`python -m sapd_nfq.docgen`)
+- `compiled.py` the choice, made here before any engine module loads, between the
+              engine compiled with mypyc and its sources (`ENGINE`); `build_engine.py`
+              makes the compiled one (`python -m sapd_nfq.build_engine`)
 
 The import rules between them are tests (tests/test_architecture.py).
 
@@ -26,6 +29,11 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+
+from .compiled import Choice, select
+
+#: the engine this process runs, compiled or Python; chosen before any engine module loads
+ENGINE: Choice = select()
 
 _PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import version
+from . import ENGINE, version
 from .engine import counters as count
 from .engine.errors import SapdError
 from .engine.logins import MemoryLoginStore
@@ -243,6 +243,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     log = setup_logging(config.log_level)
     for warning in config_warnings(path, config):
         log.warning("%s", warning)
+    # a build that exists but cannot run has warned at import, before logging was set up
+    (log.warning if ENGINE.warn else log.info)("running the %s", ENGINE)
     return run_workers(config, path if path.exists() else None)
 
 
@@ -298,7 +300,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 up = int(time.time() - worker.started)
                 print(f"daemon:   queue {queue.queue} running, pid {worker.pid}, up {up} s, "
                       f"{worker.virtusertable_entries} virtusertable entries, "
-                      + ("enforcing" if worker.enforce else "MONITOR MODE (enforce = false)"))
+                      + ("enforcing" if worker.enforce else "MONITOR MODE (enforce = false)")
+                      + (f", {worker.engine} engine" if worker.engine else ""))
                 print(f"          flows tracked {worker.flows_tracked}, "
                       f"decisions pass {worker.decisions['pass']} fail {worker.decisions['fail']} "
                       f"would-fail {worker.decisions.get('would_fail', 0)}, "

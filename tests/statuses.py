@@ -15,4 +15,4 @@ WORKER = WorkerStatus(
     login_logs=LearnerStatus(files=("/var/log/dovecot.log",), lines=7, logins=1, sessions=1),
     last_reload_error=None, verdicts={"accept": 9}, rows={"pass|row 2: ...": 1}, logins={"pop3": 1},
     engine_seconds=EngineSeconds(buckets=(9,) + (0,) * len(ENGINE_BUCKETS), sum=1e-4, bounds=ENGINE_BUCKETS),
-    receive=ReceiveStatus(gso=True, overruns=0, cut=0, batches=3, verdict_errors=1))
+    receive=ReceiveStatus(gso=True, overruns=0, cut=0, batches=3, verdict_errors=1), engine="compiled")

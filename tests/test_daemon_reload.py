@@ -186,10 +186,13 @@ def write_config(daemon: Worker, extra: str) -> None:
 
 
 def test_an_engine_failure_drops_when_enforcing_and_passes_in_monitor_mode(daemon, monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("a bug")
+    class Broken:
+        """In the engine's place: a compiled engine's methods cannot be patched."""
 
-    monkeypatch.setattr(daemon.engine, "handle", broken)
+        def handle(self, *args, **kwargs):
+            raise RuntimeError("a bug")
+
+    monkeypatch.setattr(daemon, "engine", Broken())
     enforcing = Packet(b"x")
     daemon.reader = Reader(enforcing.calls)
     daemon.on_packet(enforcing)
@@ -237,7 +240,14 @@ def test_a_switch_the_rules_cannot_follow_keeps_the_running_mode(daemon):
 
 def test_only_plain_accepts_wait_for_the_batch_verdict(daemon, monkeypatch):
     decisions = iter([ACCEPTED, Decision(ACCEPT, packet=b"rewritten"), Decision(BYPASS)])
-    monkeypatch.setattr(daemon.engine, "handle", lambda *args, **kwargs: next(decisions))
+
+    class Deciding:
+        """In the engine's place (a compiled engine's methods cannot be patched)."""
+
+        def handle(self, *args, **kwargs):
+            return next(decisions)
+
+    monkeypatch.setattr(daemon, "engine", Deciding())
     calls: list[str] = []
     daemon.reader = Reader(calls)
     for _ in range(3):

@@ -88,7 +88,8 @@ STATUS_KEYS = [
     "ok", "pid", "started", "queue", "mode", "config", "virtusertable", "postfix_maps",
     "virtusertable_entries", "flows_tracked", "flows_evicted", "logins_held", "logins_by_source",
     "store", "decisions", "counters", "retained_bytes", "reloads", "reload_errors", "login_logs",
-    "last_reload_error", "verdicts", "rows", "logins", "engine_seconds", "receive", "enforce", "would_refuse"]
+    "last_reload_error", "verdicts", "rows", "logins", "engine_seconds", "receive", "enforce", "would_refuse",
+    "engine"]
 
 
 def test_a_worker_status_crosses_the_control_socket_whole():

@@ -86,6 +86,8 @@ class WorkerStatus:
     enforce: bool = True  # false: monitor mode, nothing refused
     #: decisions monitor mode let by that would have refused, by reason (stats.py)
     would_refuse: dict[str, int] = field(default_factory=dict)
+    #: "compiled" or "python": the engine the worker runs (sapd_nfq.ENGINE, compiled.py)
+    engine: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {"ok": True, **asdict(self)}

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Protocol
 
 from .addresses import IPNetwork, find_network, parse_ip, parse_network
 from .logins import LoginStore, StoreError
@@ -51,20 +51,20 @@ class _Ruling:
     reason: str
     #: the login name behind a row-2 PASS, when the login recorded one
     user: str | None = None
-    label: ClassVar[str]
 
     def __str__(self) -> str:
-        return f"{self.label}  {self.row} ({self.reason})"
+        # the label is the class's name: PASS or FAIL
+        return f"{type(self).__name__.upper()}  {self.row} ({self.reason})"
 
 
 @dataclass(frozen=True, slots=True)
 class Pass(_Ruling):
-    label: ClassVar[str] = "PASS"
+    pass
 
 
 @dataclass(frozen=True, slots=True)
 class Fail(_Ruling):
-    label: ClassVar[str] = "FAIL"
+    pass
 
 
 #: the table's ruling on one RCPT (the packet's fate is verdicts.Verdict)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
-from typing import ClassVar
 
 from .errors import ProtocolError
 from .events import (
@@ -86,6 +85,14 @@ class _Kind(Enum):
     OTHER = "other"
 
 
+_NAMES = {
+    _Kind.GREETING: "the greeting", _Kind.USER: "USER", _Kind.PASS: "PASS", _Kind.APOP: "APOP",
+    _Kind.AUTH: "AUTH", _Kind.AUTH_ANSWERED: "AUTH", _Kind.AUTH_CANCELLED: "AUTH",
+    _Kind.CHALLENGE: "a SASL challenge", _Kind.STLS: "STLS", _Kind.QUIT: "QUIT", _Kind.OTHER: "a command",
+}
+"""A command of each kind, as an error names it."""
+
+
 class _Action(Enum):
     NOTHING = "nothing"
     BODY = "body"            # a multi-line body follows, if the command has one
@@ -131,28 +138,34 @@ _REPLIES: dict[tuple[_Kind, _Status], _Action] = {
 
 @dataclass(frozen=True, slots=True)
 class _Greeting:
-    name: ClassVar[str] = "the greeting"
-    kind: ClassVar[_Kind] = _Kind.GREETING
+    @property
+    def kind(self) -> _Kind:
+        return _Kind.GREETING
 
 
 @dataclass(frozen=True, slots=True)
 class _User:
     user: str | None
-    name: ClassVar[str] = "USER"
-    kind: ClassVar[_Kind] = _Kind.USER
+
+    @property
+    def kind(self) -> _Kind:
+        return _Kind.USER
 
 
 @dataclass(frozen=True, slots=True)
 class _Pass:
-    name: ClassVar[str] = "PASS"
-    kind: ClassVar[_Kind] = _Kind.PASS
+    @property
+    def kind(self) -> _Kind:
+        return _Kind.PASS
 
 
 @dataclass(frozen=True, slots=True)
 class _Apop:
     user: str | None
-    name: ClassVar[str] = "APOP"
-    kind: ClassVar[_Kind] = _Kind.APOP
+
+    @property
+    def kind(self) -> _Kind:
+        return _Kind.APOP
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +175,6 @@ class _Auth:
     sasl: SaslLogin
     answered: bool          # the client has sent a response (initial, or to a challenge)
     cancelled: bool = False  # that response was "*"
-    name: ClassVar[str] = "AUTH"
 
     @property
     def kind(self) -> _Kind:
@@ -176,27 +188,33 @@ class _Challenge:
     """The server sent a SASL challenge: it awaits the client's response."""
 
     sasl: SaslLogin
-    name: ClassVar[str] = "a SASL challenge"
-    kind: ClassVar[_Kind] = _Kind.CHALLENGE
+
+    @property
+    def kind(self) -> _Kind:
+        return _Kind.CHALLENGE
 
 
 @dataclass(frozen=True, slots=True)
 class _Stls:
-    name: ClassVar[str] = "STLS"
-    kind: ClassVar[_Kind] = _Kind.STLS
+    @property
+    def kind(self) -> _Kind:
+        return _Kind.STLS
 
 
 @dataclass(frozen=True, slots=True)
 class _Quit:
-    name: ClassVar[str] = "QUIT"
-    kind: ClassVar[_Kind] = _Kind.QUIT
+    @property
+    def kind(self) -> _Kind:
+        return _Kind.QUIT
 
 
 @dataclass(frozen=True, slots=True)
 class _Other:
     body: _Body | None  # what a +OK to it carries; None: a single line
-    name: ClassVar[str] = "a command"
-    kind: ClassVar[_Kind] = _Kind.OTHER
+
+    @property
+    def kind(self) -> _Kind:
+        return _Kind.OTHER
 
 
 _Command = _Greeting | _User | _Pass | _Apop | _Auth | _Challenge | _Stls | _Quit | _Other
@@ -347,7 +365,7 @@ class POP3Machine(LineMachine):
         """What `status` does as the reply to `command`: the table _REPLIES."""
         action = _REPLIES.get((command.kind, status))
         if action is None:
-            raise ProtocolError(f"{status.value} is no valid reply to {command.name}")
+            raise ProtocolError(f"{status.value} is no valid reply to {_NAMES[command.kind]}")
         match action:
             case _Action.BODY:
                 assert isinstance(command, _Other)

@@ -133,34 +133,34 @@ class Recognizer:
         self._read += len(data)
         *lines, rest = data.split(b"\n")
         for line in lines:
-            self._judge((self._line + line).rstrip(b"\r"))
+            told = self._judge((self._line + line).rstrip(b"\r"))
             self._line = b""
-            if self.mta is not None:
+            if told is not None:
+                self._decide(told)
                 return
         self._line += rest
         if self._read >= SNIFF_LIMIT:
             self._decide(MTA.OTHER)
 
-    def _judge(self, line: bytes) -> None:
+    def _judge(self, line: bytes) -> MTA | None:
+        """The MTA a whole server line tells, or None: read on."""
         if not self._greeted:
             if not line.startswith(b"220"):
-                self._decide(MTA.OTHER)
-                return
+                return MTA.OTHER
             self._names |= {name.lower() for name in _NAMED.findall(line)}
             if line[3:4] != b"-":
                 self._greeted = True
                 if len(self._names) == 1:
-                    self._decide(MTA(next(iter(self._names)).decode()))
-            return
+                    return MTA(next(iter(self._names)).decode())
+            return None
         words = line[4:].split() if line[:3] == b"250" else []
         if line.lower().endswith(b"pleased to meet you"):
-            self._decide(MTA.SENDMAIL)
-        elif len(words) >= 2 and words[1].lower() == b"hello":
-            self._decide(MTA.EXIM)
-        elif len(words) == 1:
-            self._decide(MTA.POSTFIX)
-        else:
-            self._decide(MTA.OTHER)
+            return MTA.SENDMAIL
+        if len(words) >= 2 and words[1].lower() == b"hello":
+            return MTA.EXIM
+        if len(words) == 1:
+            return MTA.POSTFIX
+        return MTA.OTHER
 
     def _decide(self, mta: MTA) -> None:
         self.mta = mta

@@ -479,7 +479,8 @@ class SMTPMachine(PinnedMachine):
             self._settled = True  # TLS: nothing more is parsed
             events.append(TLSStarted())
         elif pending.sasl is not None:
-            event = LoginSucceeded if outcome is _Reply.LOGGED_IN else LoginFailed
+            event: type[LoginSucceeded | LoginFailed] = (
+                LoginSucceeded if outcome is _Reply.LOGGED_IN else LoginFailed)
             events.append(event(pending.sasl.user, pending.sasl.method))
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from netfilterqueue import NetfilterQueue, Packet
 
+from .. import ENGINE
 from ..admin.control import ControlServer
 from ..admin.recent import Recent
 from ..admin.report import LearnerStatus, ReceiveStatus, WorkerStatus
@@ -262,6 +263,7 @@ class Worker:
             receive=None if self.reader is None else ReceiveStatus(
                 gso=self.reader.gso, overruns=self.reader.overruns, cut=self.reader.cut,
                 batches=self.reader.batches, verdict_errors=self.reader.verdict_errors),
+            engine=ENGINE.engine,
         )
 
     def store_status(self) -> dict[str, object]:
