@@ -22,7 +22,8 @@ class LineBuffer:
     __slots__ = ("_buf", "_start", "_scan", "offset", "max_line")
 
     def __init__(self, max_line: int) -> None:
-        self._buf = bytearray()
+        # empty: the shared b"" (an idle connection holds no buffer object)
+        self._buf: bytes | bytearray = b""
         self._start = 0  # first unconsumed byte in _buf
         self._scan = 0   # bytes before this index (from _start) hold no LF
         self.offset = 0
@@ -32,10 +33,14 @@ class LineBuffer:
         return len(self._buf) - self._start
 
     def feed(self, data: bytes) -> None:
-        if self._start and self._start * 2 > len(self._buf):
-            del self._buf[: self._start]
+        buf = self._buf
+        if not isinstance(buf, bytearray):
+            self._buf = bytearray(data)
+            return
+        if self._start and self._start * 2 > len(buf):
+            del buf[: self._start]
             self._start = 0
-        self._buf += data
+        buf += data
 
     def next_line(self) -> bytes | None:
         """The next complete line without its line ending, or None.
@@ -81,7 +86,7 @@ class LineBuffer:
         self._scan = 0
         if index == len(self._buf):
             # All read: free the storage (an idle connection holds no buffer).
-            self._buf = bytearray()
+            self._buf = b""
             self._start = 0
         else:
             self._start = index

@@ -93,7 +93,9 @@ class Stream:
         self.fin = False
         self.added = 0
         self._base = 0              # stream offset of the first retained byte
-        self._buf = bytearray()     # retained bytes from _buf[_start] on
+        #: retained bytes from _buf[_start] on; none: the shared b"" (an idle
+        #: stream holds no buffer object)
+        self._buf: bytes | bytearray = b""
         self._start = 0
         self._ask_at = 0            # stream offset from which wants_ack() may say yes again
 
@@ -140,10 +142,14 @@ class Stream:
                 return Outcome.OVERFLOW, b""
             budget.used += len(new)
         if new:
-            if self._start and self._start * 2 > len(self._buf):
-                del self._buf[:self._start]
-                self._start = 0
-            self._buf += new
+            buf = self._buf
+            if not isinstance(buf, bytearray):
+                self._buf = bytearray(new)
+            else:
+                if self._start and self._start * 2 > len(buf):
+                    del buf[:self._start]
+                    self._start = 0
+                buf += new
             self.offset = end
         self.added = len(new) + (fin and not self.fin)
         if fin:
@@ -200,7 +206,7 @@ class Stream:
         if self.budget is not None:
             self.budget.used -= drop
         if self._start == len(self._buf):
-            self._buf = bytearray()
+            self._buf = b""
             self._start = 0
 
     def release(self) -> None:
@@ -208,5 +214,5 @@ class Stream:
         if self.budget is not None:
             self.budget.used -= self.retained
         self._base = self.offset
-        self._buf = bytearray()
+        self._buf = b""
         self._start = 0

@@ -19,6 +19,15 @@ from .worker import Worker
 log = logging.getLogger(LOGGER)
 
 
+def serve_metrics(config: Config) -> None:
+    """The metrics endpoint, if configured; prometheus_client is imported only
+    then (a daemon keeps about 3 MB of it)."""
+    if config.metrics_listen:
+        from ..admin.metrics import serve
+
+        serve(config)
+
+
 def run_workers(config: Config, config_path: Path | None) -> int:
     """Run `config.workers` daemons, one process each, until told to stop.
 
@@ -27,8 +36,6 @@ def run_workers(config: Config, config_path: Path | None) -> int:
     Signals reach every worker; if one dies, the others are stopped and the
     exit status says so (systemd then restarts the service).
     """
-    from ..admin.metrics import serve as serve_metrics
-
     if config.workers == 1:
         daemon = Worker(config, config_path)
         serve_metrics(config)
