@@ -21,11 +21,18 @@ CLIENTS_KEPT = 4096
 
 
 class _Client:
+    """The notices as they came (a decision costs the packet path an append;
+    `about` shapes them)."""
+
     __slots__ = ("decisions", "logins")
 
     def __init__(self) -> None:
-        self.decisions: deque[dict[str, Any]] = deque(maxlen=DECISIONS_KEPT)
-        self.logins: deque[dict[str, Any]] = deque(maxlen=LOGINS_KEPT)
+        self.decisions: deque[Notice] = deque(maxlen=DECISIONS_KEPT)
+        self.logins: deque[tuple[Notice, float]] = deque(maxlen=LOGINS_KEPT)  # with its expiry
+
+
+def _source(login: Notice) -> str:
+    return (login.reason or "").split(" ")[0]
 
 
 class Recent:
@@ -34,8 +41,13 @@ class Recent:
         self._max = clients
 
     def _client(self, address: str) -> _Client:
-        key = normalize_ip(address)
+        # The engine's addresses are mostly in normal form already: parsed
+        # only when the text itself is not a key.
+        key = address
         entry = self._clients.get(key)
+        if entry is None:
+            key = normalize_ip(address)
+            entry = self._clients.get(key)
         if entry is None:
             entry = self._clients[key] = _Client()
             if len(self._clients) > self._max:
@@ -47,21 +59,20 @@ class Recent:
     def note(self, notice: Notice, auth_ttl: float) -> None:
         """Remember a decision or a login; other notices are not kept."""
         if notice.event in ("pass", "fail", "would-fail"):
-            self._client(notice.client).decisions.append({
-                "time": notice.time, "verdict": notice.event.upper(), "sender": notice.sender,
-                "recipient": notice.recipient, "row": notice.row, "reason": notice.reason})
-        elif notice.event == "login":
-            source = (notice.reason or "").split(" ")[0]
-            if source != "smtp-auth":  # that one opens no window for the address
-                self._client(notice.client).logins.append({
-                    "time": notice.time, "user": notice.user, "source": source,
-                    "expires": notice.time + auth_ttl})
+            self._client(notice.client).decisions.append(notice)
+        elif notice.event == "login" and _source(notice) != "smtp-auth":
+            # an SMTP AUTH login opens no window for the address
+            self._client(notice.client).logins.append((notice, notice.time + auth_ttl))
 
     def about(self, address: str) -> dict[str, list[dict[str, Any]]]:
         entry = self._clients.get(normalize_ip(address))
         if entry is None:
             return {"decisions": [], "logins": []}
-        return {"decisions": list(entry.decisions), "logins": list(entry.logins)}
+        return {"decisions": [{"time": n.time, "verdict": n.event.upper(), "sender": n.sender,
+                               "recipient": n.recipient, "row": n.row, "reason": n.reason}
+                              for n in entry.decisions],
+                "logins": [{"time": n.time, "user": n.user, "source": _source(n), "expires": expires}
+                           for n, expires in entry.logins]}
 
     def __len__(self) -> int:
         return len(self._clients)

@@ -149,7 +149,10 @@ class ClientSide:
         self._known: dict[int, bool] = {}
 
     def __call__(self, index: int, port: int = 0) -> bool:
-        return (port != 0 and self._named(port)) or self._named(index)
+        known = self._known  # every packet asks: the names already looked up answer first
+        if port and (known[port] if port in known else self._named(port)):
+            return True
+        return known[index] if index in known else self._named(index)
 
     def _named(self, index: int) -> bool:
         known = self._known.get(index)
