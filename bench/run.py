@@ -227,6 +227,7 @@ class PathRun:
     pids: list[int] = field(default_factory=list)
     queues: bool = False  # packets go through NFQUEUE (count them)
     config: Path | None = None  # sapd-nfq's config file
+    workers: int = 1
 
 
 class Bench:
@@ -459,7 +460,7 @@ class Bench:
                     time.sleep(0.1)
             self.run("gw", self.python("-m", "sapd_nfq", "up", "--config", str(config)),
                      sapd=True)
-            yield PathRun("sapd", [proc.pid], queues=True, config=config)
+            yield PathRun("sapd", [proc.pid], queues=True, config=config, workers=workers)
         finally:
             self.run("gw", self.python("-m", "sapd_nfq", "down", "--config", str(config)),
                      sapd=True)
@@ -492,6 +493,7 @@ class Bench:
         busy_before = wait_quiet(limit=self.plan.quiet_wait)
         (user0, sys0), (busy0, steal0, total0) = cpu_seconds(run.pids), machine_cpu()
         queued0 = self.queue_counters() if run.queues else (0, 0)
+        batches0 = self.verdict_batches(run)
         wall0 = time.monotonic()
         with self.profiled(run, workload):
             done = subprocess.run(self.lab.command("client", self.python("-m", "bench.load", *argv)),
@@ -511,6 +513,11 @@ class Bench:
         result["machine_busy_pct"] = round(100 * (busy1 - busy0) / max(1, total1 - total0), 1)
         result["steal_pct"] = round(100 * (steal1 - steal0) / max(1, total1 - total0), 1)
         result["busy_before_pct"] = busy_before
+        if batches0 is not None:
+            batches1 = self.verdict_batches(run)
+            assert batches1 is not None
+            result["verdict_batches"] = batches1[0] - batches0[0]
+            result["accepted"] = batches1[1] - batches0[1]
         if run.queues:
             queued1 = self.queue_counters()
             result["queued_packets"] = queued1[0] - queued0[0]
@@ -522,11 +529,21 @@ class Bench:
             result["path_cpu_us_per_session"] = round(cpu * 1e6 / result["sessions_total"], 1)
         if "bytes" in result:
             result["path_cpu_ms_per_mb"] = round(cpu * 1e3 / (result["bytes"] / 1e6), 3)
+        if result.get("verdict_batches"):
+            result["accepts_per_batch"] = round(result["accepted"] / result["verdict_batches"], 2)
         if result.get("queued_packets"):
             result["path_cpu_us_per_packet"] = round(cpu * 1e6 / result["queued_packets"], 2)
             result["path_user_us_per_packet"] = round(result["path_user_s"] * 1e6
                                                       / result["queued_packets"], 2)
         return result
+
+    def verdict_batches(self, run: PathRun) -> tuple[int, int] | None:
+        """sapd-nfq's batch verdicts so far and the packets it accepted, over its workers."""
+        if run.name != "sapd" or run.config is None:
+            return None
+        workers = [w for w in self.sapd_status(run.config, run.workers) if w.get("ok")]
+        return (sum((w.get("receive") or {}).get("batches", 0) for w in workers),
+                sum(w["verdicts"].get("accept", 0) for w in workers))
 
     @contextmanager
     def profiled(self, run: PathRun, workload: str) -> Iterator[None]:
@@ -618,7 +635,9 @@ def _bulk(r: dict) -> str:
 def _sessions(r: dict) -> str:
     return (f"{r['sessions_per_s']:8.1f} sessions/s  p50 {r['command'].get('p50_ms')} ms"
             f"  p99 {r['command'].get('p99_ms')} ms  (path CPU {r.get('path_cpu_us_per_session')}"
-            " us/session)" + (f"  errors {r['errors']}" if r["errors"] else ""))
+            " us/session)" + (f"  {r['accepts_per_batch']} accepts a batch verdict"
+                              if "accepts_per_batch" in r else "")
+            + (f"  errors {r['errors']}" if r["errors"] else ""))
 
 
 def _flooded(r: dict) -> str:
@@ -799,6 +818,7 @@ def summarise(raw: dict, plan: Plan) -> dict:
         summary[f"{workload}_packets_per_mb"] = _figures(runs, _packets_per_mb)
         summary[f"{workload}_cpu_us_per_packet"] = _figures(
             runs, lambda r: r.get("path_cpu_us_per_packet"))
+        summary[f"{workload}_accepts_per_batch"] = _figures(runs, lambda r: r.get("accepts_per_batch"))
     for c in plan.concurrency:
         runs = raw[f"sessions_{c}"]
         summary[f"sessions_{c}_per_s"] = _figures(runs, lambda r: r["sessions_per_s"])
@@ -810,6 +830,8 @@ def summarise(raw: dict, plan: Plan) -> dict:
             runs, lambda r: r.get("path_cpu_us_per_packet"))
         summary[f"sessions_{c}_user_us_per_packet"] = _figures(
             runs, lambda r: r.get("path_user_us_per_packet"))
+        summary[f"sessions_{c}_accepts_per_batch"] = _figures(
+            runs, lambda r: r.get("accepts_per_batch"))
     top = max(plan.concurrency)
     summary[f"refusals_{top}_per_s"] = _figures(raw.get("refusals", {}),
                                                 lambda r: r["sessions_per_s"])
@@ -954,14 +976,16 @@ def format_table(results: dict) -> str:
                  (f"SMTP upload, {state}, MB/s", f"{upload}_mb_s"),
                  ("  path CPU, ms per MB", f"{upload}_cpu_ms_per_mb"),
                  ("  queued packets per MB", f"{upload}_packets_per_mb"),
-                 ("  path CPU, us per packet", f"{upload}_cpu_us_per_packet")]
+                 ("  path CPU, us per packet", f"{upload}_cpu_us_per_packet"),
+                 ("  accepts a batch verdict", f"{upload}_accepts_per_batch")]
     for c in results["plan"]["concurrency"]:
         rows += [(f"sessions/s, {c} client{'s' if c > 1 else ''}", f"sessions_{c}_per_s"),
                  (f"  p50 RTT ms, {c}", f"sessions_{c}_p50_ms"),
                  (f"  p99 RTT ms, {c}", f"sessions_{c}_p99_ms"),
                  (f"  path CPU, us/session, {c}", f"sessions_{c}_cpu_us_per_session"),
                  (f"  path CPU, us per packet, {c}", f"sessions_{c}_cpu_us_per_packet"),
-                 (f"    of it in user space, {c}", f"sessions_{c}_user_us_per_packet")]
+                 (f"    of it in user space, {c}", f"sessions_{c}_user_us_per_packet"),
+                 (f"  accepts a batch verdict, {c}", f"sessions_{c}_accepts_per_batch")]
     top = max(results["plan"]["concurrency"])
     rows += [(f"relay attempts refused/s, {top}", f"refusals_{top}_per_s"),
              (f"  path CPU, us/attempt, {top}", f"refusals_{top}_cpu_us_per_session"),
