@@ -71,9 +71,12 @@ class Demo:
 
     def __init__(self, *args: str) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
+        # Ctrl-C as a terminal delivers it, whatever this run inherited: a
+        # shell's background job ignores SIGINT, and its children with it.
         self.proc = subprocess.Popen([sys.executable, "-m", "sapd_nfq", "demo", *args],
                                      cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+                                     stderr=subprocess.STDOUT, text=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.lines: list[str] = []
         self.namespaces: set[int] = set()
 
