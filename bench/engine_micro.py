@@ -35,10 +35,8 @@ LINE = b"x" * 76 + b"\r\n"
 Packet = tuple[bytes, float, "bool | None"]
 
 
-def record() -> tuple[list[Packet], int, int]:
-    """The session's packets, and where its DATA phase starts and ends."""
-    conn = Conn(make_engine(refusal="recipient"))
-    packets: list[Packet] = []
+def recorded(conn: Conn, packets: list[Packet]) -> Conn:
+    """`conn`, each packet it feeds its engine also appended to `packets`."""
     feed = conn.feed
 
     def recording(packet: bytes, from_client_side: bool | None = None):
@@ -46,12 +44,24 @@ def record() -> tuple[list[Packet], int, int]:
         return feed(packet, from_client_side)
 
     conn.feed = recording
+    return conn
+
+
+def envelope(conn: Conn, last: tuple[bytes, bytes]) -> None:
+    """The greeting, EHLO, MAIL and RCPT of a local recipient, then `last`
+    (a command and its reply)."""
     conn.smtp_greeting()
     for command, reply in ((b"MAIL FROM:<carol@external.example>", b"250 2.1.0 Ok"),
-                           (b"RCPT TO:<alice@lab.example>", b"250 2.1.5 Ok"),
-                           (b"DATA", b"354 End data with <CR><LF>.<CR><LF>")):
+                           (b"RCPT TO:<alice@lab.example>", b"250 2.1.5 Ok"), last):
         conn.client(command + b"\r\n")
         conn.server(reply + b"\r\n")
+
+
+def record() -> tuple[list[Packet], int, int]:
+    """The session's packets, and where its DATA phase starts and ends."""
+    packets: list[Packet] = []
+    conn = recorded(Conn(make_engine(refusal="recipient")), packets)
+    envelope(conn, (b"DATA", b"354 End data with <CR><LF>.<CR><LF>"))
     start = len(packets)
     text = (LINE * 19)[:1448]
     for i in range(SEGMENTS):
@@ -69,20 +79,8 @@ def record_sessions(clients: int = 64) -> list[Packet]:
     engine = make_engine(refusal="recipient")
     packets: list[Packet] = []
     for n in range(clients):
-        conn = Conn(engine, client=f"198.18.1.{n + 2}", cport=40000 + n)
-        feed = conn.feed
-
-        def recording(packet: bytes, from_client_side: bool | None = None, feed=feed, conn=conn):
-            packets.append((packet, conn.now + 0.01, from_client_side))
-            return feed(packet, from_client_side)
-
-        conn.feed = recording
-        conn.smtp_greeting()
-        for command, reply in ((b"MAIL FROM:<carol@external.example>", b"250 2.1.0 Ok"),
-                               (b"RCPT TO:<alice@lab.example>", b"250 2.1.5 Ok"),
-                               (b"QUIT", b"221 2.0.0 Bye")):
-            conn.client(command + b"\r\n")
-            conn.server(reply + b"\r\n")
+        conn = recorded(Conn(engine, client=f"198.18.1.{n + 2}", cport=40000 + n), packets)
+        envelope(conn, (b"QUIT", b"221 2.0.0 Bye"))
         conn.server(b"", flags="FA")
         conn.client(b"", flags="FA")
         conn.server(b"", flags="A")
