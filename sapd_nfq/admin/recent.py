@@ -31,10 +31,6 @@ class _Client:
         self.logins: deque[tuple[Notice, float]] = deque(maxlen=LOGINS_KEPT)  # with its expiry
 
 
-def _source(login: Notice) -> str:
-    return (login.reason or "").split(" ")[0]
-
-
 class Recent:
     def __init__(self, clients: int = CLIENTS_KEPT) -> None:
         self._clients: OrderedDict[str, _Client] = OrderedDict()
@@ -60,7 +56,7 @@ class Recent:
         """Remember a decision or a login; other notices are not kept."""
         if notice.event in ("pass", "fail", "would-fail"):
             self._client(notice.client).decisions.append(notice)
-        elif notice.event == "login" and _source(notice) != "smtp-auth":
+        elif notice.event == "login" and notice.source != "smtp-auth":
             # an SMTP AUTH login opens no window for the address
             self._client(notice.client).logins.append((notice, notice.time + auth_ttl))
 
@@ -71,7 +67,7 @@ class Recent:
         return {"decisions": [{"time": n.time, "verdict": n.event.upper(), "sender": n.sender,
                                "recipient": n.recipient, "row": n.row, "reason": n.reason}
                               for n in entry.decisions],
-                "logins": [{"time": n.time, "user": n.user, "source": _source(n), "expires": expires}
+                "logins": [{"time": n.time, "user": n.user, "source": n.source, "expires": expires}
                            for n, expires in entry.logins]}
 
     def __len__(self) -> int:

@@ -49,7 +49,7 @@ class Stats:
             if notice.row is not None:
                 self.rows[f"{notice.event}|{notice.row}"] += 1
             elif notice.event == "login":
-                self.logins[(notice.reason or "").split(" ")[0]] += 1
+                self.logins[notice.source] += 1
 
     @property
     def verdicts(self) -> dict[str, int]:

@@ -75,6 +75,12 @@ class Notice:
     def as_dict(self) -> dict[str, object]:
         return {k: v for k, v in asdict(self).items() if v is not None and v != ""}
 
+    @property
+    def source(self) -> str:
+        """A login notice's source: the first word of its reason (pop3,
+        imap, smtp-auth, log:<server>, hook)."""
+        return (self.reason or "").split(" ")[0]
+
     def __str__(self) -> str:
         parts = [self.event.upper()]
         for name in _LOGGED:
