@@ -491,9 +491,10 @@ class Bench:
         """Run a load subcommand in the client; add CPU use and queue counters
         (and sapd-nfq's profile with --profile)."""
         busy_before = wait_quiet(limit=self.plan.quiet_wait)
+        # read before the CPU is: answering a status costs the daemon CPU of its own
+        batches0 = self.verdict_batches(run)
         (user0, sys0), (busy0, steal0, total0) = cpu_seconds(run.pids), machine_cpu()
         queued0 = self.queue_counters() if run.queues else (0, 0)
-        batches0 = self.verdict_batches(run)
         wall0 = time.monotonic()
         with self.profiled(run, workload):
             done = subprocess.run(self.lab.command("client", self.python("-m", "bench.load", *argv)),
